@@ -1,0 +1,120 @@
+"""``CasakvImpl``: one attention layer's forward (kernel launches only)."""
+
+from __future__ import annotations
+
+import torch
+
+from vllm.config import get_current_vllm_config
+from vllm.v1.attention.backend import AttentionImpl, AttentionLayer, AttentionType
+
+from casakv_vllm import metrics
+from casakv_vllm.attention.metadata import CasakvMetadata
+from casakv_vllm.attention.torch_paged import paged_attention_cpu, write_kv
+from casakv_vllm.config import load_config
+from casakv_vllm.policies import get_policy_class
+
+
+class CasakvImpl(AttentionImpl[CasakvMetadata]):
+    """Decoder self-attention over vLLM's paged KV cache.
+
+    CPU: torch ops (``torch_paged``).  CUDA: Triton kernels from
+    ``casakv_vllm.triton_kernels``.  The policy from ``CasakvConfig`` decides
+    which KV each head reads; ``dense`` reads all of it.
+    """
+
+    def __init__(
+        self,
+        num_heads: int,
+        head_size: int,
+        scale: float,
+        num_kv_heads: int | None = None,
+        alibi_slopes: list[float] | None = None,
+        sliding_window: int | None = None,
+        kv_cache_dtype: str = "auto",
+        logits_soft_cap: float | None = None,
+        attn_type: str = AttentionType.DECODER,
+        kv_sharing_target_layer_name: str | None = None,
+        sinks: torch.Tensor | None = None,
+    ) -> None:
+        unsupported = {
+            "ALiBi slopes": alibi_slopes is not None,
+            "sliding-window attention": sliding_window is not None,
+            "logits soft-capping": bool(logits_soft_cap),
+            "attention sinks": sinks is not None,
+            f"attention type {attn_type!r}": attn_type != AttentionType.DECODER,
+            f"kv_cache_dtype {kv_cache_dtype!r}": kv_cache_dtype not in ("auto", "float16", "bfloat16"),
+        }
+        missing = [name for name, bad in unsupported.items() if bad]
+        if missing:
+            raise ValueError(f"casakv backend does not support {', '.join(missing)} yet; choose another --attention-backend")
+        self.num_heads = num_heads
+        self.head_size = head_size
+        self.scale = float(scale)
+        self.num_kv_heads = num_kv_heads or num_heads
+        self.kv_cache_dtype = kv_cache_dtype
+        self.attn_type = attn_type
+        self.kv_sharing_target_layer_name = kv_sharing_target_layer_name
+
+        additional = get_current_vllm_config().additional_config
+        self.config = load_config(additional if isinstance(additional, dict) else {})
+        self.policy = get_policy_class(self.config.policy).from_params(self.config.policy_params)
+        if not self.policy.attends_all:
+            raise ValueError(f"policy {self.config.policy!r} needs the sparse kernels, which this build lacks")
+        self.stats = metrics.worker_stats(self.config.policy) if self.config.metrics else None
+
+    def do_kv_cache_update(
+        self,
+        layer: torch.nn.Module,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        kv_cache: torch.Tensor,
+        slot_mapping: torch.Tensor,
+    ) -> None:
+        if kv_cache.device.type == "cpu":
+            write_kv(key, value, kv_cache, slot_mapping)
+        else:
+            from casakv_vllm.triton_kernels.reshape_and_cache import reshape_and_cache
+
+            reshape_and_cache(key, value, kv_cache, slot_mapping)
+
+    def forward(
+        self,
+        layer: AttentionLayer,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        kv_cache: torch.Tensor,
+        attn_metadata: CasakvMetadata | None,
+        output: torch.Tensor,
+        output_scale: torch.Tensor | None = None,
+        output_block_scale: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Attention for a varlen batch.
+
+        Args:
+            query: ``[num_tokens, num_heads, head_size]``.
+            kv_cache: ``[num_blocks, num_kv_heads, block_size, 2 * head_size]``.
+            output: ``[num_tokens, num_heads, head_size]`` (or flattened heads).
+        """
+        if output_scale is not None or output_block_scale is not None:
+            raise ValueError("casakv backend does not support fused output quantization")
+        if attn_metadata is None:  # profiling run
+            return output
+        md = attn_metadata
+        n = md.num_actual_tokens
+        q = query[:n].view(n, self.num_heads, self.head_size)
+        out = output[:n].view(n, self.num_heads, self.head_size)
+        if kv_cache.device.type == "cpu":
+            paged_attention_cpu(q, kv_cache, md.block_table, md.query_start_loc_cpu, md.seq_lens_cpu, self.scale, out)
+        else:
+            from casakv_vllm.triton_kernels.paged_attention import paged_attention
+
+            paged_attention(
+                q, kv_cache, md.block_table, md.query_start_loc, md.seq_lens, self.scale, out,
+                max_query_len=md.max_query_len, max_seq_len=md.max_seq_len,
+            )
+        if self.stats is not None:
+            c = md.counts
+            kv = c.causal_kv * self.num_kv_heads
+            self.stats.record(c.prefill_tokens, c.decode_tokens, kv, kv)
+        return output

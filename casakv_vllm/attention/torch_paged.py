@@ -1,0 +1,108 @@
+"""CPU path of the casakv backend: paged attention with torch ops.
+
+The KV cache has vLLM's logical shape ``[num_blocks, num_kv_heads, block_size,
+2 * head_size]`` (K in the first half of the last dim, V in the second) with
+whatever strides the resolved layout gives it; only indexing is used here, so
+any layout works.  Position ``p`` of request ``i`` lives in physical block
+``block_table[i, p // block_size]`` at offset ``p % block_size``.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def write_kv(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+    """Store new keys/values at their slots; negative slots are padding.
+
+    Args:
+        key, value: ``[num_tokens_padded, num_kv_heads, head_size]``.
+        kv_cache: ``[num_blocks, num_kv_heads, block_size, 2 * head_size]``.
+        slot_mapping: ``[n]`` int, ``n <= num_tokens_padded``.
+    """
+    n = slot_mapping.shape[0]
+    if n == 0:
+        return
+    head_size = key.shape[-1]
+    block_size = kv_cache.shape[2]
+    slots = slot_mapping.long()
+    valid = slots >= 0
+    if not bool(valid.all()):
+        idx = valid.nonzero().squeeze(1)
+        slots, key, value = slots[idx], key[:n][idx], value[:n][idx]
+    else:
+        key, value = key[:n], value[:n]
+    blocks, offsets = slots // block_size, slots % block_size
+    # advanced indices on dims 0 and 2 -> indexed view is [n, num_kv_heads, D]
+    kv_cache[blocks, :, offsets, :head_size] = key.to(kv_cache.dtype)
+    kv_cache[blocks, :, offsets, head_size:] = value.to(kv_cache.dtype)
+
+
+def gather_kv(kv_cache: torch.Tensor, blocks: torch.Tensor, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """K and V of one request, ``[num_kv_heads, seq_len, head_size]`` each."""
+    num_kv_heads, block_size, two_d = kv_cache.shape[1:]
+    kv = kv_cache.index_select(0, blocks)  # [nb, Hkv, bs, 2D]
+    kv = kv.transpose(0, 1).reshape(num_kv_heads, -1, two_d)[:, :seq_len]
+    head_size = two_d // 2
+    return kv[..., :head_size], kv[..., head_size:]
+
+
+def attend(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, context_len: int, scale: float
+) -> torch.Tensor:
+    """Causal attention of the last ``q_len`` positions of a sequence, fp32 math.
+
+    Args:
+        q: ``[num_heads, q_len, D]``; row ``j`` is at position ``context_len + j``.
+        k, v: ``[num_kv_heads, seq_len, D]`` with ``seq_len = context_len + q_len``.
+
+    Returns:
+        ``[num_heads, q_len, D]`` float32.
+    """
+    num_heads, q_len, _ = q.shape
+    group = num_heads // k.shape[0]
+    qf, kf, vf = q.float(), k.float(), v.float()
+    if group > 1:
+        kf = kf.repeat_interleave(group, dim=0)
+        vf = vf.repeat_interleave(group, dim=0)
+    if q_len == 1:
+        return F.scaled_dot_product_attention(qf, kf, vf, scale=scale)
+    if context_len == 0:
+        return F.scaled_dot_product_attention(qf, kf, vf, is_causal=True, scale=scale)
+    seq_len = kf.shape[1]
+    rows = torch.arange(q_len, device=q.device).unsqueeze(1) + context_len
+    mask = torch.arange(seq_len, device=q.device).unsqueeze(0) <= rows
+    return F.scaled_dot_product_attention(qf, kf, vf, attn_mask=mask, scale=scale)
+
+
+def paged_attention_cpu(
+    query: torch.Tensor,
+    kv_cache: torch.Tensor,
+    block_table: torch.Tensor,
+    query_start_loc: list[int],
+    seq_lens: list[int],
+    scale: float,
+    out: torch.Tensor,
+) -> torch.Tensor:
+    """Dense causal paged attention for a varlen batch (host-side loop over requests).
+
+    Args:
+        query: ``[num_tokens, num_heads, D]``.
+        kv_cache: ``[num_blocks, num_kv_heads, block_size, 2 * D]``.
+        block_table: ``[num_reqs, max_blocks]`` int.
+        query_start_loc: ``num_reqs + 1`` host ints.
+        seq_lens: ``num_reqs`` host ints (context + new tokens).
+        out: ``[num_tokens, num_heads, D]``; rows of the batch are written.
+    """
+    block_size = kv_cache.shape[2]
+    for i, seq_len in enumerate(seq_lens):
+        start, end = query_start_loc[i], query_start_loc[i + 1]
+        q_len = end - start
+        if q_len == 0:
+            continue
+        num_blocks = -(-seq_len // block_size)
+        k, v = gather_kv(kv_cache, block_table[i, :num_blocks].long(), seq_len)
+        o = attend(query[start:end].transpose(0, 1), k, v, seq_len - q_len, scale)
+        out[start:end] = o.transpose(0, 1).to(out.dtype)
+    return out

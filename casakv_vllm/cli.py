@@ -1,0 +1,101 @@
+"""The ``casakv`` command."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+from casakv_vllm import __version__
+
+
+def _cmd_demo_model(args: argparse.Namespace) -> int:
+    from casakv_vllm.demo_model import ensure_demo_model
+
+    path = ensure_demo_model(Path(args.cache_dir) if args.cache_dir else None, force=args.force)
+    print(path)
+    return 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from casakv_vllm.demo_model import ensure_demo_model
+    from casakv_vllm.serving import VllmServer, cpu_env
+
+    model = args.model or str(ensure_demo_model())
+    extra = ["--max-model-len", "8192", "--dtype", "bfloat16"]
+    if args.casakv_config:
+        extra += ["--additional-config", json.dumps({"casakv": json.loads(args.casakv_config)})]
+    print(f"[demo] model: {model}")
+    print(f"[demo] starting: vllm serve <model> --attention-backend casakv (127.0.0.1) ...", flush=True)
+    t0 = time.monotonic()
+    with VllmServer(model=model, extra_args=extra, env=cpu_env()) as server:
+        print(f"[demo] server ready in {time.monotonic() - t0:.0f}s at {server.url} (log: {server.log_path})")
+        print(f"[demo] request: {args.prompt!r}")
+        t1 = time.monotonic()
+        reply = server.chat(args.prompt, max_tokens=args.max_tokens)
+        text = reply["choices"][0]["message"]["content"]
+        print(f"[demo] reply ({time.monotonic() - t1:.1f}s): {text}")
+        print("[demo] casakv metrics:")
+        for line in server.casakv_metrics():
+            print("   ", line)
+    print("[demo] server stopped")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="casakv",
+        description="casakv-vllm: CASAK-V sparse attention and KV-cache compression for vLLM "
+        "(serve with: vllm serve MODEL --attention-backend casakv).",
+    )
+    parser.add_argument("--version", action="version", version=f"casakv-vllm {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    p = sub.add_parser("demo-model", help="make the bundled SmolLM2-135M-Instruct available offline; print its path")
+    p.add_argument("--cache-dir", help="where to put the HF folder (default: $CASAKV_CACHE or ~/.cache/casakv)")
+    p.add_argument("--force", action="store_true", help="convert again even if present")
+    p.set_defaults(func=_cmd_demo_model)
+
+    p = sub.add_parser("demo", help="serve the demo model with casakv on loopback, send one chat request, print reply and metrics")
+    p.add_argument("--model", help="model path (default: the demo model)")
+    p.add_argument("--prompt", default="What is the capital of France?")
+    p.add_argument("--max-tokens", type=int, default=32)
+    p.add_argument("--casakv-config", help='JSON object of casakv settings, e.g. \'{"policy": "dense"}\'')
+    p.set_defaults(func=_cmd_demo)
+
+    p = sub.add_parser("check-config", help="validate casakv settings (CASAKV_CONFIG and/or a JSON object) and print them")
+    p.add_argument("json", nargs="?", help='JSON object as given to --additional-config under "casakv"')
+    p.set_defaults(func=_cmd_check_config)
+    return parser
+
+
+def _cmd_check_config(args: argparse.Namespace) -> int:
+    from casakv_vllm.config import CasakvConfigError, load_config
+
+    try:
+        extra = json.loads(args.json) if args.json else None
+    except json.JSONDecodeError as err:
+        print(f"casakv config error (argument): not valid JSON: {err}", file=sys.stderr)
+        return 2
+    try:
+        cfg = load_config({"casakv": extra} if extra is not None else None)
+    except CasakvConfigError as err:
+        print(err, file=sys.stderr)
+        return 2
+    print(json.dumps(cfg.model_dump(), indent=2, sort_keys=True))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 0
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,167 @@
+"""`CasakvConfig`: every casakv setting, validated once, in one place.
+
+Sources, later ones winning field by field (``policy_params`` is merged key by
+key):
+
+1. defaults below;
+2. the file named by ``CASAKV_CONFIG`` (JSON, or YAML for ``.yaml``/``.yml``);
+3. vLLM's ``--additional-config '{"casakv": {...}}'``.
+
+A bad value raises :class:`CasakvConfigError` whose message is one line naming
+the field, the value and what is allowed.  At ``vllm serve`` start-up that
+line is all the user sees (see ``casakv_vllm.vllm_hooks``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+from typing import Any, Mapping
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+ENV_VAR = "CASAKV_CONFIG"
+ADDITIONAL_CONFIG_KEY = "casakv"
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+class CasakvConfigError(ValueError):
+    """A casakv setting is invalid.  ``str(err)`` is a single line."""
+
+
+class CasakvConfig(BaseModel):
+    """All casakv settings.
+
+    Budgets are per request, layer and KV head: ``kv_budget`` is an absolute
+    number of tokens kept, ``kv_ratio`` the kept fraction (``0.25`` = 4x).
+    At most one of them may be set; neither means "no compression".
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    policy: str = Field("dense", description="attention/compression policy name")
+    kv_budget: int | None = Field(None, ge=1, description="KV tokens kept per request, layer and head")
+    kv_ratio: float | None = Field(None, gt=0.0, le=1.0, description="fraction of KV kept (0.25 = 4x)")
+    chunk_size: int = Field(64, ge=1, le=65536, description="tokens per compression chunk")
+    reprofile_interval: int = Field(16, ge=1, description="decode steps between head re-profiling (N)")
+    recall_threshold: float = Field(0.9, gt=0.0, le=1.0, description="attention recall below which heads are re-predicted")
+    predictor: str | None = Field(None, description="predictor checkpoint: local path or hub id 'org/name'")
+    policy_params: dict[str, Any] = Field(default_factory=dict, description="parameters of the chosen policy")
+    metrics: bool = Field(True, description="export casakv_* Prometheus series")
+
+    @field_validator("policy")
+    @classmethod
+    def _known_policy(cls, value: str) -> str:
+        from casakv_vllm.policies import available_policies
+
+        names = available_policies()
+        if value not in names:
+            raise ValueError(f"must be one of {', '.join(sorted(names))}")
+        return value
+
+    @field_validator("chunk_size")
+    @classmethod
+    def _power_of_two(cls, value: int) -> int:
+        if value & (value - 1):
+            raise ValueError("must be a power of two (e.g. 16, 32, 64, 128)")
+        return value
+
+    @field_validator("predictor")
+    @classmethod
+    def _predictor_ref(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        path = Path(value).expanduser()
+        if path.exists():
+            return str(path)
+        if value.startswith(("/", ".", "~")) or not _HUB_ID.match(value):
+            raise ValueError("must be an existing local path or a hub id of the form 'org/name'")
+        return value
+
+    @model_validator(mode="after")
+    def _policy_params_fit(self) -> "CasakvConfig":
+        if self.kv_budget is not None and self.kv_ratio is not None:
+            raise ValueError("set kv_budget or kv_ratio, not both")
+        from casakv_vllm.policies import get_policy_class
+
+        try:
+            get_policy_class(self.policy).validate_params(self.policy_params)
+        except ValueError as err:
+            raise ValueError(f"policy_params for policy '{self.policy}': {err}") from None
+        return self
+
+    @property
+    def fingerprint(self) -> str:
+        """Stable JSON of the settings (for logs and metric labels)."""
+        return json.dumps(self.model_dump(), sort_keys=True)
+
+
+def _one_line(err: ValidationError, source: str) -> str:
+    first = err.errors()[0]
+    loc = ".".join(str(p) for p in first["loc"]) or "casakv"
+    msg = first["msg"].removeprefix("Value error, ")
+    if first["type"] == "extra_forbidden":
+        allowed = ", ".join(CasakvConfig.model_fields)
+        return f"casakv config error ({source}): unknown field '{loc}'; allowed fields: {allowed}"
+    if first["loc"]:
+        value = first.get("input")
+        return f"casakv config error ({source}): {loc}={json.dumps(value, default=str)}: {msg}"
+    return f"casakv config error ({source}): {msg}"
+
+
+def _read_file(path_str: str) -> dict[str, Any]:
+    path = Path(path_str).expanduser()
+    if not path.is_file():
+        raise CasakvConfigError(f"casakv config error ({ENV_VAR}): {path_str!r} is not a readable file")
+    text = path.read_text()
+    try:
+        if path.suffix.lower() in (".yaml", ".yml"):
+            import yaml
+
+            data = yaml.safe_load(text)
+        else:
+            data = json.loads(text)
+    except Exception as err:  # json/yaml syntax errors: report, never a traceback
+        detail = str(err).splitlines()[0]
+        raise CasakvConfigError(f"casakv config error ({ENV_VAR}={path_str}): cannot parse: {detail}") from None
+    if data is None:
+        return {}
+    if isinstance(data, dict) and ADDITIONAL_CONFIG_KEY in data and len(data) == 1:
+        data = data[ADDITIONAL_CONFIG_KEY]
+    if not isinstance(data, dict):
+        raise CasakvConfigError(
+            f"casakv config error ({ENV_VAR}={path_str}): top level must be a mapping, got {type(data).__name__}"
+        )
+    return data
+
+
+def load_config(
+    additional_config: Mapping[str, Any] | None = None,
+    environ: Mapping[str, str] | None = None,
+) -> CasakvConfig:
+    """Build the effective :class:`CasakvConfig` (see module docstring)."""
+    environ = os.environ if environ is None else environ
+    merged: dict[str, Any] = {}
+    sources = []
+    if environ.get(ENV_VAR):
+        merged.update(_read_file(environ[ENV_VAR]))
+        sources.append(f"{ENV_VAR}={environ[ENV_VAR]}")
+    extra = (additional_config or {}).get(ADDITIONAL_CONFIG_KEY)
+    if extra is not None:
+        if not isinstance(extra, Mapping):
+            raise CasakvConfigError(
+                "casakv config error (--additional-config): 'casakv' must be a JSON object, "
+                f"got {json.dumps(extra, default=str)}"
+            )
+        params = {**merged.get("policy_params", {}), **extra.get("policy_params", {})}
+        merged.update(extra)
+        if params:
+            merged["policy_params"] = params
+        sources.append("--additional-config")
+    try:
+        return CasakvConfig(**merged)
+    except ValidationError as err:
+        raise CasakvConfigError(_one_line(err, " + ".join(sources) or "defaults")) from None
