@@ -1,0 +1,28 @@
+# casakv-vllm developer entry points (CPU machine).  See README.md.
+VENV ?= .venv
+PYTEST_ARGS ?=
+
+.PHONY: venv demo test test-unit test-e2e test-kernels clean-venv
+
+venv:
+	@bash scripts/setup-cpu-venv.sh $(VENV)
+
+demo: venv
+	$(VENV)/bin/casakv demo
+
+# Everything that runs on a CPU box: unit, kernels (TRITON_INTERPRET=1) and
+# end-to-end tests against a real `vllm serve`.  GPU tests skip themselves.
+test: venv
+	$(VENV)/bin/pytest -m "not slow" $(PYTEST_ARGS)
+
+test-unit: venv
+	$(VENV)/bin/pytest tests/unit $(PYTEST_ARGS)
+
+test-kernels: venv
+	$(VENV)/bin/pytest tests/kernels $(PYTEST_ARGS)
+
+test-e2e: venv
+	$(VENV)/bin/pytest tests/e2e $(PYTEST_ARGS)
+
+clean-venv:
+	rm -rf $(VENV)
