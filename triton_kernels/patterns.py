@@ -1,0 +1,128 @@
+"""CASAK-V attention patterns: one definition, used by every kernel and policy.
+
+A pattern says which cached KV positions a query may attend to.  Patterns are
+given per request and per **KV head** (the query heads of a GQA group share
+their KV head's pattern, so each KV tile is loaded once for the whole group).
+
+For request ``r``, KV head ``h``, a query at absolute position ``q`` and a KV
+position ``k`` (both 0-based, ``k <= q`` always required: causal)::
+
+    allowed(q, k) = k <= q and (
+           k == q                                       # the diagonal: no row is empty
+        or full[r, h]
+        or k < sink[r, h]                               # attention sinks
+        or q - k < window[r, h]                         # local window ("A-shape" with sinks)
+        or (q - k) in slash[r, h, :]                    # slash lines (diagonals)
+        or k in vertical[r, h, :]                       # vertical stripes (columns)
+        or blocks[r, h, q // block, k // block]         # block-sparse
+    )
+
+Window semantics: ``window = w`` lets a query see itself and the ``w - 1``
+positions before it (``q - k < w``), so ``w = 1`` is the diagonal only; this
+is vLLM's ``|q - k| < w`` restricted to the causal half.  Hybrids
+("vertical-slash", "sink + window + blocks", ...) are just several fields set
+at once.  Unused slots of ``slash``/``vertical`` hold -1.
+
+:class:`PatternBatch` holds these fields as tensors on the kernels' device;
+``pattern_mask`` is the dense torch reference of ``allowed``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields, replace
+
+import torch
+
+
+@dataclass
+class PatternBatch:
+    """Patterns for ``R`` requests x ``H`` KV heads.
+
+    Attributes (all int32 unless noted, on one device):
+        full: ``[R, H]`` bool; dense causal head.
+        sink: ``[R, H]``; leading KV tokens always visible.
+        window: ``[R, H]``; local window length (0 = none).
+        slash: ``[R, H, S]``; diagonal offsets ``q - k`` (>= 0), -1 = unused.
+        vertical: ``[R, H, V]``; KV column indices, -1 = unused.
+        blocks: ``[R, H, NQB, NKB]`` bool or None; block-sparse mask at
+            ``block`` x ``block`` granularity in absolute positions.
+        block: block edge (tokens) of ``blocks``.
+    """
+
+    full: torch.Tensor
+    sink: torch.Tensor
+    window: torch.Tensor
+    slash: torch.Tensor
+    vertical: torch.Tensor
+    blocks: torch.Tensor | None = None
+    block: int = 64
+
+    @property
+    def num_requests(self) -> int:
+        return self.full.shape[0]
+
+    @property
+    def num_heads(self) -> int:
+        return self.full.shape[1]
+
+    def to(self, device) -> "PatternBatch":
+        return replace(self, **{f.name: getattr(self, f.name).to(device) for f in fields(self)
+                                if isinstance(getattr(self, f.name), torch.Tensor)})
+
+    @classmethod
+    def empty(cls, num_requests: int, num_heads: int, num_slash: int = 1, num_vertical: int = 1,
+              device="cpu") -> "PatternBatch":
+        """Patterns where every head sees only the diagonal; set fields to widen them."""
+        z = torch.zeros(num_requests, num_heads, dtype=torch.int32, device=device)
+        return cls(
+            full=torch.zeros(num_requests, num_heads, dtype=torch.bool, device=device),
+            sink=z.clone(), window=z.clone(),
+            slash=torch.full((num_requests, num_heads, num_slash), -1, dtype=torch.int32, device=device),
+            vertical=torch.full((num_requests, num_heads, num_vertical), -1, dtype=torch.int32, device=device),
+        )
+
+    @classmethod
+    def dense(cls, num_requests: int, num_heads: int, device="cpu") -> "PatternBatch":
+        p = cls.empty(num_requests, num_heads, device=device)
+        p.full.fill_(True)
+        return p
+
+    @classmethod
+    def local(cls, num_requests: int, num_heads: int, sink: int, window: int, device="cpu") -> "PatternBatch":
+        """StreamingLLM / A-shape: ``sink`` first tokens plus a ``window`` of recent ones."""
+        p = cls.empty(num_requests, num_heads, device=device)
+        p.sink.fill_(sink)
+        p.window.fill_(window)
+        return p
+
+
+def pattern_mask(p: PatternBatch, r: int, q_pos: torch.Tensor, seq_len: int) -> torch.Tensor:
+    """Dense reference of ``allowed`` for request ``r``.
+
+    Args:
+        q_pos: ``[Q]`` absolute query positions.
+        seq_len: KV positions ``0 .. seq_len - 1`` are considered.
+
+    Returns:
+        ``[H, Q, seq_len]`` bool.
+    """
+    device = p.full.device
+    q = q_pos.to(device).long()[None, :, None]  # [1, Q, 1]
+    k = torch.arange(seq_len, device=device)[None, None, :]  # [1, 1, S]
+    dist = q - k
+    h = p.num_heads
+    allowed = (dist == 0).expand(h, q.shape[1], seq_len).clone()
+    allowed |= p.full[r].view(h, 1, 1)
+    allowed |= k < p.sink[r].long().view(h, 1, 1)
+    allowed |= dist < p.window[r].long().view(h, 1, 1)
+    for s in range(p.slash.shape[-1]):
+        off = p.slash[r, :, s].long().view(h, 1, 1)
+        allowed |= (off >= 0) & (dist == off)
+    for v in range(p.vertical.shape[-1]):
+        col = p.vertical[r, :, v].long().view(h, 1, 1)
+        allowed |= (col >= 0) & (k == col)
+    if p.blocks is not None:
+        qb = (q // p.block).clamp(max=p.blocks.shape[2] - 1)
+        kb = (k // p.block).clamp(max=p.blocks.shape[3] - 1)
+        allowed |= p.blocks[r][:, qb.squeeze(-1).squeeze(0)][:, :, kb.squeeze(0).squeeze(0)]
+    return allowed & (dist >= 0)
