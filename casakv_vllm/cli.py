@@ -65,10 +65,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--casakv-config", help='JSON object of casakv settings, e.g. \'{"policy": "dense"}\'')
     p.set_defaults(func=_cmd_demo)
 
+    p = sub.add_parser("bench", help="benchmarks (GPU): `casakv bench kernels --json PATH`")
+    bench_sub = p.add_subparsers(dest="bench_target", metavar="TARGET", required=True)
+    pk = bench_sub.add_parser("kernels", help="sparse prefill/decode kernels vs SDPA and FlexAttention (needs a CUDA GPU)")
+    pk.add_argument("--json", required=True, help="where to write the results JSON")
+    pk.add_argument("--md", help="also write a Markdown summary here")
+    pk.add_argument("--quick", action="store_true", help="one size per kind (smoke run)")
+    pk.set_defaults(func=_cmd_bench_kernels)
+
     p = sub.add_parser("check-config", help="validate casakv settings (CASAKV_CONFIG and/or a JSON object) and print them")
     p.add_argument("json", nargs="?", help='JSON object as given to --additional-config under "casakv"')
     p.set_defaults(func=_cmd_check_config)
     return parser
+
+
+def _cmd_bench_kernels(args: argparse.Namespace) -> int:
+    from casakv_vllm.bench.kernels import run
+
+    run(Path(args.json), Path(args.md) if args.md else None, quick=args.quick, progress=lambda m: print(m, flush=True))
+    return 0
 
 
 def _cmd_check_config(args: argparse.Namespace) -> int:

@@ -73,9 +73,9 @@ class CasakvImpl(AttentionImpl[CasakvMetadata]):
         if kv_cache.device.type == "cpu":
             write_kv(key, value, kv_cache, slot_mapping)
         else:
-            from casakv_vllm.triton_kernels.reshape_and_cache import reshape_and_cache
+            import casakv_vllm.ops  # noqa: F401  (registers torch.ops.casakv.*)
 
-            reshape_and_cache(key, value, kv_cache, slot_mapping)
+            torch.ops.casakv.reshape_and_cache(key, value, kv_cache, slot_mapping)
 
     def forward(
         self,
@@ -107,12 +107,10 @@ class CasakvImpl(AttentionImpl[CasakvMetadata]):
         if kv_cache.device.type == "cpu":
             paged_attention_cpu(q, kv_cache, md.block_table, md.query_start_loc_cpu, md.seq_lens_cpu, self.scale, out)
         else:
-            from casakv_vllm.triton_kernels.paged_attention import paged_attention
+            import casakv_vllm.ops  # noqa: F401  (registers torch.ops.casakv.*)
 
-            paged_attention(
-                q, kv_cache, md.block_table, md.query_start_loc, md.seq_lens, self.scale, out,
-                max_query_len=md.max_query_len, max_seq_len=md.max_seq_len,
-            )
+            torch.ops.casakv.paged_attention(q, kv_cache, md.block_table, md.query_start_loc, md.seq_lens,
+                                             self.scale, out, md.max_query_len, md.max_seq_len)
         if self.stats is not None:
             c = md.counts
             kv = c.causal_kv * self.num_kv_heads

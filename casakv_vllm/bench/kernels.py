@@ -1,0 +1,267 @@
+"""`casakv bench kernels`: casakv's paged kernels vs SDPA and FlexAttention, one run.
+
+Shape: Llama-3-8B attention (32 q / 8 KV heads, head_dim 128, bf16), paged KV
+with block size 16 and a random block table.  Every comparison is taken side
+by side in the same process on the same GPU; the copy bandwidth used for
+``hbm_fraction`` is measured in the same run.
+
+Prefill (one sequence of N tokens, causal) on three masks:
+  causal          full causal attention (density 1.0)
+  a-shape         128 sink tokens + 4096-token local window
+  vertical-slash  128 sinks + 1024 window + every 16th 128-token column block
+SDPA (flash) always runs the full causal mask on contiguous KV (it cannot skip
+blocks); FlexAttention runs the identical mask with a 128x128 block mask.
+
+Decode (one token per sequence, batch B, context N): all blocks selected, and
+10% of the blocks selected (first and last block always included).
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+HQ, HKV, D, PAGE = 32, 8, 128, 16
+DTYPE = torch.bfloat16
+SINK, WINDOW, VS_WINDOW, VS_EVERY, VS_BLOCK = 128, 4096, 1024, 16, 128
+
+
+@dataclass
+class Result:
+    kind: str
+    seq_len: int
+    batch: int
+    mask: str
+    density: float
+    casakv_ms: float
+    sdpa_ms: float
+    flex_ms: float | None
+    bytes_read: int
+    hbm_fraction: float | None
+    rel_err: float
+    vllm_triton_ms: float | None = None
+
+
+def _bench(fn, rep_ms: int = 200) -> float:
+    from triton.testing import do_bench
+
+    return float(do_bench(fn, warmup=25, rep=rep_ms, return_mode="median"))
+
+
+def _copy_bandwidth() -> float:
+    a = torch.randn(512 * 1024**2, dtype=DTYPE, device="cuda")  # 1 GiB
+    b = torch.empty_like(a)
+    ms = _bench(lambda: b.copy_(a))
+    del a, b
+    return 2 * 512 * 1024**2 * 2 / (ms / 1e3)
+
+
+def _paged_kv(batch: int, n: int, gen: torch.Generator):
+    """Random paged cache [blocks, HKV, PAGE, 2D] (HND) and a random block table."""
+    per_seq = n // PAGE
+    nblk = batch * per_seq + 1
+    kv = torch.randn(nblk, HKV, PAGE, 2 * D, dtype=DTYPE, device="cuda", generator=gen)
+    perm = torch.randperm(nblk - 1, device="cuda", generator=gen)[: batch * per_seq] + 1
+    return kv, perm.view(batch, per_seq).to(torch.int32)
+
+
+def _contiguous(kv, table):
+    """K, V as [B, HKV, N, D] from the paged cache (for SDPA / Flex)."""
+    g = kv[table.long()]  # [B, nb, HKV, PAGE, 2D]
+    b, nb = table.shape
+    g = g.permute(0, 2, 1, 3, 4).reshape(b, HKV, nb * PAGE, 2 * D)
+    return g[..., :D].contiguous(), g[..., D:].contiguous()
+
+
+def _mask_mod(name: str):
+    if name == "causal":
+        return lambda b, h, q, k: q >= k
+    if name == "a-shape":
+        return lambda b, h, q, k: (q >= k) & ((k < SINK) | (q - k < WINDOW))
+    return lambda b, h, q, k: (q >= k) & ((k < SINK) | (q - k < VS_WINDOW) | ((k // VS_BLOCK) % VS_EVERY == 3))
+
+
+def _patterns(name: str, n: int):
+    from casakv_vllm.triton_kernels.patterns import PatternBatch
+
+    if name == "causal":
+        return PatternBatch.dense(1, HKV, device="cuda")
+    if name == "a-shape":
+        return PatternBatch.local(1, HKV, SINK, WINDOW, device="cuda")
+    p = PatternBatch.local(1, HKV, SINK, VS_WINDOW, device="cuda")
+    nb = triton_cdiv(n, VS_BLOCK)
+    cols = (torch.arange(nb, device="cuda") % VS_EVERY) == 3
+    p.blocks = cols.view(1, 1, 1, nb).expand(1, HKV, nb, nb).contiguous()
+    p.block = VS_BLOCK
+    return p
+
+
+def triton_cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.float() - b.float()).norm() / b.float().norm())
+
+
+def bench_prefill(n: int, masks, flex, gen, rep_ms: int) -> list[Result]:
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    from casakv_vllm.triton_kernels.sparse_index import build_prefill_index
+    from casakv_vllm.triton_kernels.sparse_prefill import plan_blocks, sparse_paged_attention
+
+    kv, table = _paged_kv(1, n, gen)
+    q = torch.randn(n, HQ, D, dtype=DTYPE, device="cuda", generator=gen)
+    qsl = torch.tensor([0, n], dtype=torch.int32, device="cuda")
+    seq_lens = torch.tensor([n], dtype=torch.int32, device="cuda")
+    k, v = _contiguous(kv, table)
+    qb = q.transpose(0, 1).unsqueeze(0)  # [1, HQ, N, D]
+    scale = D ** -0.5
+    with sdpa_kernel([SDPBackend.FLASH_ATTENTION]):
+        kk, vv = k.repeat_interleave(HQ // HKV, 1), v.repeat_interleave(HQ // HKV, 1)
+        sdpa_ms = _bench(lambda: F.scaled_dot_product_attention(qb, kk, vv, is_causal=True), rep_ms)
+        del kk, vv
+    torch.cuda.empty_cache()
+    block_q, block_n = plan_blocks(HQ // HKV, D, n)
+    causal_tiles = sum(min(triton_cdiv((i + 1) * block_q, block_n), triton_cdiv(n, block_n))
+                       for i in range(triton_cdiv(n, block_q)))
+    results = []
+    for name in masks:
+        pat = _patterns(name, n)
+        index = build_prefill_index(pat, qsl, seq_lens, n, n, block_q, block_n)
+        density = float(index.tile_count.sum()) / (HKV * causal_tiles)
+        out = torch.empty_like(q)
+
+        def run():
+            sparse_paged_attention(q, kv, table, qsl, seq_lens, scale, out, pat, index, n, n)
+
+        casakv_ms = _bench(run, rep_ms)
+        bm = create_block_mask(_mask_mod(name), None, None, n, n, device="cuda", BLOCK_SIZE=128, _compile=True)
+        flex_out = flex(qb, k, v, block_mask=bm, enable_gqa=True, scale=scale)
+        flex_ms = _bench(lambda: flex(qb, k, v, block_mask=bm, enable_gqa=True, scale=scale), rep_ms)
+        run()
+        err = _rel_err(out.transpose(0, 1).unsqueeze(0), flex_out)
+        results.append(Result("prefill", n, 1, name, round(density, 4), casakv_ms, sdpa_ms, flex_ms,
+                              int(index.tile_count.sum()) * block_n * 2 * D * 2, None, err))
+        del bm, flex_out, index
+        torch.cuda.empty_cache()
+    return results
+
+
+def bench_decode(n: int, batch: int, flex, gen, copy_bps: float, rep_ms: int) -> list[Result]:
+    from casakv_vllm.triton_kernels.sparse_decode import (
+        DecodeWorkspace, dense_selection, sparse_paged_decode)
+    from casakv_vllm.triton_kernels.sparse_decode_reference import sparse_paged_decode_ref
+
+    kv, table = _paged_kv(batch, n, gen)
+    q = torch.randn(batch, HQ, D, dtype=DTYPE, device="cuda", generator=gen)
+    seq_lens = torch.full((batch,), n, dtype=torch.int32, device="cuda")
+    k, v = _contiguous(kv, table)
+    qb = q.unsqueeze(2)
+    scale = D ** -0.5
+    sdpa_ms = _bench(lambda: F.scaled_dot_product_attention(qb, k, v, enable_gqa=True, scale=scale), rep_ms)
+    nb = n // PAGE
+    workspace = DecodeWorkspace.allocate(batch, HQ, D, 128, "cuda")
+    results = []
+    for name, frac in (("dense", 1.0), ("select-10%", 0.1)):
+        if frac == 1.0:
+            sel, cnt = dense_selection(seq_lens, PAGE, nb, HKV)
+        else:
+            keep = max(2, int(nb * frac))
+            scores = torch.rand(batch, HKV, nb, device="cuda", generator=gen)
+            scores[..., 0] = scores[..., -1] = 2.0
+            sel = scores.topk(keep, dim=-1).indices.sort(dim=-1).values.to(torch.int32)
+            cnt = torch.full((batch, HKV), keep, dtype=torch.int32, device="cuda")
+        out = torch.empty_like(q)
+
+        def run():
+            sparse_paged_decode(q, kv, table, seq_lens, sel, cnt, scale, out, workspace=workspace)
+
+        casakv_ms = _bench(run, rep_ms)
+        run()
+        ref_sel = sel if frac < 1.0 else sel
+        sub = slice(0, min(batch, 2))
+        ref = sparse_paged_decode_ref(q[sub], kv, table[sub], seq_lens[sub], ref_sel[sub], cnt[sub], scale)
+        err = _rel_err(out[sub], ref[0] if isinstance(ref, tuple) else ref)
+        selected_tokens = int(cnt.sum()) * PAGE
+        bytes_read = selected_tokens * 2 * D * 2
+        flex_ms = None
+        if frac < 1.0:
+            sel_mask = torch.zeros(batch, HKV, nb, dtype=torch.bool, device="cuda")
+            sel_mask.scatter_(2, sel.long(), True)
+
+            def mod(b, h, qi, ki):
+                return sel_mask[b, h // (HQ // HKV), ki // PAGE]
+
+            from torch.nn.attention.flex_attention import create_block_mask
+
+            bm = create_block_mask(mod, batch, HQ, 1, n, device="cuda", BLOCK_SIZE=128, _compile=True)
+            flex_ms = _bench(lambda: flex(qb, k, v, block_mask=bm, enable_gqa=True, scale=scale), rep_ms)
+        else:
+            flex_ms = _bench(lambda: flex(qb, k, v, enable_gqa=True, scale=scale), rep_ms)
+        results.append(Result("decode", n, batch, name, round(frac, 4), casakv_ms, sdpa_ms, flex_ms,
+                              bytes_read, bytes_read / (casakv_ms / 1e3) / copy_bps, err))
+    del kv, k, v
+    torch.cuda.empty_cache()
+    return results
+
+
+def run(json_path: Path, md_path: Path | None, quick: bool = False, progress=print) -> dict:
+    if not torch.cuda.is_available():
+        raise SystemExit("casakv bench kernels needs a CUDA GPU (this machine has none)")
+    import triton
+    from torch.nn.attention.flex_attention import flex_attention
+
+    flex = torch.compile(flex_attention, dynamic=False)
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    rep = 50 if quick else 200
+    t0 = time.time()
+    copy_bps = _copy_bandwidth()
+    progress(f"copy bandwidth {copy_bps / 1e12:.2f} TB/s")
+    results: list[Result] = []
+    prefill_lens = (8192,) if quick else (8192, 32768, 131072)
+    for n in prefill_lens:
+        results += bench_prefill(n, ("causal", "a-shape", "vertical-slash"), flex, gen, rep)
+        progress(f"prefill {n} done ({time.time() - t0:.0f}s)")
+    decode_cases = ((32768, 1),) if quick else ((32768, 1), (32768, 16), (131072, 1), (131072, 16))
+    for n, b in decode_cases:
+        results += bench_decode(n, b, flex, gen, copy_bps, rep)
+        progress(f"decode {n} x{b} done ({time.time() - t0:.0f}s)")
+    doc = {
+        "command": "casakv bench kernels --json " + str(json_path),
+        "gpu": torch.cuda.get_device_name(0), "torch": torch.__version__, "triton": triton.__version__,
+        "python": platform.python_version(), "copy_TBps": copy_bps / 1e12,
+        "shape": {"q_heads": HQ, "kv_heads": HKV, "head_dim": D, "dtype": "bfloat16", "block_size": PAGE},
+        "results": [asdict(r) for r in results],
+        "wall_s": time.time() - t0,
+    }
+    json_path.parent.mkdir(parents=True, exist_ok=True)
+    json_path.write_text(json.dumps(doc, indent=1))
+    if md_path is not None:
+        md_path.write_text(markdown(doc))
+    return doc
+
+
+def markdown(doc: dict) -> str:
+    lines = [f"# Kernel benchmark: {doc['gpu']}", "",
+             f"`{doc['command']}` (torch {doc['torch']}, triton {doc['triton']}); "
+             f"measured copy bandwidth {doc['copy_TBps']:.2f} TB/s. Times are medians in ms.", "",
+             "| kind | N | B | mask | density | casakv | SDPA | Flex | casakv/Flex | SDPA/casakv | HBM frac | rel err |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    def num(x, fmt):
+        return "-" if x is None else format(x, fmt)
+
+    for r in doc["results"]:
+        flex, ours, sdpa = r["flex_ms"], r["casakv_ms"], r["sdpa_ms"]
+        lines.append(" | ".join([
+            f"| {r['kind']}", str(r["seq_len"]), str(r["batch"]), r["mask"], f"{r['density']:.3f}",
+            f"{ours:.3f}", f"{sdpa:.3f}", num(flex, ".3f"), num(ours / flex if flex else None, ".2f"),
+            f"{sdpa / ours:.2f}", num(r["hbm_fraction"], ".2f"), f"{r['rel_err']:.1e} |"]))
+    return "\n".join(lines) + "\n"

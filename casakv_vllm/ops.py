@@ -1,0 +1,65 @@
+"""casakv's Triton kernels as torch custom ops (``torch.ops.casakv.*``).
+
+Registered through vLLM's ``direct_register_custom_op`` when vLLM is present
+(its low-overhead dispatch), otherwise through ``torch.library``; either way
+torch.compile sees opaque ops with fake (meta) implementations and CUDA graphs
+capture the Triton launches.  The CUDA C++ extension (``casakv_vllm._C``,
+built from csrc/) adds ``torch.ops.casakv.compact_kv`` to the same namespace.
+
+Import this module to register; registration happens once per process.
+"""
+
+from __future__ import annotations
+
+import torch
+
+_LIB = torch.library.Library("casakv", "FRAGMENT")
+_registered: set[str] = set()
+
+
+def _register(name: str, func, mutates: list[str]) -> None:
+    if name in _registered:
+        return
+
+    def fake(*args, **kwargs):
+        return None
+
+    try:
+        from vllm.utils.torch_utils import direct_register_custom_op
+    except ImportError:
+        direct_register_custom_op = None
+    if direct_register_custom_op is not None:
+        direct_register_custom_op(name, func, mutates_args=mutates, fake_impl=fake, target_lib=_LIB, dispatch_key="CUDA")
+    else:
+        schema = torch.library.infer_schema(func, mutates_args=mutates)
+        _LIB.define(name + schema)
+        _LIB.impl(name, func, "CUDA")
+        _LIB._register_fake(name, fake)
+    _registered.add(name)
+
+
+def _paged_attention(
+    query: torch.Tensor,
+    kv_cache: torch.Tensor,
+    block_table: torch.Tensor,
+    query_start_loc: torch.Tensor,
+    seq_lens: torch.Tensor,
+    scale: float,
+    out: torch.Tensor,
+    max_query_len: int,
+    max_seq_len: int,
+) -> None:
+    from casakv_vllm.triton_kernels.paged_attention import paged_attention
+
+    paged_attention(query, kv_cache, block_table, query_start_loc, seq_lens, scale, out,
+                    max_query_len=max_query_len, max_seq_len=max_seq_len)
+
+
+def _reshape_and_cache(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+    from casakv_vllm.triton_kernels.reshape_and_cache import reshape_and_cache
+
+    reshape_and_cache(key, value, kv_cache, slot_mapping)
+
+
+_register("paged_attention", _paged_attention, ["out"])
+_register("reshape_and_cache", _reshape_and_cache, ["kv_cache"])
