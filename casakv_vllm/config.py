@@ -87,8 +87,9 @@ class CasakvConfig(BaseModel):
             raise ValueError("set kv_budget or kv_ratio, not both")
         from casakv_vllm.policies import get_policy_class
 
+        policy_cls = get_policy_class(self.policy)
         try:
-            get_policy_class(self.policy).validate_params(self.policy_params)
+            policy_cls.validate_config(policy_cls.validate_params(self.policy_params), self)
         except ValueError as err:
             raise ValueError(f"policy_params for policy '{self.policy}': {err}") from None
         return self

@@ -57,9 +57,8 @@ class CasakvImpl(AttentionImpl[CasakvMetadata]):
 
         additional = get_current_vllm_config().additional_config
         self.config = load_config(additional if isinstance(additional, dict) else {})
-        self.policy = get_policy_class(self.config.policy).from_params(self.config.policy_params)
-        if not self.policy.attends_all:
-            raise ValueError(f"policy {self.config.policy!r} needs the sparse kernels, which this build lacks")
+        self.policy = get_policy_class(self.config.policy).from_config(self.config)
+        self.layer_index: int | None = None
         self.stats = metrics.worker_stats(self.config.policy) if self.config.metrics else None
 
     def do_kv_cache_update(
@@ -104,15 +103,29 @@ class CasakvImpl(AttentionImpl[CasakvMetadata]):
         n = md.num_actual_tokens
         q = query[:n].view(n, self.num_heads, self.head_size)
         out = output[:n].view(n, self.num_heads, self.head_size)
+        if self.layer_index is None:
+            self.layer_index = _layer_index(getattr(layer, "layer_name", ""))
+        patterns = self.policy.patterns(self.layer_index, md.seq_lens_cpu, self.num_kv_heads, kv_cache.device)
+        kv_causal = md.counts.causal_kv * self.num_kv_heads
         if kv_cache.device.type == "cpu":
-            paged_attention_cpu(q, kv_cache, md.block_table, md.query_start_loc_cpu, md.seq_lens_cpu, self.scale, out)
+            attended = paged_attention_cpu(q, kv_cache, md.block_table, md.query_start_loc_cpu, md.seq_lens_cpu,
+                                           self.scale, out, patterns)
+        elif patterns is not None:
+            raise NotImplementedError("sparse patterns on CUDA need the sparse Triton kernels (issue 3)")
         else:
             import casakv_vllm.ops  # noqa: F401  (registers torch.ops.casakv.*)
 
             torch.ops.casakv.paged_attention(q, kv_cache, md.block_table, md.query_start_loc, md.seq_lens,
                                              self.scale, out, md.max_query_len, md.max_seq_len)
+            attended = kv_causal
         if self.stats is not None:
-            c = md.counts
-            kv = c.causal_kv * self.num_kv_heads
-            self.stats.record(c.prefill_tokens, c.decode_tokens, kv, kv)
+            self.stats.record(md.counts.prefill_tokens, md.counts.decode_tokens, attended, kv_causal)
         return output
+
+
+def _layer_index(layer_name: str) -> int:
+    """``model.layers.7.self_attn.attn`` -> 7 (0 when the name has no number)."""
+    for part in layer_name.split("."):
+        if part.isdigit():
+            return int(part)
+    return 0

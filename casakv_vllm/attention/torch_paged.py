@@ -12,6 +12,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from casakv_vllm.triton_kernels.patterns import PatternBatch, pattern_mask
+
 
 def write_kv(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
     """Store new keys/values at their slots; negative slots are padding.
@@ -49,13 +51,16 @@ def gather_kv(kv_cache: torch.Tensor, blocks: torch.Tensor, seq_len: int) -> tup
 
 
 def attend(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, context_len: int, scale: float
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, context_len: int, scale: float,
+    allowed: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Causal attention of the last ``q_len`` positions of a sequence, fp32 math.
 
     Args:
         q: ``[num_heads, q_len, D]``; row ``j`` is at position ``context_len + j``.
         k, v: ``[num_kv_heads, seq_len, D]`` with ``seq_len = context_len + q_len``.
+        allowed: optional ``[num_kv_heads, q_len, seq_len]`` bool pattern mask
+            (already causal, see ``patterns.pattern_mask``); None = dense causal.
 
     Returns:
         ``[num_heads, q_len, D]`` float32.
@@ -66,6 +71,9 @@ def attend(
     if group > 1:
         kf = kf.repeat_interleave(group, dim=0)
         vf = vf.repeat_interleave(group, dim=0)
+    if allowed is not None:
+        mask = allowed.repeat_interleave(group, dim=0) if group > 1 else allowed
+        return F.scaled_dot_product_attention(qf, kf, vf, attn_mask=mask, scale=scale)
     if q_len == 1:
         return F.scaled_dot_product_attention(qf, kf, vf, scale=scale)
     if context_len == 0:
@@ -84,8 +92,9 @@ def paged_attention_cpu(
     seq_lens: list[int],
     scale: float,
     out: torch.Tensor,
-) -> torch.Tensor:
-    """Dense causal paged attention for a varlen batch (host-side loop over requests).
+    patterns: PatternBatch | None = None,
+) -> int:
+    """Causal paged attention for a varlen batch (host-side loop over requests).
 
     Args:
         query: ``[num_tokens, num_heads, D]``.
@@ -94,8 +103,15 @@ def paged_attention_cpu(
         query_start_loc: ``num_reqs + 1`` host ints.
         seq_lens: ``num_reqs`` host ints (context + new tokens).
         out: ``[num_tokens, num_heads, D]``; rows of the batch are written.
+        patterns: per-request, per-KV-head patterns (row ``i`` = request ``i``);
+            None = dense causal attention.
+
+    Returns:
+        KV tokens attended, summed over query tokens and KV heads.
     """
     block_size = kv_cache.shape[2]
+    num_kv_heads = kv_cache.shape[1]
+    attended = 0
     for i, seq_len in enumerate(seq_lens):
         start, end = query_start_loc[i], query_start_loc[i + 1]
         q_len = end - start
@@ -103,6 +119,14 @@ def paged_attention_cpu(
             continue
         num_blocks = -(-seq_len // block_size)
         k, v = gather_kv(kv_cache, block_table[i, :num_blocks].long(), seq_len)
-        o = attend(query[start:end].transpose(0, 1), k, v, seq_len - q_len, scale)
+        allowed = None
+        if patterns is not None:
+            q_pos = torch.arange(seq_len - q_len, seq_len, device=query.device)
+            allowed = pattern_mask(patterns, i, q_pos, seq_len)
+            attended += int(allowed.sum())
+        else:
+            ctx = seq_len - q_len
+            attended += num_kv_heads * (q_len * ctx + q_len * (q_len + 1) // 2)
+        o = attend(query[start:end].transpose(0, 1), k, v, seq_len - q_len, scale, allowed)
         out[start:end] = o.transpose(0, 1).to(out.dtype)
-    return out
+    return attended

@@ -9,9 +9,15 @@ with a pydantic ``Params`` model for its ``policy_params``; the registry maps
 from __future__ import annotations
 
 import json
-from typing import Any, ClassVar, Mapping
+from typing import TYPE_CHECKING, Any, ClassVar, Mapping
 
 from pydantic import BaseModel, ConfigDict, ValidationError
+
+if TYPE_CHECKING:
+    import torch
+
+    from casakv_vllm.config import CasakvConfig
+    from casakv_vllm.triton_kernels.patterns import PatternBatch
 
 
 class NoParams(BaseModel):
@@ -34,8 +40,32 @@ class Policy:
     Params: ClassVar[type[BaseModel]] = NoParams
     attends_all: ClassVar[bool] = False
 
-    def __init__(self, params: BaseModel):
+    def __init__(self, params: BaseModel, config: "CasakvConfig | None" = None):
         self.params = params
+        self.config = config
+
+    @classmethod
+    def from_config(cls, config: "CasakvConfig") -> "Policy":
+        return cls(cls.validate_params(config.policy_params), config)
+
+    @classmethod
+    def validate_config(cls, params: BaseModel, config: "CasakvConfig") -> None:
+        """Cross-check params against the rest of the config; raise ValueError (one line)."""
+
+    def patterns(self, layer: int, seq_lens: list[int], num_kv_heads: int,
+                 device: "torch.device") -> "PatternBatch | None":
+        """Attention patterns of one layer for a batch (row ``i`` = request ``i``).
+
+        Args:
+            layer: layer index within the model.
+            seq_lens: host ints, total KV length of each request.
+        Returns:
+            A :class:`PatternBatch`, or None when attention is dense causal
+            (only for ``attends_all`` policies).
+        """
+        if self.attends_all:
+            return None
+        raise TypeError(f"policy {self.name!r} must implement patterns()")
 
     @classmethod
     def validate_params(cls, params: Mapping[str, Any]) -> BaseModel:
@@ -50,10 +80,6 @@ class Policy:
                 raise ValueError(f"unknown parameter '{loc}' (allowed: {allowed})") from None
             value = json.dumps(first.get("input"), default=str)
             raise ValueError(f"{loc}={value}: {first['msg']}") from None
-
-    @classmethod
-    def from_params(cls, params: Mapping[str, Any]) -> "Policy":
-        return cls(cls.validate_params(params))
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.params!r})"
