@@ -19,11 +19,22 @@ def _cmd_demo_model(args: argparse.Namespace) -> int:
     return 0
 
 
+def _demo_model_path() -> str:
+    """Convert/find the demo model in a child process, so the heavy imports
+    (transformers, torch) and their side effects stay out of this process,
+    whose environment the server inherits."""
+    import subprocess
+
+    out = subprocess.run([sys.executable, "-m", "casakv_vllm.cli", "demo-model"], stdout=subprocess.PIPE, text=True)
+    if out.returncode != 0:
+        raise SystemExit(out.returncode)
+    return out.stdout.strip().splitlines()[-1]
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from casakv_vllm.demo_model import ensure_demo_model
     from casakv_vllm.serving import VllmServer, cpu_env
 
-    model = args.model or str(ensure_demo_model())
+    model = args.model or _demo_model_path()
     extra = ["--max-model-len", "8192", "--dtype", "bfloat16"]
     if args.casakv_config:
         extra += ["--additional-config", json.dumps({"casakv": json.loads(args.casakv_config)})]
@@ -38,7 +49,14 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         text = reply["choices"][0]["message"]["content"]
         print(f"[demo] reply ({time.monotonic() - t1:.1f}s): {text}")
         print("[demo] casakv metrics:")
-        for line in server.casakv_metrics():
+        lines: list[str] = []
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:  # workers publish every 0.1 s
+            lines = server.casakv_metrics()
+            if any(ln.startswith("casakv_info") for ln in lines):
+                break
+            time.sleep(0.5)
+        for line in lines or ["(no casakv_ series on /metrics)"]:
             print("   ", line)
     print("[demo] server stopped")
     return 0

@@ -73,6 +73,9 @@ class VllmServer:
         if self.log_path is None:
             self.log_path = Path(tempfile.mkstemp(prefix="vllm-serve-", suffix=".log")[1])
         env = {**os.environ, **self.env}
+        if "CASAKV_METRICS_DIR" not in self.env:
+            # each server gets its own metrics dir (created by its API server)
+            env.pop("CASAKV_METRICS_DIR", None)
         self._log = open(self.log_path, "wb")
         self.proc = subprocess.Popen(
             self.command(), stdout=self._log, stderr=subprocess.STDOUT, env=env,
