@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# The GPU half of the test suite plus the kernel benchmark, in one call on a
+# CUDA box (this project runs it through the device tool on an H100):
+#   1. installs casakv-vllm from this checkout (builds csrc/ into casakv_vllm._C),
+#   2. runs the kernel tests and GPU-marked tests on the GPU,
+#   3. runs `casakv bench kernels` and writes JSON + Markdown.
+# Results go to $OUT (default ./gpu-out).  No vLLM is needed on that box.
+set -uo pipefail
+REPO="$(cd "$(dirname "$0")/.." && pwd)"
+OUT="${OUT:-$REPO/gpu-out}"
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
+{ nvidia-smi --query-gpu=name,driver_version --format=csv,noheader; python3 -c "import torch, triton, setuptools; print('torch', torch.__version__, 'triton', triton.__version__, 'setuptools', setuptools.__version__)"; } | tee "$OUT/env.txt"
+
+t0=$(date +%s)
+if python3 -m pip install -q --no-deps --no-build-isolation --no-cache-dir "$REPO" > "$OUT/install.log" 2>&1; then
+    echo "install: ok ($(( $(date +%s) - t0 ))s)"
+else
+    echo "install: FAILED"; tail -30 "$OUT/install.log"; exit 1
+fi
+python3 -c "import casakv_vllm._C, torch; print('CUDA op:', torch.ops.casakv.compact_kv)" 2>&1 | tail -1
+
+cd /tmp   # never import the checkout's folders by accident
+python3 -m pytest "$REPO/tests/kernels" "$REPO/tests/unit/test_ops.py" -q -p no:cacheprovider \
+    -o addopts="--import-mode=importlib -ra" ${PYTEST_ARGS:-} 2>&1 | tee "$OUT/gpu-tests.log" | tail -15
+if [ "${SKIP_BENCH:-0}" != "1" ]; then
+    casakv bench kernels --json "$OUT/kernels-h100.json" --md "$OUT/kernels-h100.md" ${BENCH_ARGS:-} 2>&1 | tee "$OUT/bench.log" | tail -40
+fi

@@ -1,0 +1,338 @@
+"""Pattern-restricted (sparse) paged attention for prefill / chunked prefill.
+
+Computes exactly causal attention restricted to ``allowed(q, k)`` of
+:mod:`.patterns`, for vLLM V1 packed batches (same layout and conventions as
+:mod:`.paged_attention`: ``query``/``out`` ``[num_tokens, num_heads, D]``,
+``kv_cache`` logical ``[num_blocks, num_kv_heads, block_size, 2*D]`` with any
+strides, GQA via ``num_heads // num_kv_heads`` query heads per KV head).
+
+Design: one program per (request, tile of ``block_q`` query tokens, KV head);
+the ``GROUP`` query heads of the KV head are packed with the tokens into the
+M dimension (row ``m`` -> token ``m // GROUP``, head ``kv_head*GROUP +
+m % GROUP``) so each K/V tile is loaded once per group.  Instead of walking
+every causal KV tile, the program walks the list
+``index.tile_idx[r, h, qt, :tile_count]`` built on the GPU by
+:func:`.sparse_index.build_prefill_index` (ascending tile numbers).  Tiles
+flagged ``tile_full`` run the plain online-softmax step; the others evaluate
+``allowed`` element-wise in registers from the pattern fields:
+
+* causal ``k <= q`` and the diagonal ``k == q``; ``full`` (scalar);
+* sink ``k < sink`` and window ``q - k < window`` (scalars);
+* vertical columns: a 1-D gather of the 64-bit words of ``index.vert_bits``
+  covering the tile's ``block_n`` columns;
+* slash offsets: the (at most ``NW_DIST``) words of ``index.slash_bits``
+  covering the tile's ``q - k`` range are loaded as scalars and each element
+  picks its bit (skipped when those words are all zero);
+* block-sparse: per element the bit
+  ``blocks[r, h, min(q // block, NQB-1), min(k // block, NKB-1)]``; the
+  query tile's rows touch at most ``(block_q - 1) // block + 2`` pattern-block
+  rows, so when that is <= 4 each is one 1-D gather of ``block_n`` bits,
+  otherwise (tiny pattern blocks) a 2-D gather from the small, L1-resident
+  block mask.  ``patterns.block`` may thus be any size, unrelated to
+  ``block_n`` / ``block_q``.
+
+No dense mask is ever materialised in memory.  Softmax is fp32 in base 2;
+``out`` is written in its own dtype and ``lse`` (optional) as natural-log fp32.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from .paged_attention import _interpreting, _load_kv_tile
+from .patterns import PatternBatch
+from .sparse_index import SparseIndex, head_params, words_for_range
+
+
+def plan_blocks(group: int, head_size: int, max_query_len: int) -> tuple[int, int]:
+    """(block_q, block_n) for :func:`build_prefill_index` and
+    :func:`sparse_paged_attention`.
+
+    Rows per program ``BLOCK_M = block_q * group`` (rounded up to a power of
+    two): 128 for prefill (64 for head sizes above 128), fewer when the
+    batch's longest query is short; ``block_n`` is 64 (32 above 128).
+    """
+    block_d = max(triton.next_power_of_2(head_size), 16)
+    min_m = max(16, triton.next_power_of_2(group))
+    cap = 128 if block_d <= 128 else 64
+    want = triton.next_power_of_2(max(max_query_len, 1) * group)
+    block_m = max(min_m, min(cap, want))
+    block_q = max(block_m // group, 1)
+    block_n = 64 if block_d <= 128 else 32
+    return block_q, block_n
+
+
+@triton.jit
+def _allowed_tile(
+    q_pos,  # [BLOCK_M] int32 absolute query positions
+    offs_n,  # [BLOCK_N] int32 absolute KV positions
+    is_full, sink, window,  # scalars
+    sbits_row, vbits_row, n_words,
+    blocks_row, pblock, nqb, nkb, stride_b_q, stride_b_k,
+    dist_w0,  # first slash word that can matter for this tile
+    q_first,  # absolute position of the tile's first query token
+    NW_DIST: tl.constexpr,
+    HAS_BLOCKS: tl.constexpr,
+    QB_SPAN: tl.constexpr,  # pattern-block rows per query tile (0: gather)
+):
+    dist = q_pos[:, None] - offs_n[None, :]  # [BLOCK_M, BLOCK_N]
+    # Diagonal (k == q) is the window of 1; a full head an unbounded window.
+    w_eff = tl.where(is_full, 1 << 30, tl.maximum(window, 1))
+    ok = (dist < w_eff) | (offs_n[None, :] < sink)
+    # Vertical columns: one word per column.
+    cw = offs_n >> 6
+    vw = tl.load(vbits_row + cw, mask=cw < n_words, other=0)
+    vhit = ((vw >> (offs_n & 63).to(tl.int64)) & 1) != 0
+    ok = ok | vhit[None, :]
+    # Slash offsets: the words covering this tile's q - k range.
+    any_slash = 0
+    for j in tl.static_range(NW_DIST):
+        w = dist_w0 + j
+        any_slash = any_slash | tl.load(sbits_row + w, mask=w < n_words, other=0)
+    if any_slash != 0:
+        dw = dist >> 6
+        sh = (dist & 63).to(tl.int64)
+        for j in tl.static_range(NW_DIST):
+            w = dist_w0 + j
+            sw = tl.load(sbits_row + w, mask=w < n_words, other=0)
+            ok = ok | ((dw == w) & (((sw >> sh) & 1) != 0))
+    if HAS_BLOCKS:
+        qb = tl.minimum(q_pos // pblock, nqb - 1)
+        kb = tl.minimum(offs_n // pblock, nkb - 1)
+        if QB_SPAN > 0:
+            # The tile's real rows touch at most QB_SPAN pattern-block rows:
+            # one 1-D gather of BLOCK_N bits per block row.
+            qb0 = q_first // pblock
+            for i in tl.static_range(QB_SPAN):
+                qi = tl.minimum(qb0 + i, nqb - 1)
+                row_bits = tl.load(blocks_row + qi * stride_b_q + kb * stride_b_k)
+                ok = ok | ((qb == qi)[:, None] & (row_bits != 0)[None, :])
+        else:  # tiny pattern blocks: per-element gather
+            bits = tl.load(blocks_row + qb[:, None] * stride_b_q
+                           + kb[None, :] * stride_b_k)
+            ok = ok | (bits != 0)
+    return ok & (dist >= 0)
+
+
+@triton.jit
+def _sparse_paged_attention_kernel(
+    out_ptr,  # [num_tokens, num_heads, head_size]
+    lse_ptr,  # [num_tokens, num_heads] fp32 (dummy unless WRITE_LSE)
+    query_ptr,  # [num_tokens, num_heads, head_size]
+    kv_cache_ptr,  # [num_blocks, num_kv_heads, block_size, 2*head_size]
+    block_table_ptr,  # [num_seqs, max_blocks_per_seq] int32
+    query_start_loc_ptr,  # [num_seqs + 1] int32
+    seq_lens_ptr,  # [num_seqs] int32
+    tile_idx_ptr,  # [R, H, NQT, MAXT] int32
+    tile_count_ptr,  # [R, H, NQT] int32
+    tile_full_ptr,  # [R, H, NQT, MAXT] int8
+    params_ptr,  # [R, H, 3] int32: full, sink, window
+    sbits_ptr, vbits_ptr,  # [R, H, NW] int64
+    blocks_ptr,  # [R, H, NQB, NKB] uint8 (dummy unless HAS_BLOCKS)
+    qk_scale,  # softmax scale * log2(e)
+    block_size,
+    num_kv_heads, num_q_tiles, max_tiles, n_words,
+    pblock, nqb, nkb,
+    stride_b_r, stride_b_h, stride_b_q, stride_b_k,
+    stride_q_tok, stride_q_head, stride_q_d,
+    stride_o_tok, stride_o_head, stride_o_d,
+    stride_lse_tok, stride_lse_head,
+    stride_bt_seq, stride_bt_blk,
+    stride_c_blk, stride_c_head, stride_c_tok, stride_c_d,
+    HEAD_SIZE: tl.constexpr,
+    GROUP: tl.constexpr,
+    BLOCK_Q: tl.constexpr,  # query tokens per program (index.block_q)
+    BLOCK_M: tl.constexpr,  # pow2 >= BLOCK_Q * GROUP
+    BLOCK_N: tl.constexpr,  # KV positions per tile (index.block_n)
+    BLOCK_D: tl.constexpr,
+    NW_DIST: tl.constexpr,
+    HAS_BLOCKS: tl.constexpr,
+    QB_SPAN: tl.constexpr,
+    WRITE_LSE: tl.constexpr,
+    FP32_DOT: tl.constexpr,
+):
+    seq = tl.program_id(0)
+    q_block = tl.program_id(1)
+    kv_head = tl.program_id(2)
+
+    q_start = tl.load(query_start_loc_ptr + seq)
+    q_len = tl.load(query_start_loc_ptr + seq + 1) - q_start
+    q_tile_start = q_block * BLOCK_Q
+    if q_tile_start >= q_len:
+        return
+    seq_len = tl.load(seq_lens_ptr + seq)
+    ctx_len = seq_len - q_len
+
+    offs_m = tl.arange(0, BLOCK_M)
+    q_idx = q_tile_start + offs_m // GROUP
+    head = kv_head * GROUP + offs_m % GROUP
+    row_mask = (offs_m // GROUP < BLOCK_Q) & (q_idx < q_len)
+    q_pos = ctx_len + q_idx
+    tok = (q_start + q_idx).to(tl.int64)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_mask = offs_d < HEAD_SIZE
+    io_mask = row_mask[:, None] & d_mask[None, :]
+    q = tl.load(query_ptr + tok[:, None] * stride_q_tok
+                + head[:, None] * stride_q_head + offs_d[None, :] * stride_q_d,
+                mask=io_mask, other=0.0)
+
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+
+    q_first = ctx_len + q_tile_start
+    kv_end = ctx_len + tl.minimum(q_tile_start + BLOCK_Q, q_len)  # q_hi + 1
+    bt_row = block_table_ptr + seq.to(tl.int64) * stride_bt_seq
+
+    rh = seq * num_kv_heads + kv_head
+    is_full = tl.load(params_ptr + rh * 3) != 0
+    sink = tl.load(params_ptr + rh * 3 + 1)
+    window = tl.load(params_ptr + rh * 3 + 2)
+    sbits_row = sbits_ptr + rh.to(tl.int64) * n_words
+    vbits_row = vbits_ptr + rh.to(tl.int64) * n_words
+    blocks_row = blocks_ptr + seq.to(tl.int64) * stride_b_r + kv_head * stride_b_h
+    list_row = rh.to(tl.int64) * num_q_tiles + q_block
+    count = tl.load(tile_count_ptr + list_row)
+    idx_row = tile_idx_ptr + list_row * max_tiles
+    full_row = tile_full_ptr + list_row * max_tiles
+
+    for i in range(0, count):
+        t = tl.load(idx_row + i)
+        tile_is_full = tl.load(full_row + i)
+        n_start = t * BLOCK_N
+        k, v = _load_kv_tile(kv_cache_ptr, bt_row, kv_head, n_start, kv_end,
+                             block_size, stride_bt_blk, stride_c_blk,
+                             stride_c_head, stride_c_tok, stride_c_d,
+                             HEAD_SIZE, BLOCK_N, BLOCK_D)
+        k = k.to(q.dtype)
+        v = v.to(q.dtype)
+        if FP32_DOT:
+            s = tl.dot(q.to(tl.float32), k.to(tl.float32), input_precision="ieee")
+        else:
+            s = tl.dot(q, k)
+        s = s * qk_scale
+        if tile_is_full == 0:
+            offs_n = n_start + tl.arange(0, BLOCK_N)
+            dist_w0 = tl.maximum(q_first - (n_start + BLOCK_N - 1), 0) >> 6
+            allowed = _allowed_tile(q_pos, offs_n, is_full, sink, window,
+                                    sbits_row, vbits_row, n_words,
+                                    blocks_row, pblock, nqb, nkb,
+                                    stride_b_q, stride_b_k, dist_w0,
+                                    q_first, NW_DIST, HAS_BLOCKS, QB_SPAN)
+            s = tl.where(allowed, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.math.exp2(m_i - m_safe)
+        p = tl.math.exp2(s - m_safe[:, None])
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        p = p.to(q.dtype)
+        if FP32_DOT:
+            pv = tl.dot(p.to(tl.float32), v.to(tl.float32), input_precision="ieee")
+        else:
+            pv = tl.dot(p, v)
+        acc = acc * alpha[:, None] + pv
+        m_i = m_new
+
+    l_safe = tl.where(l_i == 0.0, 1.0, l_i)
+    acc = acc / l_safe[:, None]
+    tl.store(out_ptr + tok[:, None] * stride_o_tok
+             + head[:, None] * stride_o_head + offs_d[None, :] * stride_o_d,
+             acc.to(out_ptr.dtype.element_ty), mask=io_mask)
+    if WRITE_LSE:
+        lse = (m_i + tl.math.log2(l_safe)) * 0.6931471805599453
+        tl.store(lse_ptr + tok * stride_lse_tok + head * stride_lse_head,
+                 lse, mask=row_mask)
+
+
+def sparse_paged_attention(
+    query: torch.Tensor,  # [num_tokens, num_heads, head_size]
+    kv_cache: torch.Tensor,  # [num_blocks, num_kv_heads, block_size, 2*head_size]
+    block_table: torch.Tensor,  # [num_seqs, max_blocks_per_seq] int32
+    query_start_loc: torch.Tensor,  # [num_seqs + 1] int32
+    seq_lens: torch.Tensor,  # [num_seqs] int32
+    scale: float,
+    out: torch.Tensor,  # [num_tokens, num_heads, head_size], written in place
+    patterns: PatternBatch,
+    index: SparseIndex,
+    max_query_len: int,
+    max_seq_len: int,
+    lse: torch.Tensor | None = None,  # [num_tokens, num_heads] fp32
+) -> torch.Tensor:
+    """Causal paged attention restricted to ``patterns``; writes rows
+    ``0 .. query_start_loc[-1] - 1`` of ``out`` (and ``lse``) and returns
+    ``out``.
+
+    ``index`` must come from :func:`build_prefill_index` with the same
+    patterns, batch metadata and upper bounds, and ``(block_q, block_n)``
+    from :func:`plan_blocks` (or any ``block_n`` that is a power of two
+    >= 16, any ``block_q >= 1``).  No host synchronisation.
+    """
+    num_tokens, num_heads, head_size = query.shape
+    num_blocks, num_kv_heads, block_size, two_hs = kv_cache.shape
+    assert two_hs == 2 * head_size, "kv_cache last dim must be 2*head_size"
+    assert num_heads % num_kv_heads == 0, "num_heads must be a multiple of kv heads"
+    assert out.shape[1:] == query.shape[1:] and out.shape[0] >= num_tokens
+    num_seqs = seq_lens.shape[0]
+    assert query_start_loc.shape[0] == num_seqs + 1
+    assert block_table.dim() == 2 and block_table.shape[0] >= num_seqs
+    assert patterns.num_heads == num_kv_heads, "patterns are per KV head"
+    assert patterns.num_requests >= num_seqs
+    block_q, block_n = index.block_q, index.block_n
+    assert block_n >= 16 and block_n & (block_n - 1) == 0, \
+        "block_n must be a power of two >= 16 (tl.dot)"
+    nqt = triton.cdiv(max(max_query_len, 0), block_q)
+    maxt = triton.cdiv(max(max_seq_len, 0), block_n)
+    assert index.tile_idx.shape == (num_seqs, num_kv_heads, nqt, maxt), \
+        "index was built for another batch / block plan"
+    if lse is not None:
+        assert lse.dtype == torch.float32 and lse.shape[1] == num_heads
+    if num_seqs == 0 or nqt == 0 or maxt == 0:
+        return out
+    group = num_heads // num_kv_heads
+    block_d = max(triton.next_power_of_2(head_size), 16)
+    block_m = max(16, triton.next_power_of_2(block_q * group))
+    fp32_dot = query.dtype == torch.float32 or (
+        query.dtype == torch.bfloat16 and _interpreting())
+    params = head_params(patterns, num_seqs)
+    has_blocks = patterns.blocks is not None
+    if has_blocks:
+        blocks = patterns.blocks
+        if blocks.dtype == torch.bool:
+            blocks = blocks.view(torch.uint8)
+        b_strides = blocks.stride()
+        nqb, nkb = blocks.shape[2], blocks.shape[3]
+    else:
+        blocks, b_strides, nqb, nkb = index.tile_full, (0, 0, 0, 0), 1, 1
+    # Pattern-block rows a query tile's real rows can touch.
+    qb_span = (block_q - 1) // int(patterns.block) + 2
+    qb_span = qb_span if qb_span <= 4 else 0
+    lse_arg = lse if lse is not None else out
+    lse_strides = (lse.stride(0), lse.stride(1)) if lse is not None else (0, 0)
+    big = block_m * block_d >= 128 * 128
+    grid = (num_seqs, nqt, num_kv_heads)
+    _sparse_paged_attention_kernel[grid](
+        out, lse_arg, query, kv_cache, block_table, query_start_loc, seq_lens,
+        index.tile_idx, index.tile_count, index.tile_full, params,
+        index.slash_bits, index.vert_bits, blocks,
+        scale * math.log2(math.e), block_size,
+        num_kv_heads, nqt, maxt, index.slash_bits.shape[-1],
+        int(patterns.block), nqb, nkb,
+        b_strides[0], b_strides[1], b_strides[2], b_strides[3],
+        query.stride(0), query.stride(1), query.stride(2),
+        out.stride(0), out.stride(1), out.stride(2),
+        lse_strides[0], lse_strides[1],
+        block_table.stride(0), block_table.stride(1),
+        kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2),
+        kv_cache.stride(3),
+        HEAD_SIZE=head_size, GROUP=group, BLOCK_Q=block_q, BLOCK_M=block_m,
+        BLOCK_N=block_n, BLOCK_D=block_d,
+        NW_DIST=words_for_range(block_q + block_n - 1),
+        HAS_BLOCKS=has_blocks, QB_SPAN=qb_span,
+        WRITE_LSE=lse is not None, FP32_DOT=fp32_dot,
+        num_warps=8 if big else 4, num_stages=2,
+    )
+    return out
