@@ -52,12 +52,16 @@ class WorkerStats:
     _last_flush: float = field(default=0.0, repr=False)
     _dirty: bool = field(default=False, repr=False)
 
-    def record(self, prefill_tokens: int, decode_tokens: int, kv_attended: int, kv_causal: int) -> None:
-        """Add one attention-layer forward call (host-side ints only)."""
+    def record(self, prefill_tokens: int, decode_tokens: int, kv_attended: int | None, kv_causal: int) -> None:
+        """Add one attention-layer forward call (host-side ints only).
+
+        ``kv_attended=None`` (not known without a device sync) leaves both KV
+        counters alone, so their ratio stays an honest density."""
         self.prefill_tokens += prefill_tokens
         self.decode_tokens += decode_tokens
-        self.kv_tokens_attended += kv_attended
-        self.kv_tokens_causal += kv_causal
+        if kv_attended is not None:
+            self.kv_tokens_attended += kv_attended
+            self.kv_tokens_causal += kv_causal
         self.forward_calls += 1
         self._dirty = True
         now = time.monotonic()

@@ -63,3 +63,73 @@ def _reshape_and_cache(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.T
 
 _register("paged_attention", _paged_attention, ["out"])
 _register("reshape_and_cache", _reshape_and_cache, ["kv_cache"])
+
+
+def _sparse_attention(
+    query: torch.Tensor,
+    kv_cache: torch.Tensor,
+    block_table: torch.Tensor,
+    query_start_loc: torch.Tensor,
+    seq_lens: torch.Tensor,
+    scale: float,
+    out: torch.Tensor,
+    full: torch.Tensor,
+    sink: torch.Tensor,
+    window: torch.Tensor,
+    slash: torch.Tensor,
+    vertical: torch.Tensor,
+    blocks: torch.Tensor | None,
+    block: int,
+    max_query_len: int,
+    max_seq_len: int,
+) -> None:
+    """Varlen (prefill / extend / mixed) attention restricted to per-KV-head patterns."""
+    from casakv_vllm.triton_kernels.patterns import PatternBatch
+    from casakv_vllm.triton_kernels.sparse_index import build_prefill_index
+    from casakv_vllm.triton_kernels.sparse_prefill import plan_blocks, sparse_paged_attention
+
+    patterns = PatternBatch(full, sink, window, slash, vertical, blocks, block)
+    group = query.shape[1] // kv_cache.shape[1]
+    block_q, block_n = plan_blocks(group, query.shape[2], max_query_len)
+    index = build_prefill_index(patterns, query_start_loc, seq_lens, max_query_len, max_seq_len, block_q, block_n)
+    sparse_paged_attention(query, kv_cache, block_table, query_start_loc, seq_lens, scale, out, patterns, index,
+                           max_query_len, max_seq_len)
+
+
+def _sparse_decode(
+    query: torch.Tensor,
+    kv_cache: torch.Tensor,
+    block_table: torch.Tensor,
+    seq_lens: torch.Tensor,
+    sel_blocks: torch.Tensor,
+    sel_count: torch.Tensor,
+    scale: float,
+    out: torch.Tensor,
+    ws_acc: torch.Tensor,
+    ws_m: torch.Tensor,
+    ws_l: torch.Tensor,
+) -> None:
+    """Split-KV decode over the selected blocks; CUDA-graph capturable (workspace given)."""
+    from casakv_vllm.triton_kernels.sparse_decode import SparseDecodeWorkspace, sparse_paged_decode
+
+    sparse_paged_decode(query, kv_cache, block_table, seq_lens, sel_blocks, sel_count, scale, out,
+                        workspace=SparseDecodeWorkspace(ws_acc, ws_m, ws_l))
+
+
+_register("sparse_attention", _sparse_attention, ["out"])
+_register("sparse_decode", _sparse_decode, ["out", "ws_acc", "ws_m", "ws_l"])
+
+
+def sparse_attention(query, kv_cache, block_table, query_start_loc, seq_lens, scale, out, patterns,
+                     max_query_len: int, max_seq_len: int) -> None:
+    """``torch.ops.casakv.sparse_attention`` taking a ``PatternBatch``."""
+    p = patterns
+    torch.ops.casakv.sparse_attention(query, kv_cache, block_table, query_start_loc, seq_lens, scale, out,
+                                      p.full, p.sink, p.window, p.slash, p.vertical, p.blocks, int(p.block),
+                                      max_query_len, max_seq_len)
+
+
+def sparse_decode(query, kv_cache, block_table, seq_lens, sel_blocks, sel_count, scale, out, workspace) -> None:
+    """``torch.ops.casakv.sparse_decode`` taking a ``SparseDecodeWorkspace``."""
+    torch.ops.casakv.sparse_decode(query, kv_cache, block_table, seq_lens, sel_blocks, sel_count, scale, out,
+                                   workspace.acc, workspace.m, workspace.l)

@@ -59,6 +59,7 @@ class CasakvImpl(AttentionImpl[CasakvMetadata]):
         self.config = load_config(additional if isinstance(additional, dict) else {})
         self.policy = get_policy_class(self.config.policy).from_config(self.config)
         self.layer_index: int | None = None
+        self.max_batch = get_current_vllm_config().scheduler_config.max_num_seqs
         self.stats = metrics.worker_stats(self.config.policy) if self.config.metrics else None
 
     def do_kv_cache_update(
@@ -110,14 +111,13 @@ class CasakvImpl(AttentionImpl[CasakvMetadata]):
         if kv_cache.device.type == "cpu":
             attended = paged_attention_cpu(q, kv_cache, md.block_table, md.query_start_loc_cpu, md.seq_lens_cpu,
                                            self.scale, out, patterns)
-        elif patterns is not None:
-            raise NotImplementedError("sparse patterns on CUDA need the sparse Triton kernels (issue 3)")
         else:
-            import casakv_vllm.ops  # noqa: F401  (registers torch.ops.casakv.*)
+            from casakv_vllm.attention.gpu_path import gpu_attention
 
-            torch.ops.casakv.paged_attention(q, kv_cache, md.block_table, md.query_start_loc, md.seq_lens,
-                                             self.scale, out, md.max_query_len, md.max_seq_len)
-            attended = kv_causal
+            gpu_attention(q, kv_cache, md.block_table, md.query_start_loc, md.seq_lens, self.scale, out,
+                          md.max_query_len, md.max_seq_len, patterns, self.max_batch)
+            # exact KV counts of sparse patterns would need a device sync: not counted on CUDA
+            attended = kv_causal if patterns is None else None
         if self.stats is not None:
             self.stats.record(md.counts.prefill_tokens, md.counts.decode_tokens, attended, kv_causal)
         return output

@@ -45,6 +45,7 @@ class Result:
     bytes_read: int
     hbm_fraction: float | None
     rel_err: float
+    index_ms: float | None = None  # building the tile index (per batch and layer); not in casakv_ms
     vllm_triton_ms: float | None = None
 
 
@@ -94,11 +95,13 @@ def _patterns(name: str, n: int):
         return PatternBatch.dense(1, HKV, device="cuda")
     if name == "a-shape":
         return PatternBatch.local(1, HKV, SINK, WINDOW, device="cuda")
-    p = PatternBatch.local(1, HKV, SINK, VS_WINDOW, device="cuda")
-    nb = triton_cdiv(n, VS_BLOCK)
-    cols = (torch.arange(nb, device="cuda") % VS_EVERY) == 3
-    p.blocks = cols.view(1, 1, 1, nb).expand(1, HKV, nb, nb).contiguous()
-    p.block = VS_BLOCK
+    # vertical stripes as a column list (the kernels turn it into bitmaps)
+    cols = torch.arange(n, device="cuda")
+    cols = cols[(cols // VS_BLOCK) % VS_EVERY == 3].to(torch.int32)
+    p = PatternBatch.empty(1, HKV, num_vertical=cols.numel(), device="cuda")
+    p.sink.fill_(SINK)
+    p.window.fill_(VS_WINDOW)
+    p.vertical.copy_(cols.view(1, 1, -1).expand_as(p.vertical))
     return p
 
 
@@ -143,13 +146,14 @@ def bench_prefill(n: int, masks, flex, gen, rep_ms: int) -> list[Result]:
             sparse_paged_attention(q, kv, table, qsl, seq_lens, scale, out, pat, index, n, n)
 
         casakv_ms = _bench(run, rep_ms)
+        index_ms = _bench(lambda: build_prefill_index(pat, qsl, seq_lens, n, n, block_q, block_n), rep_ms)
         bm = create_block_mask(_mask_mod(name), None, None, n, n, device="cuda", BLOCK_SIZE=128, _compile=True)
         flex_out = flex(qb, k, v, block_mask=bm, enable_gqa=True, scale=scale)
         flex_ms = _bench(lambda: flex(qb, k, v, block_mask=bm, enable_gqa=True, scale=scale), rep_ms)
         run()
         err = _rel_err(out.transpose(0, 1).unsqueeze(0), flex_out)
         results.append(Result("prefill", n, 1, name, round(density, 4), casakv_ms, sdpa_ms, flex_ms,
-                              int(index.tile_count.sum()) * block_n * 2 * D * 2, None, err))
+                              int(index.tile_count.sum()) * block_n * 2 * D * 2, None, err, index_ms))
         del bm, flex_out, index
         torch.cuda.empty_cache()
     return results
@@ -157,7 +161,7 @@ def bench_prefill(n: int, masks, flex, gen, rep_ms: int) -> list[Result]:
 
 def bench_decode(n: int, batch: int, flex, gen, copy_bps: float, rep_ms: int) -> list[Result]:
     from casakv_vllm.triton_kernels.sparse_decode import (
-        DecodeWorkspace, dense_selection, sparse_paged_decode)
+        SparseDecodeWorkspace, dense_selection, sparse_paged_decode)
     from casakv_vllm.triton_kernels.sparse_decode_reference import sparse_paged_decode_ref
 
     kv, table = _paged_kv(batch, n, gen)
@@ -168,7 +172,7 @@ def bench_decode(n: int, batch: int, flex, gen, copy_bps: float, rep_ms: int) ->
     scale = D ** -0.5
     sdpa_ms = _bench(lambda: F.scaled_dot_product_attention(qb, k, v, enable_gqa=True, scale=scale), rep_ms)
     nb = n // PAGE
-    workspace = DecodeWorkspace.allocate(batch, HQ, D, 128, "cuda")
+    workspace = SparseDecodeWorkspace.allocate(batch, HQ, D, device="cuda")
     results = []
     for name, frac in (("dense", 1.0), ("select-10%", 0.1)):
         if frac == 1.0:
@@ -186,10 +190,9 @@ def bench_decode(n: int, batch: int, flex, gen, copy_bps: float, rep_ms: int) ->
 
         casakv_ms = _bench(run, rep_ms)
         run()
-        ref_sel = sel if frac < 1.0 else sel
         sub = slice(0, min(batch, 2))
-        ref = sparse_paged_decode_ref(q[sub], kv, table[sub], seq_lens[sub], ref_sel[sub], cnt[sub], scale)
-        err = _rel_err(out[sub], ref[0] if isinstance(ref, tuple) else ref)
+        ref = sparse_paged_decode_ref(q[sub], kv, table[sub], seq_lens[sub], sel[sub], cnt[sub], scale)
+        err = _rel_err(out[sub], ref)
         selected_tokens = int(cnt.sum()) * PAGE
         bytes_read = selected_tokens * 2 * D * 2
         flex_ms = None
