@@ -25,11 +25,13 @@ def _cuda_build_possible() -> bool:
         return False
     if torch.version.cuda is None:
         return False
-    cuda_home = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")
-    nvcc = shutil.which("nvcc") or (
-        cuda_home and os.path.exists(os.path.join(cuda_home, "bin", "nvcc"))
-    )
-    return bool(nvcc)
+    # torch's own lookup: $CUDA_HOME / $CUDA_PATH, `which nvcc`, /usr/local/cuda
+    from torch.utils.cpp_extension import CUDA_HOME
+
+    if CUDA_HOME is None and not shutil.which("nvcc"):
+        return False
+    nvcc = os.path.join(CUDA_HOME, "bin", "nvcc") if CUDA_HOME else shutil.which("nvcc")
+    return bool(nvcc) and os.path.exists(nvcc)
 
 
 def _extensions():

@@ -13,12 +13,13 @@ export PYTHONUNBUFFERED=1
 { nvidia-smi --query-gpu=name,driver_version --format=csv,noheader; python3 -c "import torch, triton, setuptools; print('torch', torch.__version__, 'triton', triton.__version__, 'setuptools', setuptools.__version__)"; } | tee "$OUT/env.txt"
 
 t0=$(date +%s)
-if python3 -m pip install -q --no-deps --no-build-isolation --no-cache-dir "$REPO" > "$OUT/install.log" 2>&1; then
+if python3 -m pip install -v --no-deps --no-build-isolation --no-cache-dir "$REPO" > "$OUT/install.log" 2>&1; then
     echo "install: ok ($(( $(date +%s) - t0 ))s)"
 else
     echo "install: FAILED"; tail -30 "$OUT/install.log"; exit 1
 fi
-python3 -c "import casakv_vllm._C, torch; print('CUDA op:', torch.ops.casakv.compact_kv)" 2>&1 | tail -1
+python3 -c "from torch.utils.cpp_extension import CUDA_HOME; print('CUDA_HOME', CUDA_HOME)"
+(cd /tmp && python3 -c "import casakv_vllm._C, torch; print('CUDA op:', torch.ops.casakv.compact_kv)" 2>&1 | tail -1)
 
 cd /tmp   # never import the checkout's folders by accident
 python3 -m pytest "$REPO/tests/kernels" "$REPO/tests/unit/test_ops.py" -q -p no:cacheprovider \

@@ -2,11 +2,13 @@
 
 Kept free of vLLM imports so it can be tested on a GPU box without vLLM.
 
-- pure decode batch (every request has one new token): split-KV sparse
-  decode over the selected blocks (all blocks for the dense policy);
-- any other batch (prefill, chunked prefill, mixed): the dense paged kernel
-  for the dense policy, the sparse paged kernel with the policy's patterns
-  otherwise.
+- dense policy, pure decode batch (every request has one new token):
+  split-KV decode over all blocks;
+- dense policy, any other batch: the dense paged kernel;
+- a policy with patterns: the sparse paged kernel, which applies the pattern
+  element by element (the split-KV decode kernel works on whole selected
+  blocks, the granularity of block-selection policies, so it would read
+  more than a pattern allows at the block edges).
 """
 
 from __future__ import annotations
@@ -15,11 +17,7 @@ import torch
 
 import casakv_vllm.ops as ops
 from casakv_vllm.triton_kernels.patterns import PatternBatch
-from casakv_vllm.triton_kernels.sparse_decode import (
-    SparseDecodeWorkspace,
-    dense_selection,
-    selection_from_patterns,
-)
+from casakv_vllm.triton_kernels.sparse_decode import SparseDecodeWorkspace, dense_selection
 
 _WORKSPACES: dict[tuple, SparseDecodeWorkspace] = {}
 
@@ -48,12 +46,8 @@ def gpu_attention(
 ) -> None:
     num_reqs = seq_lens.shape[0]
     num_kv_heads, block_size = kv_cache.shape[1], kv_cache.shape[2]
-    if max_query_len == 1 and query.shape[0] == num_reqs:
-        max_blocks = block_table.shape[1]
-        if patterns is None:
-            sel, cnt = dense_selection(seq_lens, block_size, max_blocks, num_kv_heads)
-        else:
-            sel, cnt = selection_from_patterns(patterns, seq_lens, block_size, max_blocks)
+    if patterns is None and max_query_len == 1 and query.shape[0] == num_reqs:
+        sel, cnt = dense_selection(seq_lens, block_size, block_table.shape[1], num_kv_heads)
         ws = decode_workspace(max(max_batch, num_reqs), query.shape[1], query.shape[2], query.device)
         ops.sparse_decode(query, kv_cache, block_table, seq_lens, sel, cnt, scale, out, ws)
     elif patterns is None:
