@@ -19,7 +19,7 @@ else
     echo "install: FAILED"; tail -30 "$OUT/install.log"; exit 1
 fi
 python3 -c "from torch.utils.cpp_extension import CUDA_HOME; print('CUDA_HOME', CUDA_HOME)"
-(cd /tmp && python3 -c "import casakv_vllm._C, torch; print('CUDA op:', torch.ops.casakv.compact_kv)" 2>&1 | tail -1)
+(cd /tmp && python3 -c "import torch, casakv_vllm._C; print('CUDA op:', torch.ops.casakv.compact_kv)" 2>&1 | tail -1)
 
 cd /tmp   # never import the checkout's folders by accident
 python3 -m pytest "$REPO/tests/kernels" "$REPO/tests/unit/test_ops.py" -q -p no:cacheprovider \

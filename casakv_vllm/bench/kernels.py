@@ -80,12 +80,19 @@ def _contiguous(kv, table):
     return g[..., :D].contiguous(), g[..., D:].contiguous()
 
 
-def _mask_mod(name: str):
-    if name == "causal":
-        return lambda b, h, q, k: q >= k
-    if name == "a-shape":
-        return lambda b, h, q, k: (q >= k) & ((k < SINK) | (q - k < WINDOW))
-    return lambda b, h, q, k: (q >= k) & ((k < SINK) | (q - k < VS_WINDOW) | ((k // VS_BLOCK) % VS_EVERY == 3))
+def _causal(b, h, q, k):
+    return q >= k
+
+
+def _a_shape(b, h, q, k):
+    return (q >= k) & ((k < SINK) | (q - k < WINDOW))
+
+
+def _vertical_slash(b, h, q, k):
+    return (q >= k) & ((k < SINK) | (q - k < VS_WINDOW) | ((k // VS_BLOCK) % VS_EVERY == 3))
+
+
+MASK_MODS = {"causal": _causal, "a-shape": _a_shape, "vertical-slash": _vertical_slash}
 
 
 def _patterns(name: str, n: int):
@@ -147,7 +154,7 @@ def bench_prefill(n: int, masks, flex, gen, rep_ms: int) -> list[Result]:
 
         casakv_ms = _bench(run, rep_ms)
         index_ms = _bench(lambda: build_prefill_index(pat, qsl, seq_lens, n, n, block_q, block_n), rep_ms)
-        bm = create_block_mask(_mask_mod(name), None, None, n, n, device="cuda", BLOCK_SIZE=128, _compile=True)
+        bm = create_block_mask(MASK_MODS[name], None, None, n, n, device="cuda", BLOCK_SIZE=128, _compile=True)
         flex_out = flex(qb, k, v, block_mask=bm, enable_gqa=True, scale=scale)
         flex_ms = _bench(lambda: flex(qb, k, v, block_mask=bm, enable_gqa=True, scale=scale), rep_ms)
         run()
@@ -219,9 +226,11 @@ def bench_decode(n: int, batch: int, flex, gen, copy_bps: float, rep_ms: int) ->
 def run(json_path: Path, md_path: Path | None, quick: bool = False, progress=print) -> dict:
     if not torch.cuda.is_available():
         raise SystemExit("casakv bench kernels needs a CUDA GPU (this machine has none)")
-    import triton
     from torch.nn.attention.flex_attention import flex_attention
 
+    # one compiled graph per (mask, shape): more than dynamo's default 8
+    torch._dynamo.config.recompile_limit = 64
+    torch._dynamo.config.accumulated_recompile_limit = 1024
     flex = torch.compile(flex_attention, dynamic=False)
     gen = torch.Generator(device="cuda").manual_seed(0)
     rep = 50 if quick else 200
@@ -230,15 +239,25 @@ def run(json_path: Path, md_path: Path | None, quick: bool = False, progress=pri
     progress(f"copy bandwidth {copy_bps / 1e12:.2f} TB/s")
     results: list[Result] = []
     prefill_lens = (8192,) if quick else (8192, 32768, 131072)
-    for n in prefill_lens:
-        results += bench_prefill(n, ("causal", "a-shape", "vertical-slash"), flex, gen, rep)
-        progress(f"prefill {n} done ({time.time() - t0:.0f}s)")
     decode_cases = ((32768, 1),) if quick else ((32768, 1), (32768, 16), (131072, 1), (131072, 16))
-    for n, b in decode_cases:
-        results += bench_decode(n, b, flex, gen, copy_bps, rep)
-        progress(f"decode {n} x{b} done ({time.time() - t0:.0f}s)")
+    # decode first (cheap), then prefill; results are written after every step
+    steps = [("decode", n, b) for n, b in decode_cases] + [("prefill", n, 1) for n in prefill_lens]
+    for kind, n, b in steps:
+        if kind == "decode":
+            results += bench_decode(n, b, flex, gen, copy_bps, rep)
+        else:
+            results += bench_prefill(n, ("causal", "a-shape", "vertical-slash"), flex, gen, rep)
+        progress(f"{kind} N={n} B={b} done ({time.time() - t0:.0f}s)")
+        _write(json_path, md_path, results, copy_bps, t0)
+    return _write(json_path, md_path, results, copy_bps, t0)
+
+
+def _write(json_path: Path, md_path: Path | None, results: list[Result], copy_bps: float, t0: float) -> dict:
+    import triton
+
     doc = {
-        "command": "casakv bench kernels --json " + str(json_path),
+        "command": f"casakv bench kernels --json {json_path.name}" + (f" --md {md_path.name}" if md_path else "")
+                   + " (run by scripts/gpu-suite.sh)",
         "gpu": torch.cuda.get_device_name(0), "torch": torch.__version__, "triton": triton.__version__,
         "python": platform.python_version(), "copy_TBps": copy_bps / 1e12,
         "shape": {"q_heads": HQ, "kv_heads": HKV, "head_dim": D, "dtype": "bfloat16", "block_size": PAGE},
