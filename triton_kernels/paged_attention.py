@@ -30,6 +30,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .online_softmax import online_softmax_update
+
 
 @triton.jit
 def _load_kv_tile(
@@ -96,25 +98,13 @@ def _online_softmax_step(
         offs_n = n_start + tl.arange(0, BLOCK_N)
         allowed = (offs_n[None, :] <= q_pos[:, None]) & (offs_n[None, :] < kv_end)
         s = tl.where(allowed, s, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(s, axis=1))
-    # Rows with nothing visible yet keep m = -inf; shift by 0 to avoid NaN.
-    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-    alpha = tl.math.exp2(m_i - m_safe)
-    p = tl.math.exp2(s - m_safe[:, None])
-    l_i = l_i * alpha + tl.sum(p, axis=1)
-    p = p.to(q.dtype)
-    if FP32_DOT:
-        pv = tl.dot(p.to(tl.float32), v.to(tl.float32), input_precision="ieee")
-    else:
-        pv = tl.dot(p, v)
-    acc = acc * alpha[:, None] + pv
-    return acc, m_new, l_i
+    return online_softmax_update(acc, m_i, l_i, s, v, FP32_DOT)
 
 
 @triton.jit
 def _paged_attention_kernel(
     out_ptr,  # [num_tokens, num_heads, head_size]
-    lse_ptr,  # [num_tokens, num_heads] fp32 (dummy unless WRITE_LSE)
+    lse_ptr,  # [num_tokens, num_heads] fp32 (unused unless WRITE_LSE)
     query_ptr,  # [num_tokens, num_heads, head_size]
     kv_cache_ptr,  # [num_blocks, num_kv_heads, block_size, 2*head_size]
     block_table_ptr,  # [num_seqs, max_blocks_per_seq] int32

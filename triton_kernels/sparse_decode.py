@@ -53,6 +53,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .online_softmax import online_softmax_update
+
 from .paged_attention import _interpreting
 from .patterns import PatternBatch
 
@@ -154,18 +156,7 @@ def _sparse_decode_split_kernel(
             s = tl.dot(q_dot, tl.trans(k))
         s = s * qk_scale
         s = tl.where(valid[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.math.exp2(m_i - m_safe)
-        p = tl.math.exp2(s - m_safe[:, None])
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        p = p.to(q.dtype)
-        if FP32_DOT:
-            pv = tl.dot(p.to(tl.float32), v.to(tl.float32), input_precision="ieee")
-        else:
-            pv = tl.dot(p, v)
-        acc = acc * alpha[:, None] + pv
-        m_i = m_new
+        acc, m_i, l_i = online_softmax_update(acc, m_i, l_i, s, v, FP32_DOT)
 
     if SINGLE_SPLIT:
         l_safe = tl.where(l_i == 0.0, 1.0, l_i)
@@ -191,7 +182,7 @@ def _sparse_decode_split_kernel(
 @triton.jit
 def _sparse_decode_merge_kernel(
     out_ptr,  # [R, num_heads, head_size]
-    lse_ptr,  # [R, num_heads] fp32 (dummy unless WRITE_LSE)
+    lse_ptr,  # [R, num_heads] fp32 (unused unless WRITE_LSE)
     ws_acc_ptr, ws_m_ptr, ws_l_ptr,
     num_splits,
     stride_o_tok, stride_o_head, stride_o_d,

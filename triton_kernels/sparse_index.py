@@ -189,7 +189,7 @@ def _tile_index_kernel(
     tile_full_ptr,  # [R, H, NQT, MAXT] int8
     params_ptr,  # [R, H, 3] int32: full, sink, window
     sbits_ptr, vbits_ptr,  # [R, H, NW] int64
-    blocks_ptr,  # [R, H, NQB, NKB] uint8 (dummy unless HAS_BLOCKS)
+    blocks_ptr,  # [R, H, NQB, NKB] uint8 (unused unless HAS_BLOCKS)
     query_start_loc_ptr, seq_lens_ptr,
     num_heads, num_q_tiles, max_tiles, n_words,
     pblock, nqb, nkb,

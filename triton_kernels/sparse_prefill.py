@@ -43,6 +43,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .online_softmax import online_softmax_update
+
 from .paged_attention import _interpreting, _load_kv_tile
 from .patterns import PatternBatch
 from .sparse_index import SparseIndex, head_params, words_for_range
@@ -121,7 +123,7 @@ def _allowed_tile(
 @triton.jit
 def _sparse_paged_attention_kernel(
     out_ptr,  # [num_tokens, num_heads, head_size]
-    lse_ptr,  # [num_tokens, num_heads] fp32 (dummy unless WRITE_LSE)
+    lse_ptr,  # [num_tokens, num_heads] fp32 (unused unless WRITE_LSE)
     query_ptr,  # [num_tokens, num_heads, head_size]
     kv_cache_ptr,  # [num_blocks, num_kv_heads, block_size, 2*head_size]
     block_table_ptr,  # [num_seqs, max_blocks_per_seq] int32
@@ -132,7 +134,7 @@ def _sparse_paged_attention_kernel(
     tile_full_ptr,  # [R, H, NQT, MAXT] int8
     params_ptr,  # [R, H, 3] int32: full, sink, window
     sbits_ptr, vbits_ptr,  # [R, H, NW] int64
-    blocks_ptr,  # [R, H, NQB, NKB] uint8 (dummy unless HAS_BLOCKS)
+    blocks_ptr,  # [R, H, NQB, NKB] uint8 (unused unless HAS_BLOCKS)
     qk_scale,  # softmax scale * log2(e)
     block_size,
     num_kv_heads, num_q_tiles, max_tiles, n_words,
@@ -224,18 +226,7 @@ def _sparse_paged_attention_kernel(
                                     stride_b_q, stride_b_k, dist_w0,
                                     q_first, NW_DIST, HAS_BLOCKS, QB_SPAN)
             s = tl.where(allowed, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.math.exp2(m_i - m_safe)
-        p = tl.math.exp2(s - m_safe[:, None])
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        p = p.to(q.dtype)
-        if FP32_DOT:
-            pv = tl.dot(p.to(tl.float32), v.to(tl.float32), input_precision="ieee")
-        else:
-            pv = tl.dot(p, v)
-        acc = acc * alpha[:, None] + pv
-        m_i = m_new
+        acc, m_i, l_i = online_softmax_update(acc, m_i, l_i, s, v, FP32_DOT)
 
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)
     acc = acc / l_safe[:, None]
