@@ -51,10 +51,11 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         print("[demo] casakv metrics:")
         lines: list[str] = []
         deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:  # workers publish every 0.1 s
-            lines = server.casakv_metrics()
-            if any(ln.startswith("casakv_info") for ln in lines):
+        while time.monotonic() < deadline:  # workers publish every 0.1 s: wait until settled
+            now = server.casakv_metrics()
+            if now == lines and any(ln.startswith("casakv_info") for ln in now):
                 break
+            lines = now
             time.sleep(0.5)
         for line in lines or ["(no casakv_ series on /metrics)"]:
             print("   ", line)
