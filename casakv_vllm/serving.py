@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -157,3 +158,21 @@ class VllmServer:
 
     def casakv_metrics(self) -> list[str]:
         return [ln for ln in self.get_text("/metrics").splitlines() if ln.startswith("casakv_")]
+
+    def metric_values(self, names: list[str], settle_timeout: float = 10.0) -> dict[str, float]:
+        """Values of Prometheus series ``names`` (summed over label sets), read
+        once two consecutive scrapes agree: casakv workers publish every 0.1 s."""
+        def scrape() -> dict[str, float]:
+            text = self.get_text("/metrics")
+            return {n: sum(float(m.group(1)) for m in
+                           re.finditer(rf"^{re.escape(n)}(?:\{{[^}}]*\}})? ([0-9.e+-]+)$", text, re.M))
+                    for n in names}
+
+        last, deadline = scrape(), time.monotonic() + settle_timeout
+        while time.monotonic() < deadline:
+            time.sleep(0.3)
+            now = scrape()
+            if now == last:
+                break
+            last = now
+        return last

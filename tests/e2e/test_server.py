@@ -63,28 +63,6 @@ def test_long_prompt_chunked_prefill_and_prefix_cache(casakv_server, prompts):
     assert hits > 1000
 
 
-def _scrape(server, names):
-    """Values of ``names`` from one /metrics scrape (summed over label sets)."""
-    text = server.get_text("/metrics")
-    values = {}
-    for name in names:
-        pattern = rf"^{re.escape(name)}(?:\{{[^}}]*\}})? ([0-9.e+]+)$"
-        values[name] = sum(float(m.group(1)) for m in re.finditer(pattern, text, re.M))
-    return values
-
-
-def _settled_scrape(server, names, timeout=10.0):
-    """Scrape until two consecutive scrapes agree (workers publish every 0.1 s)."""
-    last, deadline = None, time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        now = _scrape(server, names)
-        if now == last:
-            return now
-        last = now
-        time.sleep(0.3)
-    return last
-
-
 def _metric(server, pattern, settle=2.0):
     deadline = time.monotonic() + settle
     while True:
@@ -101,7 +79,7 @@ def test_metrics_have_casakv_series(casakv_server):
     assert any(ln.startswith("casakv_info{") and 'policy="dense"' in ln for ln in lines), lines
     names = ["casakv_tokens_total", "casakv_kv_tokens_attended_total", "casakv_kv_tokens_causal_total",
              "casakv_forward_calls_total"]
-    m = _settled_scrape(casakv_server, names)
+    m = casakv_server.metric_values(names)
     assert m["casakv_tokens_total"] > 0 and m["casakv_forward_calls_total"] > 0
     # dense policy reads every causal KV token
     assert m["casakv_kv_tokens_attended_total"] == m["casakv_kv_tokens_causal_total"] > 0
