@@ -56,11 +56,35 @@ def paged_attention_ref(
     log-sum-exp of the scaled scores, fp32 [num_tokens, num_heads]
     (rows past the real tokens are ``-inf``).
     """
+    def causal(i: int, q_pos: torch.Tensor, seq_len: int) -> torch.Tensor:
+        kv_pos = torch.arange(seq_len, device=query.device)
+        return (kv_pos[None, :] <= q_pos[:, None])[None]  # [1, q_len, seq_len]
+
+    out, lse = masked_paged_attention_ref(query, kv_cache, block_table, query_start_loc, seq_lens, scale,
+                                          causal)
+    if return_lse:
+        return out, lse
+    return out
+
+
+def masked_paged_attention_ref(
+    query: torch.Tensor,  # [num_tokens, num_heads, head_size]
+    kv_cache: torch.Tensor,  # [num_blocks, num_kv_heads, block_size, 2*head_size]
+    block_table: torch.Tensor,  # [num_seqs, max_blocks_per_seq] int32
+    query_start_loc: torch.Tensor,  # [num_seqs + 1] int32
+    seq_lens: torch.Tensor,  # [num_seqs] int32
+    scale: float,
+    mask_fn,  # (request i, q_pos [q_len], seq_len) -> bool [num_heads or 1, q_len, seq_len]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """fp32 paged attention where ``mask_fn`` says which (query, key) pairs count.
+
+    Returns ``(out, lse)`` as :func:`paged_attention_ref` does with
+    ``return_lse=True``; shared by the dense and the pattern references.
+    """
     num_tokens, num_heads, head_size = query.shape
     num_kv_heads = kv_cache.shape[1]
     assert num_heads % num_kv_heads == 0
     group = num_heads // num_kv_heads
-
     out = torch.zeros(num_tokens, num_heads, head_size, dtype=torch.float32,
                       device=query.device)
     lse = torch.full((num_tokens, num_heads), float("-inf"),
@@ -81,15 +105,11 @@ def paged_attention_ref(
         q = query[q_start:q_end].float()  # [q_len, num_heads, hs]
         scores = torch.einsum("qhd,khd->hqk", q, k) * scale
         q_pos = ctx + torch.arange(q_len, device=query.device)
-        kv_pos = torch.arange(seq_len, device=query.device)
-        causal = kv_pos[None, :] <= q_pos[:, None]  # [q_len, seq_len]
-        scores = scores.masked_fill(~causal[None], float("-inf"))
+        scores = scores.masked_fill(~mask_fn(i, q_pos, seq_len), float("-inf"))
         lse[q_start:q_end] = torch.logsumexp(scores, dim=-1).transpose(0, 1)
         probs = torch.softmax(scores, dim=-1)
         out[q_start:q_end] = torch.einsum("hqk,khd->qhd", probs, v)
-    if return_lse:
-        return out, lse
-    return out
+    return out, lse
 
 
 def reshape_and_cache_ref(

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 from .patterns import PatternBatch, pattern_mask
-from .reference import gather_kv
+from .reference import masked_paged_attention_ref
 
 
 def sparse_paged_attention_ref(
@@ -30,38 +30,16 @@ def sparse_paged_attention_ref(
     ``[num_tokens, num_heads]``; rows past ``query_start_loc[-1]`` are 0 /
     ``-inf``.
     """
-    num_tokens, num_heads, head_size = query.shape
-    num_kv_heads = kv_cache.shape[1]
+    num_heads, num_kv_heads = query.shape[1], kv_cache.shape[1]
     assert num_heads % num_kv_heads == 0
     assert patterns.num_heads == num_kv_heads
     group = num_heads // num_kv_heads
-    device = query.device
-    out = torch.zeros(num_tokens, num_heads, head_size, dtype=torch.float32,
-                      device=device)
-    lse = torch.full((num_tokens, num_heads), float("-inf"),
-                     dtype=torch.float32, device=device)
-    qsl = query_start_loc.tolist()
-    lens = seq_lens.tolist()
-    for i, seq_len in enumerate(lens):
-        q_start, q_end = qsl[i], qsl[i + 1]
-        q_len = q_end - q_start
-        if q_len == 0:
-            continue
-        ctx = seq_len - q_len
-        assert ctx >= 0, "seq_len must include the query tokens"
-        k, v = gather_kv(kv_cache, block_table[i], seq_len)
-        k = k.repeat_interleave(group, dim=1)  # [seq_len, num_heads, hs]
-        v = v.repeat_interleave(group, dim=1)
-        q = query[q_start:q_end].float()
-        scores = torch.einsum("qhd,khd->hqk", q, k) * scale
-        q_pos = ctx + torch.arange(q_len)
-        mask = pattern_mask(patterns, i, q_pos, seq_len).to(device)  # [kvh, q, k]
-        mask = mask.repeat_interleave(group, dim=0)  # [num_heads, q, k]
-        scores = scores.masked_fill(~mask, float("-inf"))
-        lse[q_start:q_end] = torch.logsumexp(scores, dim=-1).transpose(0, 1)
-        probs = torch.softmax(scores, dim=-1)
-        out[q_start:q_end] = torch.einsum("hqk,khd->qhd", probs, v)
-    return out, lse
+
+    def allowed(i: int, q_pos: torch.Tensor, seq_len: int) -> torch.Tensor:
+        mask = pattern_mask(patterns, i, q_pos, seq_len).to(query.device)  # [kvh, q, k]
+        return mask.repeat_interleave(group, dim=0)  # [num_heads, q, k]
+
+    return masked_paged_attention_ref(query, kv_cache, block_table, query_start_loc, seq_lens, scale, allowed)
 
 
 PATTERN_KINDS = ("full", "diag", "sink_window", "slash", "vertical", "blocks",
