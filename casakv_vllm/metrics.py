@@ -18,6 +18,10 @@ Series (all prefixed ``casakv_``):
   summed over layers, query tokens and KV heads.  Their ratio is the attention
   density (1.0 for the dense policy).
 - ``casakv_forward_calls_total``: attention-layer forward calls.
+- ``casakv_decode_kv_tokens_attended_total{policy}`` /
+  ``casakv_decode_kv_tokens_causal_total{policy}``: the same two counts for
+  decode steps only, per policy label (``snapkv/kv_budget=256``; requests may
+  choose their own policy).  Their ratio is the KV kept at decode, measured.
 """
 
 from __future__ import annotations
@@ -49,14 +53,21 @@ class WorkerStats:
     kv_tokens_attended: int = 0
     kv_tokens_causal: int = 0
     forward_calls: int = 0
+    decode_kv: dict = field(default_factory=dict)  # policy label -> [attended, causal]
     _last_flush: float = field(default=0.0, repr=False)
     _dirty: bool = field(default=False, repr=False)
 
-    def record(self, prefill_tokens: int, decode_tokens: int, kv_attended: int | None, kv_causal: int) -> None:
+    def record(self, prefill_tokens: int, decode_tokens: int, kv_attended: int | None, kv_causal: int,
+               decode_kv: dict[str, list[int]] | None = None) -> None:
         """Add one attention-layer forward call (host-side ints only).
 
         ``kv_attended=None`` (not known without a device sync) leaves both KV
-        counters alone, so their ratio stays an honest density."""
+        counters alone, so their ratio stays an honest density.  ``decode_kv``
+        maps a policy label to ``[attended, causal]`` of its decode rows."""
+        for label, (att, cau) in (decode_kv or {}).items():
+            pair = self.decode_kv.setdefault(label, [0, 0])
+            pair[0] += att
+            pair[1] += cau
         self.prefill_tokens += prefill_tokens
         self.decode_tokens += decode_tokens
         if kv_attended is not None:
@@ -143,7 +154,21 @@ class CasakvCollector:
         causal.add_metric([], float(sum(s.get("kv_tokens_causal", 0) for s in snaps)))
         calls = CounterMetricFamily("casakv_forward_calls", "casakv attention-layer forward calls")
         calls.add_metric([], float(sum(s.get("forward_calls", 0) for s in snaps)))
-        yield from (info, tokens, attended, causal, calls)
+        dec_att = CounterMetricFamily("casakv_decode_kv_tokens_attended",
+                                      "KV tokens read by decode steps, per policy label (KV kept, over layers x heads)",
+                                      labels=["policy"])
+        dec_cau = CounterMetricFamily("casakv_decode_kv_tokens_causal",
+                                      "KV tokens full attention would read at those decode steps", labels=["policy"])
+        labels: dict[str, list[float]] = {}
+        for snap in snaps:
+            for label, (att, cau) in snap.get("decode_kv", {}).items():
+                pair = labels.setdefault(label, [0.0, 0.0])
+                pair[0] += att
+                pair[1] += cau
+        for label, (att, cau) in sorted(labels.items()):
+            dec_att.add_metric([label], att)
+            dec_cau.add_metric([label], cau)
+        yield from (info, tokens, attended, causal, calls, dec_att, dec_cau)
 
 
 def install_collector() -> None:

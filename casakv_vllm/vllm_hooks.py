@@ -25,6 +25,21 @@ logger = logging.getLogger("casakv_vllm")
 _MARK = "_casakv_wrapped"
 
 
+class _ServerSettings:
+    """What this process learned at start-up (read by request validation).
+
+    ``backend_is_casakv`` stays None in processes that never saw a config
+    check (then requests are validated against the defaults).
+    """
+
+    backend_is_casakv: bool | None = None
+    config = None  # the validated CasakvConfig
+    device_type: str | None = None  # "cpu", "cuda", ...
+
+
+SERVER = _ServerSettings()
+
+
 def is_casakv(backend) -> bool:
     """True when ``backend`` (an ``AttentionBackendEnum`` member or None) is casakv."""
     from casakv_vllm.plugin import BACKEND_NAME
@@ -47,17 +62,34 @@ def validate_startup_config(vllm_config) -> None:
     from casakv_vllm.config import ADDITIONAL_CONFIG_KEY, CasakvConfigError, load_config
 
     additional = vllm_config.additional_config if isinstance(vllm_config.additional_config, dict) else {}
-    if not is_casakv(vllm_config.attention_config.backend):
+    SERVER.backend_is_casakv = is_casakv(vllm_config.attention_config.backend)
+    if not SERVER.backend_is_casakv:
         if ADDITIONAL_CONFIG_KEY in additional:
             logger.warning("casakv settings in --additional-config are ignored: the attention backend is not casakv")
         return
+    from vllm.platforms import current_platform
+
+    SERVER.device_type = current_platform.device_type
     try:
         cfg = load_config(additional)
+        check_device_support(cfg.policy, SERVER.device_type)
     except CasakvConfigError as err:
         if _running_vllm_cli():
             raise SystemExit(str(err)) from None
         raise
+    SERVER.config = cfg
     logger.info("casakv: policy=%s settings=%s", cfg.policy, cfg.fingerprint)
+
+
+def check_device_support(policy_name: str, device_type: str | None) -> None:
+    """Evicting policies run on the CPU path only (until the block-manager work lands)."""
+    from casakv_vllm.config import CasakvConfigError
+    from casakv_vllm.policies import get_policy_class
+
+    if device_type not in (None, "cpu") and get_policy_class(policy_name).evicts:
+        raise CasakvConfigError(
+            f"casakv config error: policy '{policy_name}' evicts KV per request, which runs on the CPU path only "
+            f"for now; on {device_type} use dense or streaming")
 
 
 def _wrap_cpu_backend_selection(platform_cls) -> None:

@@ -9,9 +9,9 @@ from vllm.v1.attention.backend import AttentionImpl, AttentionLayer, AttentionTy
 
 from casakv_vllm import metrics
 from casakv_vllm.attention.metadata import CasakvMetadata
-from casakv_vllm.attention.torch_paged import paged_attention_cpu, write_kv
+from casakv_vllm.attention.cpu_path import cpu_attention
+from casakv_vllm.attention.torch_paged import write_kv
 from casakv_vllm.config import load_config
-from casakv_vllm.policies import get_policy_class
 
 
 class CasakvImpl(AttentionImpl[CasakvMetadata]):
@@ -57,7 +57,6 @@ class CasakvImpl(AttentionImpl[CasakvMetadata]):
 
         additional = get_current_vllm_config().additional_config
         self.config = load_config(additional if isinstance(additional, dict) else {})
-        self.policy = get_policy_class(self.config.policy).from_config(self.config)
         self.layer_index: int | None = None
         self.max_batch = get_current_vllm_config().scheduler_config.max_num_seqs
         self.stats = metrics.worker_stats(self.config.policy) if self.config.metrics else None
@@ -106,20 +105,25 @@ class CasakvImpl(AttentionImpl[CasakvMetadata]):
         out = output[:n].view(n, self.num_heads, self.head_size)
         if self.layer_index is None:
             self.layer_index = _layer_index(getattr(layer, "layer_name", ""))
-        patterns = self.policy.patterns(self.layer_index, md.seq_lens_cpu, self.num_kv_heads, kv_cache.device)
         kv_causal = md.counts.causal_kv * self.num_kv_heads
+        decode_kv = None
         if kv_cache.device.type == "cpu":
-            attended = paged_attention_cpu(q, kv_cache, md.block_table, md.query_start_loc_cpu, md.seq_lens_cpu,
-                                           self.scale, out, patterns)
+            counts = cpu_attention(q, kv_cache, md.block_table, md.query_start_loc_cpu, md.seq_lens_cpu,
+                                   self.scale, out, md.plan, self.layer_index)
+            attended, decode_kv = counts.attended, counts.decode
         else:
             from casakv_vllm.attention.gpu_path import gpu_attention
 
+            policy = md.plan.uniform
+            if policy is None or policy.evicts:  # refused at start-up / request validation
+                raise RuntimeError("casakv on CUDA serves one pattern policy per server (no evicting policies yet)")
+            patterns = policy.patterns(self.layer_index, md.seq_lens_cpu, self.num_kv_heads, kv_cache.device)
             gpu_attention(q, kv_cache, md.block_table, md.query_start_loc, md.seq_lens, self.scale, out,
                           md.max_query_len, md.max_seq_len, patterns, self.max_batch)
             # exact KV counts of sparse patterns would need a device sync: not counted on CUDA
             attended = kv_causal if patterns is None else None
         if self.stats is not None:
-            self.stats.record(md.counts.prefill_tokens, md.counts.decode_tokens, attended, kv_causal)
+            self.stats.record(md.counts.prefill_tokens, md.counts.decode_tokens, attended, kv_causal, decode_kv)
         return output
 
 

@@ -11,11 +11,15 @@ from typing import ClassVar
 
 import torch
 
+from vllm.config import VllmConfig
 from vllm.v1.attention.backend import (
     AttentionCGSupport,
     AttentionMetadataBuilder,
     CommonAttentionMetadata,
 )
+
+from casakv_vllm.attention.plan import BatchPlan, PolicyResolver, plan_batch
+from casakv_vllm.config import load_config
 
 
 @dataclass
@@ -44,6 +48,7 @@ class CasakvMetadata:
         slot_mapping: ``[num_actual_tokens]`` int64, device; -1 = padding.
         query_start_loc_cpu, seq_lens_cpu: host ints (CPU path loops on them).
         counts: host counts for metrics.
+        plan: each row's policy and request state (see ``plan``).
     """
 
     num_actual_tokens: int
@@ -56,6 +61,7 @@ class CasakvMetadata:
     query_start_loc_cpu: list[int]
     seq_lens_cpu: list[int]
     counts: BatchCounts
+    plan: BatchPlan
 
 
 def batch_counts(query_start_loc: list[int], seq_lens: list[int]) -> BatchCounts:
@@ -80,6 +86,7 @@ class CasakvMetadataBuilder(AttentionMetadataBuilder[CasakvMetadata]):
     def __init__(self, kv_cache_spec, layer_names, vllm_config, device):
         super().__init__(kv_cache_spec, layer_names, vllm_config, device)
         self.block_size = kv_cache_spec.block_size
+        self.resolver = PolicyResolver(load_config(_additional(vllm_config)), _num_layers(vllm_config))
 
     def build(
         self,
@@ -107,4 +114,15 @@ class CasakvMetadataBuilder(AttentionMetadataBuilder[CasakvMetadata]):
             query_start_loc_cpu=qsl_cpu,
             seq_lens_cpu=seq_lens_cpu,
             counts=batch_counts(qsl_cpu, seq_lens_cpu),
+            plan=plan_batch(self.resolver, num_reqs),
         )
+
+
+def _additional(vllm_config: VllmConfig) -> dict:
+    extra = vllm_config.additional_config
+    return extra if isinstance(extra, dict) else {}
+
+
+def _num_layers(vllm_config: VllmConfig) -> int:
+    hf = getattr(vllm_config.model_config, "hf_text_config", None) if vllm_config.model_config else None
+    return int(getattr(hf, "num_hidden_layers", 1) or 1)

@@ -1,6 +1,8 @@
-"""Attention / KV-compression policies (see ``base.Policy``)."""
+"""Attention / KV-compression policies (see ``base.Policy`` and ``keep.KeepPolicy``)."""
 
 from casakv_vllm.policies.base import Policy, available_policies, get_policy_class, register_policy
-from casakv_vllm.policies import dense, streaming  # noqa: F401  (register themselves)
+from casakv_vllm.policies import (  # noqa: F401  (register themselves)
+    adakv, dense, h2o, pyramidkv, snapkv, static_heads, streaming,
+)
 
 __all__ = ["Policy", "available_policies", "get_policy_class", "register_policy"]

@@ -34,11 +34,18 @@ class Policy:
         Params: pydantic model of ``policy_params``.
         attends_all: capability flag; True when attention reads every causal
             KV token (the dense path: no index building, no masks).
+        changes_prefill: prefill attention differs from full attention, so the
+            KV it produces differs too; such a policy cannot be chosen per
+            request (prefix-cached blocks would mix policies).
+        evicts: acts through per-request keep-sets at decode
+            (:class:`~casakv_vllm.policies.keep.KeepPolicy`).
     """
 
     name: ClassVar[str]
     Params: ClassVar[type[BaseModel]] = NoParams
     attends_all: ClassVar[bool] = False
+    changes_prefill: ClassVar[bool] = True
+    evicts: ClassVar[bool] = False
 
     def __init__(self, params: BaseModel, config: "CasakvConfig | None" = None):
         self.params = params

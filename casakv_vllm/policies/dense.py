@@ -7,3 +7,4 @@ from casakv_vllm.policies.base import Policy, register_policy
 class DensePolicy(Policy):
     name = "dense"
     attends_all = True
+    changes_prefill = False
