@@ -92,6 +92,10 @@ def build_parser() -> argparse.ArgumentParser:
     pk.add_argument("--quick", action="store_true", help="one size per kind (smoke run)")
     pk.set_defaults(func=_cmd_bench_kernels)
 
+    from casakv_vllm.quality.cli import add_parser as add_eval_parser
+
+    add_eval_parser(sub)
+
     p = sub.add_parser("check-config", help="validate casakv settings (CASAKV_CONFIG and/or a JSON object) and print them")
     p.add_argument("json", nargs="?", help='JSON object as given to --additional-config under "casakv"')
     p.set_defaults(func=_cmd_check_config)

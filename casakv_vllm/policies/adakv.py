@@ -35,13 +35,16 @@ class AdaKVPolicy(SnapKVPolicy):
             return recency_keep(num_kv, prompt_len, budget)
         if budget >= prompt_len:
             return torch.ones(num_kv, prompt_len, dtype=torch.bool)
-        # normalise each head's votes so heads compete on attention share
-        finite = torch.where(torch.isinf(scores), torch.zeros_like(scores), scores)
-        share = finite / finite.sum(1, keepdim=True).clamp_min(1e-9)
-        share = torch.where(torch.isinf(scores), torch.full_like(share, float("inf")), share)
-        floor = min(budget, max(1, int(self.params.floor * budget)))
-        keep = topk_keep(share, floor)
-        rest = num_kv * budget - int(keep.sum())
+        window = torch.isinf(scores)  # the observation window: always kept
+        free = budget - int(window[0].sum())
+        if free <= 0:
+            return topk_keep(scores, budget)
+        # heads compete on attention *share* of the tokens outside the window
+        finite = scores.masked_fill(window, 0.0)
+        share = (finite / finite.sum(1, keepdim=True).clamp_min(1e-9)).masked_fill(window, float("-inf"))
+        floor = int(self.params.floor * free)
+        keep = window | (topk_keep(share, floor) if floor > 0 else torch.zeros_like(window))
+        rest = num_kv * free - num_kv * floor
         if rest > 0:
             flat = share.masked_fill(keep, float("-inf")).flatten()
             keep.view(-1)[torch.topk(flat, rest).indices] = True

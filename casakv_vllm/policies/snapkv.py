@@ -17,10 +17,15 @@ class SnapKVParams(BaseModel):
 
 
 def pooled_scores(scores: torch.Tensor, kernel: int) -> torch.Tensor:
-    """Max-pool ``[H, L]`` scores along L so neighbours of a hit are kept too."""
+    """Max-pool ``[H, L]`` scores along L so neighbours of a hit are kept too.
+
+    A hit's own score breaks the tie with its neighbours (which the pool gave
+    the same value), so a budget smaller than the pool keeps the hit itself.
+    """
     if kernel <= 1:
         return scores
-    return F.max_pool1d(scores.unsqueeze(0), kernel, stride=1, padding=kernel // 2).squeeze(0)[:, : scores.shape[1]]
+    pooled = F.max_pool1d(scores.unsqueeze(0), kernel, stride=1, padding=kernel // 2).squeeze(0)
+    return pooled[:, : scores.shape[1]] + 1e-3 * scores
 
 
 @register_policy
