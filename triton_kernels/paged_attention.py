@@ -36,69 +36,106 @@ from .online_softmax import online_softmax_update
 @triton.jit
 def _load_kv_tile(
     kv_cache_ptr,  # [num_blocks, num_kv_heads, block_size, 2*head_size]
-    block_table_row_ptr,  # [max_blocks_per_seq] int32, this request's row
-    kv_head,
+    bt_row,  # [max_blocks_per_seq] int32, this request's block-table row
+    head_off,  # int64: kv_head * stride_c_head
     n_start,
     kv_end,
-    block_size,
-    stride_bt_blk,
-    stride_c_blk,
-    stride_c_head,
-    stride_c_tok,
-    stride_c_d,
+    stride_bt_blk, stride_c_blk, stride_c_tok, stride_c_d,
     HEAD_SIZE: tl.constexpr,
+    PAGE: tl.constexpr,  # KV cache block size (tokens)
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
+    MASK_N: tl.constexpr,  # mask positions >= kv_end (read as 0)
 ):
-    """Load K^T [BLOCK_D, BLOCK_N] and V [BLOCK_N, BLOCK_D] for KV positions
-    n_start .. n_start + BLOCK_N - 1 (positions >= kv_end read as 0)."""
+    """K [BLOCK_N, BLOCK_D] and V [BLOCK_N, BLOCK_D] for KV positions
+    ``n_start .. n_start + BLOCK_N - 1``, each token's physical block looked
+    up in the block table (any block size)."""
     offs_n = n_start + tl.arange(0, BLOCK_N)
-    n_mask = offs_n < kv_end
     offs_d = tl.arange(0, BLOCK_D)
-    d_mask = offs_d < HEAD_SIZE
-    phys = tl.load(block_table_row_ptr + (offs_n // block_size) * stride_bt_blk,
-                   mask=n_mask, other=0).to(tl.int64)
-    tok_off = (phys * stride_c_blk + kv_head * stride_c_head
-               + (offs_n % block_size).to(tl.int64) * stride_c_tok)  # [BLOCK_N]
-    k = tl.load(kv_cache_ptr + tok_off[None, :] + offs_d[:, None] * stride_c_d,
-                mask=d_mask[:, None] & n_mask[None, :], other=0.0)
-    v = tl.load(kv_cache_ptr + tok_off[:, None]
-                + (HEAD_SIZE + offs_d[None, :]) * stride_c_d,
-                mask=n_mask[:, None] & d_mask[None, :], other=0.0)
+    if MASK_N:
+        n_mask = offs_n < kv_end
+        phys = tl.load(bt_row + (offs_n // PAGE) * stride_bt_blk, mask=n_mask, other=0)
+    else:
+        phys = tl.load(bt_row + (offs_n // PAGE) * stride_bt_blk)
+    tok_off = (phys.to(tl.int64) * stride_c_blk + head_off
+               + (offs_n % PAGE).to(tl.int64) * stride_c_tok)  # [BLOCK_N]
+    k_ptrs = kv_cache_ptr + tok_off[:, None] + offs_d[None, :] * stride_c_d
+    v_ptrs = k_ptrs + HEAD_SIZE * stride_c_d
+    if MASK_N:
+        if HEAD_SIZE == BLOCK_D:
+            m2 = n_mask[:, None]
+        else:
+            m2 = n_mask[:, None] & (offs_d < HEAD_SIZE)[None, :]
+        k = tl.load(k_ptrs, mask=m2, other=0.0)
+        v = tl.load(v_ptrs, mask=m2, other=0.0)
+    elif HEAD_SIZE == BLOCK_D:
+        k = tl.load(k_ptrs)
+        v = tl.load(v_ptrs)
+    else:
+        m2 = (offs_d < HEAD_SIZE)[None, :]
+        k = tl.load(k_ptrs, mask=m2, other=0.0)
+        v = tl.load(v_ptrs, mask=m2, other=0.0)
     return k, v
 
 
 @triton.jit
-def _online_softmax_step(
-    acc,  # [BLOCK_M, BLOCK_D] fp32 unnormalised output
-    m_i,  # [BLOCK_M] fp32 running max (base-2 scaled scores)
-    l_i,  # [BLOCK_M] fp32 running sum of exp2
-    q,  # [BLOCK_M, BLOCK_D] query tile
-    k,  # [BLOCK_D, BLOCK_N] K^T tile
-    v,  # [BLOCK_N, BLOCK_D] V tile
-    n_start,
-    q_pos,  # [BLOCK_M] int32 absolute position of each row's token
-    kv_end,
-    qk_scale,  # softmax scale * log2(e)
-    BLOCK_N: tl.constexpr,
-    CAUSAL_MASK: tl.constexpr,
-    FP32_DOT: tl.constexpr,
-):
-    # K/V are cast to the query dtype; P is rounded to it before P @ V.
+def _qk(q, k, FP32_DOT: tl.constexpr):
+    """Raw scores q @ k^T, fp32 [BLOCK_M, BLOCK_N] (k: [BLOCK_N, BLOCK_D])."""
     k = k.to(q.dtype)
-    v = v.to(q.dtype)
     if FP32_DOT:
         # fp32 inputs (no tf32), or bf16 under the CPU interpreter whose bf16
         # tl.dot is broken: same roundings, exact fp32 products.
-        s = tl.dot(q.to(tl.float32), k.to(tl.float32), input_precision="ieee")
-    else:
-        s = tl.dot(q, k)
-    s = s * qk_scale  # [BLOCK_M, BLOCK_N]
-    if CAUSAL_MASK:
-        offs_n = n_start + tl.arange(0, BLOCK_N)
-        allowed = (offs_n[None, :] <= q_pos[:, None]) & (offs_n[None, :] < kv_end)
-        s = tl.where(allowed, s, float("-inf"))
-    return online_softmax_update(acc, m_i, l_i, s, v, FP32_DOT)
+        return tl.dot(q.to(tl.float32), tl.trans(k.to(tl.float32)),
+                      input_precision="ieee")
+    return tl.dot(q, tl.trans(k))
+
+
+@triton.jit
+def _load_q_tile(
+    query_ptr, q_start, q_len, ctx_len, q_tile_start, kv_head,
+    stride_q_tok, stride_q_head, stride_q_d,
+    HEAD_SIZE: tl.constexpr,
+    GROUP: tl.constexpr,
+    BLOCK_Q: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    """The GQA-packed query tile shared by the prefill kernels: row ``m`` is
+    token ``q_tile_start + m // GROUP`` of head ``kv_head * GROUP + m % GROUP``.
+    Returns (q, q_pos, tok, head, row_mask, io_mask)."""
+    offs_m = tl.arange(0, BLOCK_M)
+    q_idx = q_tile_start + offs_m // GROUP  # token index within the request
+    head = kv_head * GROUP + offs_m % GROUP
+    row_mask = (offs_m // GROUP < BLOCK_Q) & (q_idx < q_len)
+    q_pos = ctx_len + q_idx
+    tok = (q_start + q_idx).to(tl.int64)
+    offs_d = tl.arange(0, BLOCK_D)
+    io_mask = row_mask[:, None] & (offs_d < HEAD_SIZE)[None, :]
+    q = tl.load(query_ptr + tok[:, None] * stride_q_tok
+                + head[:, None] * stride_q_head + offs_d[None, :] * stride_q_d,
+                mask=io_mask, other=0.0)  # [BLOCK_M, BLOCK_D]
+    return q, q_pos, tok, head, row_mask, io_mask
+
+
+@triton.jit
+def _store_out(
+    out_ptr, lse_ptr, acc, m_i, l_i, tok, head, row_mask, io_mask,
+    stride_o_tok, stride_o_head, stride_o_d, stride_lse_tok, stride_lse_head,
+    BLOCK_D: tl.constexpr,
+    WRITE_LSE: tl.constexpr,
+):
+    """Normalise and store the output rows (and the natural-log LSE)."""
+    offs_d = tl.arange(0, BLOCK_D)
+    l_safe = tl.where(l_i == 0.0, 1.0, l_i)
+    acc = acc / l_safe[:, None]
+    tl.store(out_ptr + tok[:, None] * stride_o_tok
+             + head[:, None] * stride_o_head + offs_d[None, :] * stride_o_d,
+             acc.to(out_ptr.dtype.element_ty), mask=io_mask)
+    if WRITE_LSE:
+        # m_i and log2(l_i) are in base 2; convert to natural log.
+        lse = (m_i + tl.math.log2(l_safe)) * 0.6931471805599453
+        tl.store(lse_ptr + tok * stride_lse_tok + head * stride_lse_head,
+                 lse, mask=row_mask)
 
 
 @triton.jit
@@ -111,13 +148,13 @@ def _paged_attention_kernel(
     query_start_loc_ptr,  # [num_seqs + 1] int32
     seq_lens_ptr,  # [num_seqs] int32
     qk_scale,  # float: softmax scale * log2(e)
-    block_size,  # int: tokens per KV block
     stride_q_tok, stride_q_head, stride_q_d,
     stride_o_tok, stride_o_head, stride_o_d,
     stride_lse_tok, stride_lse_head,
     stride_bt_seq, stride_bt_blk,
     stride_c_blk, stride_c_head, stride_c_tok, stride_c_d,
     HEAD_SIZE: tl.constexpr,
+    PAGE: tl.constexpr,  # tokens per KV block
     GROUP: tl.constexpr,  # query heads per kv head
     BLOCK_Q: tl.constexpr,  # query tokens per program
     BLOCK_M: tl.constexpr,  # rows per program (>= BLOCK_Q * GROUP, pow2)
@@ -135,22 +172,11 @@ def _paged_attention_kernel(
     q_tile_start = q_block * BLOCK_Q
     if q_tile_start >= q_len:
         return
-    seq_len = tl.load(seq_lens_ptr + seq)
-    ctx_len = seq_len - q_len
-
-    offs_m = tl.arange(0, BLOCK_M)
-    q_idx = q_tile_start + offs_m // GROUP  # token index within the request
-    head = kv_head * GROUP + offs_m % GROUP
-    row_mask = (offs_m // GROUP < BLOCK_Q) & (q_idx < q_len)
-    q_pos = ctx_len + q_idx
-    tok = (q_start + q_idx).to(tl.int64)
-    offs_d = tl.arange(0, BLOCK_D)
-    d_mask = offs_d < HEAD_SIZE
-    io_mask = row_mask[:, None] & d_mask[None, :]
-
-    q = tl.load(query_ptr + tok[:, None] * stride_q_tok
-                + head[:, None] * stride_q_head + offs_d[None, :] * stride_q_d,
-                mask=io_mask, other=0.0)  # [BLOCK_M, BLOCK_D]
+    ctx_len = tl.load(seq_lens_ptr + seq) - q_len
+    q, q_pos, tok, head, row_mask, io_mask = _load_q_tile(
+        query_ptr, q_start, q_len, ctx_len, q_tile_start, kv_head,
+        stride_q_tok, stride_q_head, stride_q_d,
+        HEAD_SIZE, GROUP, BLOCK_Q, BLOCK_M, BLOCK_D)
 
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
@@ -160,38 +186,32 @@ def _paged_attention_kernel(
     last_q = tl.minimum(q_tile_start + BLOCK_Q, q_len) - 1
     kv_end = ctx_len + last_q + 1
     first_visible = ctx_len + q_tile_start + 1
-    # Full tiles (every row sees every position) need no causal mask.
+    # Full tiles (every row sees every position) need no mask at all.
     num_full = first_visible // BLOCK_N
     bt_row = block_table_ptr + seq.to(tl.int64) * stride_bt_seq
+    head_off = kv_head.to(tl.int64) * stride_c_head
 
     for t in range(0, num_full):
-        n_start = t * BLOCK_N
-        k, v = _load_kv_tile(kv_cache_ptr, bt_row, kv_head, n_start, kv_end,
-                             block_size, stride_bt_blk, stride_c_blk,
-                             stride_c_head, stride_c_tok, stride_c_d,
-                             HEAD_SIZE, BLOCK_N, BLOCK_D)
-        acc, m_i, l_i = _online_softmax_step(acc, m_i, l_i, q, k, v, n_start,
-                                             q_pos, kv_end, qk_scale, BLOCK_N,
-                                             False, FP32_DOT)
+        k, v = _load_kv_tile(kv_cache_ptr, bt_row, head_off, t * BLOCK_N, kv_end,
+                             stride_bt_blk, stride_c_blk, stride_c_tok, stride_c_d,
+                             HEAD_SIZE, PAGE, BLOCK_N, BLOCK_D, False)
+        s = _qk(q, k, FP32_DOT)
+        acc, m_i, l_i = online_softmax_update(acc, m_i, l_i, s, qk_scale,
+                                              v.to(q.dtype), False, FP32_DOT)
     for n_start in range(num_full * BLOCK_N, kv_end, BLOCK_N):
-        k, v = _load_kv_tile(kv_cache_ptr, bt_row, kv_head, n_start, kv_end,
-                             block_size, stride_bt_blk, stride_c_blk,
-                             stride_c_head, stride_c_tok, stride_c_d,
-                             HEAD_SIZE, BLOCK_N, BLOCK_D)
-        acc, m_i, l_i = _online_softmax_step(acc, m_i, l_i, q, k, v, n_start,
-                                             q_pos, kv_end, qk_scale, BLOCK_N,
-                                             True, FP32_DOT)
+        k, v = _load_kv_tile(kv_cache_ptr, bt_row, head_off, n_start, kv_end,
+                             stride_bt_blk, stride_c_blk, stride_c_tok, stride_c_d,
+                             HEAD_SIZE, PAGE, BLOCK_N, BLOCK_D, True)
+        s = _qk(q, k, FP32_DOT)
+        offs_n = n_start + tl.arange(0, BLOCK_N)
+        allowed = (offs_n[None, :] <= q_pos[:, None]) & (offs_n[None, :] < kv_end)
+        s = tl.where(allowed, s, float("-inf"))
+        acc, m_i, l_i = online_softmax_update(acc, m_i, l_i, s, qk_scale,
+                                              v.to(q.dtype), True, FP32_DOT)
 
-    l_safe = tl.where(l_i == 0.0, 1.0, l_i)
-    acc = acc / l_safe[:, None]
-    tl.store(out_ptr + tok[:, None] * stride_o_tok
-             + head[:, None] * stride_o_head + offs_d[None, :] * stride_o_d,
-             acc.to(out_ptr.dtype.element_ty), mask=io_mask)
-    if WRITE_LSE:
-        # m_i and log2(l_i) are in base 2; convert to natural log.
-        lse = (m_i + tl.math.log2(l_safe)) * 0.6931471805599453
-        tl.store(lse_ptr + tok * stride_lse_tok + head * stride_lse_head,
-                 lse, mask=row_mask)
+    _store_out(out_ptr, lse_ptr, acc, m_i, l_i, tok, head, row_mask, io_mask,
+               stride_o_tok, stride_o_head, stride_o_d,
+               stride_lse_tok, stride_lse_head, BLOCK_D, WRITE_LSE)
 
 
 def _interpreting() -> bool:
@@ -202,15 +222,43 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def _pick_blocks(group: int, head_size: int, max_query_len: int):
-    """(BLOCK_Q, BLOCK_M, BLOCK_N, BLOCK_D): 16 rows for decode-like batches,
-    64 for prefill; tl.dot needs every dim >= 16."""
+# Prefill tile configs, (BLOCK_M rows, BLOCK_N KV tokens, num_warps,
+# num_stages), keyed by the padded head size, for 16-bit dtypes.  Head size
+# 128 comes from an H100 sweep at Llama-3-8B shapes (32 q / 8 kv heads, bf16,
+# 32k/128k: scripts/kernel_sweep.py); the others are unswept guesses sized to
+# the same registers / shared memory.  fp32 (and the CPU interpreter) uses
+# the smaller fallback.  The sparse kernel, whose loop also loads the tile
+# list, runs its pipeline one stage shallower (SPARSE_STAGES).
+PREFILL_CONFIGS = {
+    64: (128, 64, 4, 3),
+    128: (128, 128, 8, 3),
+    256: (64, 32, 4, 2),
+}
+SPARSE_STAGES = {128: 2}
+_FP32_CONFIG = (64, 32, 4, 2)
+
+
+def prefill_config(head_size: int, dtype: torch.dtype) -> tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages) for a prefill-sized batch."""
+    block_d = max(triton.next_power_of_2(head_size), 16)
+    if dtype == torch.float32 or _interpreting():
+        return _FP32_CONFIG
+    return PREFILL_CONFIGS.get(block_d, _FP32_CONFIG if block_d > 128 else PREFILL_CONFIGS[64])
+
+
+def _pick_blocks(group: int, head_size: int, max_query_len: int, dtype=torch.bfloat16):
+    """(BLOCK_Q, BLOCK_M, BLOCK_N, BLOCK_D, num_warps, num_stages): 16 rows
+    for decode-like batches, the prefill table otherwise; tl.dot needs every
+    dim >= 16."""
     block_d = max(triton.next_power_of_2(head_size), 16)
     min_m = max(16, triton.next_power_of_2(group))
-    block_m = min_m if max_query_len * group <= min_m else max(64, min_m)
+    bm, bn, warps, stages = prefill_config(head_size, dtype)
+    if max_query_len * group <= min_m:
+        block_m, warps = min_m, 4
+    else:
+        block_m = max(bm, min_m)
     block_q = block_m // group
-    block_n = 64 if block_d <= 64 else 32
-    return block_q, block_m, block_n, block_d
+    return block_q, block_m, bn, block_d, warps, stages
 
 
 def paged_attention(
@@ -224,11 +272,13 @@ def paged_attention(
     max_query_len: int,
     max_seq_len: int,
     lse: torch.Tensor | None = None,  # [num_tokens, num_heads] fp32
+    config: tuple[int, int, int, int] | None = None,
 ) -> torch.Tensor:
     """Causal paged attention; writes rows 0..query_start_loc[-1]-1 of ``out``
     (and of ``lse``, natural-log log-sum-exp of the scaled scores, if given)
     and returns ``out``.  ``max_query_len`` / ``max_seq_len`` must be upper
-    bounds of the per-request values (host ints, no device sync here)."""
+    bounds of the per-request values (host ints, no device sync here).
+    ``config``: (BLOCK_M, BLOCK_N, num_warps, num_stages) override (tuning)."""
     num_tokens, num_heads, head_size = query.shape
     num_blocks, num_kv_heads, block_size, two_hs = kv_cache.shape
     assert two_hs == 2 * head_size, "kv_cache last dim must be 2*head_size"
@@ -242,8 +292,11 @@ def paged_attention(
     if num_seqs == 0 or max_query_len <= 0 or max_seq_len <= 0:
         return out
     group = num_heads // num_kv_heads
-    block_q, block_m, block_n, block_d = _pick_blocks(group, head_size,
-                                                      max_query_len)
+    block_q, block_m, block_n, block_d, warps, stages = _pick_blocks(
+        group, head_size, max_query_len, query.dtype)
+    if config is not None:
+        block_m, block_n, warps, stages = config
+        block_q = max(block_m // group, 1)
     fp32_dot = query.dtype == torch.float32 or (
         query.dtype == torch.bfloat16 and _interpreting())
     grid = (num_seqs, triton.cdiv(max_query_len, block_q), num_kv_heads)
@@ -251,16 +304,16 @@ def paged_attention(
     lse_strides = (lse.stride(0), lse.stride(1)) if lse is not None else (0, 0)
     _paged_attention_kernel[grid](
         out, lse_arg, query, kv_cache, block_table, query_start_loc, seq_lens,
-        scale * math.log2(math.e), block_size,
+        scale * math.log2(math.e),
         query.stride(0), query.stride(1), query.stride(2),
         out.stride(0), out.stride(1), out.stride(2),
         lse_strides[0], lse_strides[1],
         block_table.stride(0), block_table.stride(1),
         kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2),
         kv_cache.stride(3),
-        HEAD_SIZE=head_size, GROUP=group, BLOCK_Q=block_q, BLOCK_M=block_m,
-        BLOCK_N=block_n, BLOCK_D=block_d, WRITE_LSE=lse is not None,
-        FP32_DOT=fp32_dot,
-        num_warps=4, num_stages=2,
+        HEAD_SIZE=head_size, PAGE=block_size, GROUP=group, BLOCK_Q=block_q,
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
+        WRITE_LSE=lse is not None, FP32_DOT=fp32_dot,
+        num_warps=warps, num_stages=stages,
     )
     return out

@@ -3,8 +3,10 @@
 For every request ``r``, KV head ``h`` and tile ``qt`` of ``block_q`` query
 tokens, :func:`build_prefill_index` lists the KV tiles (``block_n``
 positions each) that hold at least one allowed ``(q, k)`` pair (see
-:mod:`.patterns`), in ascending order, and flags the tiles where *every*
-pair is allowed so the attention kernel can skip its element mask.
+:mod:`.patterns`), split into the tiles where *every* pair is allowed
+(listed first, ascending) and the partial ones (listed from the end of the
+row), so the attention kernel runs the full tiles in a loop with no element
+mask and no load masks, and the partial ones in a second, masked loop.
 
 Everything runs on the device with no host synchronisation (the tensor
 shapes only depend on the host ints ``max_query_len`` / ``max_seq_len``), so
@@ -22,7 +24,8 @@ Two small Triton kernels:
 2. ``_tile_index_kernel`` (grid ``(R, NQT, H)``) walks the causal KV tiles
    ``0 .. q_hi // block_n`` of its query tile in chunks of ``BLOCK_T`` tiles,
    decides membership arithmetically per pattern kind, and compacts the
-   member tiles with a prefix sum.
+   member tiles with two prefix sums (full tiles forward from the front,
+   partial tiles backward from the end).
 
 Membership of KV tile ``t`` (positions ``k_lo = t*block_n .. k_end``) for
 the query tile's real rows ``q_lo .. q_hi`` (``k_hi = min(k_end, q_hi)``):
@@ -64,10 +67,13 @@ class SparseIndex:
     """Per (request, kv head, query tile) list of KV tiles to visit.
 
     Attributes:
-        tile_idx: ``[R, H, NQT, MAXT]`` int32; the first ``tile_count``
-            entries are KV tile numbers in ascending order, the rest -1.
-        tile_count: ``[R, H, NQT]`` int32.
-        tile_full: ``[R, H, NQT, MAXT]`` int8; 1 = every pair allowed.
+        tile_idx: ``[R, H, NQT, MAXT]`` int32, partitioned: the first
+            ``tile_nfull`` entries are the full tiles (every pair allowed)
+            in ascending order, the last ``tile_count - tile_nfull`` entries
+            the partial tiles in descending order; the slots between are -1.
+        tile_count: ``[R, H, NQT]`` int32, tiles listed (full + partial).
+        tile_full: ``[R, H, NQT, MAXT]`` int8; 1 at the full tiles' slots.
+        tile_nfull: ``[R, H, NQT]`` int32, full tiles listed.
         slash_bits / vert_bits: ``[R, H, NW]`` int64 bitmaps of the slash
             offsets / vertical columns (bit ``x % 64`` of word ``x // 64``),
             ``NW = cdiv(max_seq_len, 64)``; used by the attention kernel.
@@ -81,6 +87,7 @@ class SparseIndex:
     vert_bits: torch.Tensor
     block_q: int
     block_n: int
+    tile_nfull: torch.Tensor
 
     @property
     def num_q_tiles(self) -> int:
@@ -187,6 +194,7 @@ def _tile_index_kernel(
     tile_idx_ptr,  # [R, H, NQT, MAXT] int32
     tile_count_ptr,  # [R, H, NQT] int32
     tile_full_ptr,  # [R, H, NQT, MAXT] int8
+    tile_nfull_ptr,  # [R, H, NQT] int32
     params_ptr,  # [R, H, 3] int32: full, sink, window
     sbits_ptr, vbits_ptr,  # [R, H, NW] int64
     blocks_ptr,  # [R, H, NQB, NKB] uint8 (unused unless HAS_BLOCKS)
@@ -227,7 +235,8 @@ def _tile_index_kernel(
     full_row = tile_full_ptr + out_row * max_tiles
     blocks_row = blocks_ptr + r.to(tl.int64) * stride_b_r + h * stride_b_h
 
-    count = n_tiles * 0
+    n_full = n_tiles * 0
+    n_part = n_tiles * 0
     for c0 in range(0, n_tiles, BLOCK_T):
         t = c0 + tl.arange(0, BLOCK_T)
         in_range = t < n_tiles
@@ -264,12 +273,20 @@ def _tile_index_kernel(
             member = member | b_member
             full = full | (complete & b_all)
         member = member & in_range
-        m32 = member.to(tl.int32)
-        pos = count + tl.cumsum(m32, axis=0) - 1
-        tl.store(idx_row + pos, t, mask=member)
-        tl.store(full_row + pos, full.to(tl.int8), mask=member)
-        count += tl.sum(m32, axis=0)
-    tl.store(tile_count_ptr + out_row, count)
+        # Full tiles from the front, partial ones from the back of the row.
+        fm = member & full
+        pm = member & ~full
+        f32 = fm.to(tl.int32)
+        p32 = pm.to(tl.int32)
+        fpos = n_full + tl.cumsum(f32, axis=0) - 1
+        ppos = max_tiles - n_part - tl.cumsum(p32, axis=0)
+        tl.store(idx_row + fpos, t, mask=fm)
+        tl.store(full_row + fpos, f32.to(tl.int8), mask=fm)
+        tl.store(idx_row + ppos, t, mask=pm)
+        n_full += tl.sum(f32, axis=0)
+        n_part += tl.sum(p32, axis=0)
+    tl.store(tile_count_ptr + out_row, n_full + n_part)
+    tl.store(tile_nfull_ptr + out_row, n_full)
 
 
 def build_pattern_bits(patterns: PatternBatch, num_seqs: int, max_seq_len: int):
@@ -323,9 +340,10 @@ def build_prefill_index(
                              device=device)
     tile_full = torch.zeros((num_seqs, num_heads, nqt, maxt), dtype=torch.int8,
                             device=device)
+    tile_nfull = torch.zeros_like(tile_count)
     sbits, vbits = build_pattern_bits(patterns, num_seqs, max_seq_len)
     index = SparseIndex(tile_idx, tile_count, tile_full, sbits, vbits,
-                        block_q, block_n)
+                        block_q, block_n, tile_nfull)
     if num_seqs == 0 or nqt == 0 or maxt == 0:
         return index
     params = head_params(patterns, num_seqs)
@@ -341,8 +359,8 @@ def build_prefill_index(
         blocks, b_strides, nqb, nkb = tile_full, (0, 0, 0, 0), 1, 1
     block_t = min(128, max(16, triton.next_power_of_2(maxt)))
     _tile_index_kernel[(num_seqs, nqt, num_heads)](
-        tile_idx, tile_count, tile_full, params, sbits, vbits, blocks,
-        query_start_loc, seq_lens,
+        tile_idx, tile_count, tile_full, tile_nfull, params, sbits, vbits,
+        blocks, query_start_loc, seq_lens,
         num_heads, nqt, maxt, sbits.shape[-1],
         int(patterns.block), nqb, nkb,
         b_strides[0], b_strides[1], b_strides[2], b_strides[3],
@@ -364,7 +382,8 @@ def build_prefill_index_ref(
     block_q: int,
     block_n: int,
 ) -> SparseIndex:
-    """Slow dense reference from :func:`pattern_mask`.
+    """Slow dense reference from :func:`pattern_mask`, in the same
+    partitioned layout.
 
     ``tile_full`` here is exact: 1 iff every (real query row, tile position)
     pair is allowed (positions past a row are causal-masked, so a tile
@@ -378,6 +397,7 @@ def build_prefill_index_ref(
     tile_idx = torch.full((num_seqs, num_heads, nqt, maxt), -1, dtype=torch.int32)
     tile_count = torch.zeros((num_seqs, num_heads, nqt), dtype=torch.int32)
     tile_full = torch.zeros((num_seqs, num_heads, nqt, maxt), dtype=torch.int8)
+    tile_nfull = torch.zeros((num_seqs, num_heads, nqt), dtype=torch.int32)
     qsl = query_start_loc.tolist()
     lens = seq_lens.tolist()
     p = patterns.to("cpu")
@@ -398,10 +418,15 @@ def build_prefill_index_ref(
             all_ = tiles.all(dim=3).all(dim=1)
             for h in range(num_heads):
                 ts = torch.nonzero(any_[h]).flatten()
+                fs = ts[all_[h, ts]].to(torch.int32)
+                ps = ts[~all_[h, ts]].to(torch.int32)
                 tile_count[r, h, qt] = ts.numel()
-                tile_idx[r, h, qt, :ts.numel()] = ts.to(torch.int32)
-                tile_full[r, h, qt, :ts.numel()] = all_[h, ts].to(torch.int8)
+                tile_nfull[r, h, qt] = fs.numel()
+                tile_idx[r, h, qt, :fs.numel()] = fs
+                tile_full[r, h, qt, :fs.numel()] = 1
+                if ps.numel():
+                    tile_idx[r, h, qt, maxt - ps.numel():] = ps.flip(0)
     empty = torch.zeros(num_seqs, num_heads, 0, dtype=torch.int64)
     return SparseIndex(tile_idx, tile_count, tile_full, empty, empty.clone(),
-                       block_q, block_n)
+                       block_q, block_n, tile_nfull)
 

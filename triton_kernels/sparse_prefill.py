@@ -10,11 +10,11 @@ Design: one program per (request, tile of ``block_q`` query tokens, KV head);
 the ``GROUP`` query heads of the KV head are packed with the tokens into the
 M dimension (row ``m`` -> token ``m // GROUP``, head ``kv_head*GROUP +
 m % GROUP``) so each K/V tile is loaded once per group.  Instead of walking
-every causal KV tile, the program walks the list
-``index.tile_idx[r, h, qt, :tile_count]`` built on the GPU by
-:func:`.sparse_index.build_prefill_index` (ascending tile numbers).  Tiles
-flagged ``tile_full`` run the plain online-softmax step; the others evaluate
-``allowed`` element-wise in registers from the pattern fields:
+every causal KV tile, the program walks the partitioned
+list ``index.tile_idx[r, h, qt]`` built on the GPU by
+:func:`.sparse_index.build_prefill_index`: first the full tiles (no element
+mask, unmasked loads, a plain online-softmax step), then the partial tiles,
+which evaluate ``allowed`` element-wise in registers from the pattern fields:
 
 * causal ``k <= q`` and the diagonal ``k == q``; ``full`` (scalar);
 * sink ``k < sink`` and window ``q - k < window`` (scalars);
@@ -45,7 +45,9 @@ import triton.language as tl
 
 from .online_softmax import online_softmax_update
 
-from .paged_attention import _interpreting, _load_kv_tile
+from .paged_attention import (_FP32_CONFIG, PREFILL_CONFIGS, SPARSE_STAGES, _interpreting,
+                              _load_kv_tile, _load_q_tile, _qk, _store_out,
+                              prefill_config)
 from .patterns import PatternBatch
 from .sparse_index import SparseIndex, head_params, words_for_range
 
@@ -55,16 +57,16 @@ def plan_blocks(group: int, head_size: int, max_query_len: int) -> tuple[int, in
     :func:`sparse_paged_attention`.
 
     Rows per program ``BLOCK_M = block_q * group`` (rounded up to a power of
-    two): 128 for prefill (64 for head sizes above 128), fewer when the
-    batch's longest query is short; ``block_n`` is 64 (32 above 128).
+    two) and ``block_n`` come from the prefill config table of
+    :mod:`.paged_attention` (16-bit dtypes; 128 x 64 at head size 128),
+    with fewer rows when the batch's longest query is short.
     """
     block_d = max(triton.next_power_of_2(head_size), 16)
     min_m = max(16, triton.next_power_of_2(group))
-    cap = 128 if block_d <= 128 else 64
+    cap, block_n, _, _ = PREFILL_CONFIGS.get(block_d, _FP32_CONFIG)
     want = triton.next_power_of_2(max(max_query_len, 1) * group)
     block_m = max(min_m, min(cap, want))
     block_q = max(block_m // group, 1)
-    block_n = 64 if block_d <= 128 else 32
     return block_q, block_n
 
 
@@ -131,12 +133,11 @@ def _sparse_paged_attention_kernel(
     seq_lens_ptr,  # [num_seqs] int32
     tile_idx_ptr,  # [R, H, NQT, MAXT] int32
     tile_count_ptr,  # [R, H, NQT] int32
-    tile_full_ptr,  # [R, H, NQT, MAXT] int8
+    tile_nfull_ptr,  # [R, H, NQT] int32
     params_ptr,  # [R, H, 3] int32: full, sink, window
     sbits_ptr, vbits_ptr,  # [R, H, NW] int64
     blocks_ptr,  # [R, H, NQB, NKB] uint8 (unused unless HAS_BLOCKS)
     qk_scale,  # softmax scale * log2(e)
-    block_size,
     num_kv_heads, num_q_tiles, max_tiles, n_words,
     pblock, nqb, nkb,
     stride_b_r, stride_b_h, stride_b_q, stride_b_k,
@@ -146,6 +147,7 @@ def _sparse_paged_attention_kernel(
     stride_bt_seq, stride_bt_blk,
     stride_c_blk, stride_c_head, stride_c_tok, stride_c_d,
     HEAD_SIZE: tl.constexpr,
+    PAGE: tl.constexpr,  # tokens per KV block
     GROUP: tl.constexpr,
     BLOCK_Q: tl.constexpr,  # query tokens per program (index.block_q)
     BLOCK_M: tl.constexpr,  # pow2 >= BLOCK_Q * GROUP
@@ -166,21 +168,11 @@ def _sparse_paged_attention_kernel(
     q_tile_start = q_block * BLOCK_Q
     if q_tile_start >= q_len:
         return
-    seq_len = tl.load(seq_lens_ptr + seq)
-    ctx_len = seq_len - q_len
-
-    offs_m = tl.arange(0, BLOCK_M)
-    q_idx = q_tile_start + offs_m // GROUP
-    head = kv_head * GROUP + offs_m % GROUP
-    row_mask = (offs_m // GROUP < BLOCK_Q) & (q_idx < q_len)
-    q_pos = ctx_len + q_idx
-    tok = (q_start + q_idx).to(tl.int64)
-    offs_d = tl.arange(0, BLOCK_D)
-    d_mask = offs_d < HEAD_SIZE
-    io_mask = row_mask[:, None] & d_mask[None, :]
-    q = tl.load(query_ptr + tok[:, None] * stride_q_tok
-                + head[:, None] * stride_q_head + offs_d[None, :] * stride_q_d,
-                mask=io_mask, other=0.0)
+    ctx_len = tl.load(seq_lens_ptr + seq) - q_len
+    q, q_pos, tok, head, row_mask, io_mask = _load_q_tile(
+        query_ptr, q_start, q_len, ctx_len, q_tile_start, kv_head,
+        stride_q_tok, stride_q_head, stride_q_d,
+        HEAD_SIZE, GROUP, BLOCK_Q, BLOCK_M, BLOCK_D)
 
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
@@ -189,6 +181,7 @@ def _sparse_paged_attention_kernel(
     q_first = ctx_len + q_tile_start
     kv_end = ctx_len + tl.minimum(q_tile_start + BLOCK_Q, q_len)  # q_hi + 1
     bt_row = block_table_ptr + seq.to(tl.int64) * stride_bt_seq
+    head_off = kv_head.to(tl.int64) * stride_c_head
 
     rh = seq * num_kv_heads + kv_head
     is_full = tl.load(params_ptr + rh * 3) != 0
@@ -200,43 +193,38 @@ def _sparse_paged_attention_kernel(
     list_row = rh.to(tl.int64) * num_q_tiles + q_block
     count = tl.load(tile_count_ptr + list_row)
     idx_row = tile_idx_ptr + list_row * max_tiles
-    full_row = tile_full_ptr + list_row * max_tiles
 
-    for i in range(0, count):
-        t = tl.load(idx_row + i)
-        tile_is_full = tl.load(full_row + i)
-        n_start = t * BLOCK_N
-        k, v = _load_kv_tile(kv_cache_ptr, bt_row, kv_head, n_start, kv_end,
-                             block_size, stride_bt_blk, stride_c_blk,
-                             stride_c_head, stride_c_tok, stride_c_d,
-                             HEAD_SIZE, BLOCK_N, BLOCK_D)
-        k = k.to(q.dtype)
-        v = v.to(q.dtype)
-        if FP32_DOT:
-            s = tl.dot(q.to(tl.float32), k.to(tl.float32), input_precision="ieee")
-        else:
-            s = tl.dot(q, k)
-        s = s * qk_scale
-        if tile_is_full == 0:
-            offs_n = n_start + tl.arange(0, BLOCK_N)
-            dist_w0 = tl.maximum(q_first - (n_start + BLOCK_N - 1), 0) >> 6
-            allowed = _allowed_tile(q_pos, offs_n, is_full, sink, window,
-                                    sbits_row, vbits_row, n_words,
-                                    blocks_row, pblock, nqb, nkb,
-                                    stride_b_q, stride_b_k, dist_w0,
-                                    q_first, NW_DIST, HAS_BLOCKS, QB_SPAN)
-            s = tl.where(allowed, s, float("-inf"))
-        acc, m_i, l_i = online_softmax_update(acc, m_i, l_i, s, v, FP32_DOT)
+    # Full tiles: no element mask, no load masks.
+    n_full = tl.load(tile_nfull_ptr + list_row)
+    for i in range(0, n_full):
+        n_start = tl.load(idx_row + i) * BLOCK_N
+        k, v = _load_kv_tile(kv_cache_ptr, bt_row, head_off, n_start, kv_end,
+                             stride_bt_blk, stride_c_blk, stride_c_tok,
+                             stride_c_d, HEAD_SIZE, PAGE, BLOCK_N, BLOCK_D, False)
+        s = _qk(q, k, FP32_DOT)
+        acc, m_i, l_i = online_softmax_update(acc, m_i, l_i, s, qk_scale,
+                                              v.to(q.dtype), False, FP32_DOT)
+    # Partial tiles, stored at the end of the row.
+    for i in range(max_tiles - (count - n_full), max_tiles):
+        n_start = tl.load(idx_row + i) * BLOCK_N
+        k, v = _load_kv_tile(kv_cache_ptr, bt_row, head_off, n_start, kv_end,
+                             stride_bt_blk, stride_c_blk, stride_c_tok, stride_c_d,
+                             HEAD_SIZE, PAGE, BLOCK_N, BLOCK_D, True)
+        s = _qk(q, k, FP32_DOT)
+        offs_n = n_start + tl.arange(0, BLOCK_N)
+        dist_w0 = tl.maximum(q_first - (n_start + BLOCK_N - 1), 0) >> 6
+        allowed = _allowed_tile(q_pos, offs_n, is_full, sink, window,
+                                sbits_row, vbits_row, n_words,
+                                blocks_row, pblock, nqb, nkb,
+                                stride_b_q, stride_b_k, dist_w0,
+                                q_first, NW_DIST, HAS_BLOCKS, QB_SPAN)
+        s = tl.where(allowed, s, float("-inf"))
+        acc, m_i, l_i = online_softmax_update(acc, m_i, l_i, s, qk_scale,
+                                              v.to(q.dtype), True, FP32_DOT)
 
-    l_safe = tl.where(l_i == 0.0, 1.0, l_i)
-    acc = acc / l_safe[:, None]
-    tl.store(out_ptr + tok[:, None] * stride_o_tok
-             + head[:, None] * stride_o_head + offs_d[None, :] * stride_o_d,
-             acc.to(out_ptr.dtype.element_ty), mask=io_mask)
-    if WRITE_LSE:
-        lse = (m_i + tl.math.log2(l_safe)) * 0.6931471805599453
-        tl.store(lse_ptr + tok * stride_lse_tok + head * stride_lse_head,
-                 lse, mask=row_mask)
+    _store_out(out_ptr, lse_ptr, acc, m_i, l_i, tok, head, row_mask, io_mask,
+               stride_o_tok, stride_o_head, stride_o_d,
+               stride_lse_tok, stride_lse_head, BLOCK_D, WRITE_LSE)
 
 
 def sparse_paged_attention(
@@ -252,6 +240,7 @@ def sparse_paged_attention(
     max_query_len: int,
     max_seq_len: int,
     lse: torch.Tensor | None = None,  # [num_tokens, num_heads] fp32
+    launch: tuple[int, int] | None = None,
 ) -> torch.Tensor:
     """Causal paged attention restricted to ``patterns``; writes rows
     ``0 .. query_start_loc[-1] - 1`` of ``out`` (and ``lse``) and returns
@@ -261,6 +250,7 @@ def sparse_paged_attention(
     patterns, batch metadata and upper bounds, and ``(block_q, block_n)``
     from :func:`plan_blocks` (or any ``block_n`` that is a power of two
     >= 16, any ``block_q >= 1``).  No host synchronisation.
+    ``launch``: (num_warps, num_stages) override (tuning).
     """
     num_tokens, num_heads, head_size = query.shape
     num_blocks, num_kv_heads, block_size, two_hs = kv_cache.shape
@@ -303,13 +293,19 @@ def sparse_paged_attention(
     qb_span = qb_span if qb_span <= 4 else 0
     lse_arg = lse if lse is not None else out
     lse_strides = (lse.stride(0), lse.stride(1)) if lse is not None else (0, 0)
-    big = block_m * block_d >= 128 * 128
+    _, _, warps, stages = prefill_config(head_size, query.dtype)
+    if query.dtype == torch.float32 and block_m * block_n > 64 * 64:
+        warps, stages = 8, 1  # fp32 tiles of a 16-bit plan: fit shared memory
+    elif query.dtype != torch.float32:
+        stages = SPARSE_STAGES.get(block_d, stages)
+    if launch is not None:
+        warps, stages = launch
     grid = (num_seqs, nqt, num_kv_heads)
     _sparse_paged_attention_kernel[grid](
         out, lse_arg, query, kv_cache, block_table, query_start_loc, seq_lens,
-        index.tile_idx, index.tile_count, index.tile_full, params,
+        index.tile_idx, index.tile_count, index.tile_nfull, params,
         index.slash_bits, index.vert_bits, blocks,
-        scale * math.log2(math.e), block_size,
+        scale * math.log2(math.e),
         num_kv_heads, nqt, maxt, index.slash_bits.shape[-1],
         int(patterns.block), nqb, nkb,
         b_strides[0], b_strides[1], b_strides[2], b_strides[3],
@@ -319,11 +315,11 @@ def sparse_paged_attention(
         block_table.stride(0), block_table.stride(1),
         kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2),
         kv_cache.stride(3),
-        HEAD_SIZE=head_size, GROUP=group, BLOCK_Q=block_q, BLOCK_M=block_m,
-        BLOCK_N=block_n, BLOCK_D=block_d,
+        HEAD_SIZE=head_size, PAGE=block_size, GROUP=group, BLOCK_Q=block_q,
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
         NW_DIST=words_for_range(block_q + block_n - 1),
         HAS_BLOCKS=has_blocks, QB_SPAN=qb_span,
         WRITE_LSE=lse is not None, FP32_DOT=fp32_dot,
-        num_warps=8 if big else 4, num_stages=2,
+        num_warps=warps, num_stages=stages,
     )
     return out

@@ -40,24 +40,38 @@ def _check(patterns, q_lens, ctx_lens, block_q, block_n, slack=(0, 0)):
     want = build_prefill_index_ref(patterns, qsl.cpu(), seq_lens_t.cpu(), max_q,
                                    max_s, block_q, block_n)
     cnt = got.tile_count.cpu()
+    nfull = got.tile_nfull.cpu()
     idx = got.tile_idx.cpu()
     full = got.tile_full.cpu()
     assert idx.shape == want.tile_idx.shape and full.shape == idx.shape
-    # Same tile sets, ascending, unused slots -1.
     assert torch.equal(cnt, want.tile_count), (cnt, want.tile_count)
-    assert torch.equal(idx, want.tile_idx)
-    # Never claims "full" where a pair is masked (conservative is fine).
-    assert not (full.bool() & ~want.tile_full.bool()).any(), "tile_full too eager"
+    assert (nfull <= cnt).all() and (nfull <= want.tile_nfull).all(), \
+        "tile_full too eager"
+    maxt = idx.shape[-1]
     # Exact where no slash / block-sparse field is set: full heads, sinks,
     # windows, vertical columns (and their unions) are decided exactly.
     slash_used = (patterns.slash >= 0).any(-1)
     blocks_used = (patterns.blocks.flatten(2).any(-1) if patterns.blocks is not None
                    else torch.zeros_like(slash_used))
     exact = ~(slash_used | blocks_used)  # [R, H]
-    for r in range(len(q_lens)):
-        for h in range(patterns.num_heads):
-            if exact[r, h]:
-                assert torch.equal(full[r, h], want.tile_full[r, h]), (r, h)
+    for r, h, qt in torch.cartesian_prod(*(torch.arange(x) for x in cnt.shape)).tolist():
+        n, nf = int(cnt[r, h, qt]), int(nfull[r, h, qt])
+        row = idx[r, h, qt]
+        front, back = row[:nf], row[maxt - (n - nf):] if n > nf else row[:0]
+        # Partitioned layout: full tiles ascending from the front, partial
+        # tiles descending from the end, -1 between.
+        assert (front.diff() > 0).all() and (back.diff() < 0).all()
+        assert (row[nf:maxt - (n - nf)] == -1).all()
+        assert (full[r, h, qt, :nf] == 1).all() and (full[r, h, qt, nf:] == 0).all()
+        # Same tile set as the reference; every "full" tile is full there too.
+        wn, wnf = int(want.tile_count[r, h, qt]), int(want.tile_nfull[r, h, qt])
+        wrow = want.tile_idx[r, h, qt]
+        want_full = set(wrow[:wnf].tolist())
+        want_all = want_full | set(wrow[maxt - (wn - wnf):].tolist() if wn > wnf else [])
+        assert set(front.tolist()) | set(back.tolist()) == want_all, (r, h, qt)
+        assert set(front.tolist()) <= want_full, "tile_full too eager"
+        if exact[r, h]:
+            assert torch.equal(row, wrow), (r, h, qt)
     return got, want
 
 
@@ -115,6 +129,7 @@ def test_dense_causal_tiles_all_full():
             assert n == q_hi // block_n + 1
             n_full = int(got.tile_full[r, 0, qt].sum().item())
             assert n_full == (q_lo + 1) // block_n
+            assert int(got.tile_nfull[r, 0, qt]) == n_full
 
 
 def test_sink_window_and_vertical_cover():
@@ -126,11 +141,13 @@ def test_sink_window_and_vertical_cover():
     p.vertical[0, 0] = torch.arange(16, 32)
     q_lens, ctx_lens = [16], [64]  # q 64..79; the gap [16, 79-33] = tiles 1, 2
     got, _ = _check(p, q_lens, ctx_lens, 16, 16)
-    assert got.tile_idx[0, 0, 0, :5].cpu().tolist() == [0, 1, 2, 3, 4]
     # tile 0 (sink), tile 1 (vertical) full; tile 2 has gap 32..46 uncovered
     # for the last rows -> partial; tile 3 (48..63) inside window for row 64?
     # q - k < 33 for q = 64, k = 48 -> 16 < 33 yes; q = 79 k = 48 -> 31 yes.
-    assert got.tile_full[0, 0, 0, :5].cpu().tolist() == [1, 1, 0, 1, 0]
+    # Full tiles first, partial ones (2, then the diagonal tile 4) at the end.
+    row = got.tile_idx[0, 0, 0].cpu().tolist()
+    assert row[:3] == [0, 1, 3] and row[-2:] == [4, 2]
+    assert int(got.tile_nfull[0, 0, 0]) == 3 and int(got.tile_count[0, 0, 0]) == 5
 
 
 def test_block_sparse_other_block_size_and_clamp():

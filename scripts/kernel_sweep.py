@@ -1,0 +1,274 @@
+"""Tile/launch-config sweep for casakv's prefill and decode kernels (one GPU call).
+
+Imports the kernels straight from this checkout (no install, no CUDA op build),
+checks every variant against FlexAttention (prefill) or the fp32 reference
+(decode) and times it with triton.testing.do_bench (median, L2 flushed).
+Usage: python scripts/kernel_sweep.py [--out DIR] [--only prefill|decode]
+Writes DIR/sweep.json and prints one table per part.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _shim():
+    shim = Path("/tmp/casakv_shim/casakv_vllm")
+    shim.mkdir(parents=True, exist_ok=True)
+    (shim / "__init__.py").touch()
+    for name, target in (("triton_kernels", REPO / "triton_kernels"),
+                         ("bench", REPO / "casakv_vllm" / "bench")):
+        link = shim / name
+        if not link.exists():
+            link.symlink_to(target)
+    sys.path.insert(0, str(shim.parent))
+
+
+_shim()
+from casakv_vllm.bench.kernels import bench_graph  # noqa: E402
+from casakv_vllm.triton_kernels.paged_attention import paged_attention  # noqa: E402
+from casakv_vllm.triton_kernels.patterns import PatternBatch  # noqa: E402
+from casakv_vllm.triton_kernels.sparse_decode import (  # noqa: E402
+    SparseDecodeWorkspace, choose_num_splits, sparse_paged_decode)
+from casakv_vllm.triton_kernels.sparse_decode_reference import sparse_paged_decode_ref  # noqa: E402
+from casakv_vllm.triton_kernels.sparse_index import build_prefill_index  # noqa: E402
+from casakv_vllm.triton_kernels.sparse_prefill import sparse_paged_attention  # noqa: E402
+
+HQ, HKV, D, PAGE = 32, 8, 128, 16
+DT = torch.bfloat16
+SINK, WINDOW, VS_WINDOW, VS_EVERY, VS_BLOCK = 128, 4096, 1024, 16, 128
+
+
+def bench(fn, rep=100):
+    from triton.testing import do_bench
+    return float(do_bench(fn, warmup=10, rep=rep, return_mode="median"))
+
+
+def rel(a, b):
+    return float((a.float() - b.float()).norm() / b.float().norm())
+
+
+def paged_kv(batch, n, gen):
+    per = n // PAGE
+    nblk = batch * per + 1
+    kv = torch.randn(nblk, HKV, PAGE, 2 * D, dtype=DT, device="cuda", generator=gen)
+    perm = torch.randperm(nblk - 1, device="cuda", generator=gen)[: batch * per] + 1
+    return kv, perm.view(batch, per).to(torch.int32)
+
+
+def contiguous(kv, table):
+    g = kv[table.long()]
+    b, nb = table.shape
+    g = g.permute(0, 2, 1, 3, 4).reshape(b, HKV, nb * PAGE, 2 * D)
+    return g[..., :D].contiguous(), g[..., D:].contiguous()
+
+
+def patterns(name, n):
+    if name == "causal":
+        return PatternBatch.dense(1, HKV, device="cuda")
+    if name == "a-shape":
+        return PatternBatch.local(1, HKV, SINK, WINDOW, device="cuda")
+    cols = torch.arange(n, device="cuda")
+    cols = cols[(cols // VS_BLOCK) % VS_EVERY == 3].to(torch.int32)
+    p = PatternBatch.empty(1, HKV, num_vertical=cols.numel(), device="cuda")
+    p.sink.fill_(SINK)
+    p.window.fill_(VS_WINDOW)
+    p.vertical.copy_(cols.view(1, 1, -1).expand_as(p.vertical))
+    return p
+
+
+MODS = {
+    "causal": lambda b, h, q, k: q >= k,
+    "a-shape": lambda b, h, q, k: (q >= k) & ((k < SINK) | (q - k < WINDOW)),
+    "vertical-slash": lambda b, h, q, k: (q >= k) & ((k < SINK) | (q - k < VS_WINDOW)
+                                                     | ((k // VS_BLOCK) % VS_EVERY == 3)),
+}
+
+
+def partition(index):
+    """Emulate a partitioned index in torch: full tiles first (ascending), the
+    partial ones at the end of each row."""
+    from dataclasses import replace
+    maxt = index.tile_idx.shape[-1]
+    pos = torch.arange(maxt, device=index.tile_idx.device)
+    valid = pos < index.tile_count[..., None]
+    full = valid & (index.tile_full != 0)
+    part = valid & ~full
+    fpos = torch.cumsum(full.to(torch.int32), -1) - 1
+    ppos = maxt - 1 - (torch.cumsum(part.to(torch.int32), -1) - 1)
+    dest = torch.where(full, fpos, torch.where(part, ppos, maxt))  # maxt = dump
+    idx = torch.full(index.tile_idx.shape[:-1] + (maxt + 1,), -1, dtype=torch.int32, device=pos.device)
+    idx.scatter_(-1, dest.long(), index.tile_idx)
+    return replace(index, tile_idx=idx[..., :maxt].contiguous(),
+                   tile_nfull=full.sum(-1, dtype=torch.int32))
+
+
+PREFILL_CFGS = [  # (BLOCK_M, BLOCK_N, warps, stages)
+    (128, 64, 8, 2), (128, 64, 8, 3), (128, 64, 8, 4), (128, 128, 8, 2), (128, 128, 8, 3),
+    (128, 64, 4, 3), (64, 64, 4, 3), (64, 128, 4, 2), (128, 32, 8, 3),
+]
+
+
+def sweep_prefill(gen, rows, n, masks, cfgs, flex, do_dense):
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.nn.attention.flex_attention import create_block_mask
+    import torch.nn.functional as F
+    kv, table = paged_kv(1, n, gen)
+    q = torch.randn(n, HQ, D, dtype=DT, device="cuda", generator=gen)
+    qsl = torch.tensor([0, n], dtype=torch.int32, device="cuda")
+    sl = torch.tensor([n], dtype=torch.int32, device="cuda")
+    k, v = contiguous(kv, table)
+    qb = q.transpose(0, 1).unsqueeze(0)
+    scale = D ** -0.5
+    with sdpa_kernel([SDPBackend.FLASH_ATTENTION]):
+        kk, vv = k.repeat_interleave(4, 1), v.repeat_interleave(4, 1)
+        sdpa = bench(lambda: F.scaled_dot_product_attention(qb, kk, vv, is_causal=True))
+        del kk, vv
+    rows.append(dict(part="prefill", n=n, mask="-", variant="sdpa", ms=sdpa))
+    for name in masks:
+        pat = patterns(name, n)
+        bm = create_block_mask(MODS[name], None, None, n, n, device="cuda", BLOCK_SIZE=128, _compile=True)
+        fx = bench(lambda: flex(qb, k, v, block_mask=bm, enable_gqa=True, scale=scale))
+        ref = flex(qb, k, v, block_mask=bm, enable_gqa=True, scale=scale)[0].transpose(0, 1)
+        rows.append(dict(part="prefill", n=n, mask=name, variant="flex", ms=fx))
+        print(f"prefill {n} {name}: sdpa {sdpa:.3f} flex {fx:.3f}", flush=True)
+        indexes = {}
+        for cfg in cfgs:
+            bmm, bn, w, st = cfg
+            bq = bmm // 4
+            if (bq, bn) not in indexes:
+                idx = build_prefill_index(pat, qsl, sl, n, n, bq, bn)
+                indexes[(bq, bn)] = (idx, partition(idx))
+            for part_mode in (False, True):
+                index = indexes[(bq, bn)][1 if part_mode else 0]
+                out = torch.full_like(q, float("nan"))
+                try:
+                    fn = lambda: sparse_paged_attention(q, kv, table, qsl, sl, scale, out, pat, index,  # noqa: E731
+                                                        n, n, launch=(w, st))
+                    fn()
+                    err = rel(out, ref)
+                    ms = bench(fn)
+                except Exception as e:  # noqa: BLE001
+                    print("  fail", cfg, part_mode, type(e).__name__, str(e)[:200])
+                    continue
+                rows.append(dict(part="prefill", n=n, mask=name, variant=f"sparse{cfg}{'P' if part_mode else ''}",
+                                 ms=ms, err=err, ratio_flex=ms / fx))
+                print(f"  sparse {cfg} part={part_mode}: {ms:.3f} ms  x{ms / fx:.2f} flex  err {err:.1e}", flush=True)
+        if name == "causal" and do_dense:
+            for cfg in cfgs:
+                out = torch.full_like(q, float("nan"))
+                try:
+                    fn = lambda: paged_attention(q, kv, table, qsl, sl, scale, out, n, n, config=cfg)  # noqa: E731
+                    fn()
+                    err = rel(out, ref)
+                    ms = bench(fn)
+                except Exception as e:  # noqa: BLE001
+                    print("  fail dense", cfg, type(e).__name__, str(e)[:200])
+                    continue
+                rows.append(dict(part="prefill", n=n, mask="causal", variant=f"dense{cfg}", ms=ms, err=err,
+                                 ratio_flex=ms / fx, ratio_sdpa=ms / sdpa))
+                print(f"  dense {cfg}: {ms:.3f} ms  x{ms / sdpa:.2f} sdpa  err {err:.1e}", flush=True)
+        del indexes, bm
+        torch.cuda.empty_cache()
+    del kv, k, v
+
+
+DEC_CFGS = [(32, 4, 3), (32, 2, 3), (16, 4, 3), (64, 4, 3), (32, 4, 4), (16, 2, 3), (64, 2, 3)]
+SPLITS = [None, 32, 48, 66, 96, 128]
+
+
+def sweep_decode(gen, rows, copy_bps):
+    for n, batch in ((32768, 1), (131072, 1), (32768, 16), (131072, 16)):
+        kv, table = paged_kv(batch, n, gen)
+        q = torch.randn(batch, HQ, D, dtype=DT, device="cuda", generator=gen)
+        sl = torch.full((batch,), n, dtype=torch.int32, device="cuda")
+        nb = n // PAGE
+        ws = SparseDecodeWorkspace.allocate(batch, HQ, D, device="cuda")
+        for name, frac in (("dense", 1.0), ("select-10%", 0.1)):
+            keep = nb if frac == 1.0 else max(2, int(nb * frac))
+            sels = []
+            for _ in range(1 if frac == 1.0 else 8):
+                if frac == 1.0:
+                    sel = torch.arange(nb, dtype=torch.int32, device="cuda").expand(batch, HKV, nb).contiguous()
+                else:
+                    sc = torch.rand(batch, HKV, nb, device="cuda", generator=gen)
+                    sc[..., 0] = sc[..., -1] = 2.0
+                    sel = sc.topk(keep, dim=-1).indices.sort(dim=-1).values.to(torch.int32)
+                sels.append(sel)
+            cnt = torch.full((batch, HKV), keep, dtype=torch.int32, device="cuda")
+            sub = slice(0, min(batch, 2))
+            ref = sparse_paged_decode_ref(q[sub], kv, table[sub], sl[sub], sels[0][sub], cnt[sub], D ** -0.5)
+            byts = batch * HKV * keep * PAGE * 2 * D * 2
+            heur = choose_num_splits(batch, HKV, keep, PAGE, 132)
+            best = None
+            for bn, w, st in DEC_CFGS:
+                for sp in SPLITS:
+                    if batch == 16 and sp is not None:
+                        continue
+                    out = torch.full_like(q, float("nan"))
+
+                    def call(sel, sp=sp, bn=bn, w=w, st=st, out=out):
+                        return lambda: sparse_paged_decode(q, kv, table, sl, sel, cnt, D ** -0.5, out, workspace=ws,
+                                                           num_splits=sp, block_n=bn, num_warps=w, num_stages=st)
+                    call(sels[0])()
+                    err = rel(out[sub], ref)
+                    ms = bench_graph([call(x) for x in sels], reps=10)
+                    frac_hbm = byts / (ms / 1e3) / copy_bps
+                    rows.append(dict(part="decode", n=n, batch=batch, mask=name, bn=bn, warps=w, stages=st,
+                                     splits=sp if sp else heur, heur=sp is None, ms=ms, hbm=frac_hbm, err=err))
+                    if best is None or ms < best[0]:
+                        best = (ms, bn, w, st, sp if sp else heur, frac_hbm)
+                    if sp is None:
+                        print(f"decode {n} B={batch} {name} {(bn, w, st)}: heur {ms * 1e3:.1f} us hbm {frac_hbm:.2f} "
+                              f"(splits {heur}) err {err:.1e}", flush=True)
+            print(f"  best {best[0] * 1e3:.1f} us bn={best[1]} w={best[2]} st={best[3]} splits={best[4]} "
+                  f"hbm {best[5]:.2f}", flush=True)
+        del kv, ws
+        torch.cuda.empty_cache()
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default=os.environ.get("OUT", "/tmp"))
+    ap.add_argument("--only", default="")
+    ap.add_argument("--n128", action="store_true")
+    a = ap.parse_args()
+    torch._dynamo.config.recompile_limit = 64
+    torch._dynamo.config.accumulated_recompile_limit = 1024
+    from torch.nn.attention.flex_attention import flex_attention
+    flex = torch.compile(flex_attention, dynamic=False)
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    a_ = torch.randn(512 * 1024**2, dtype=DT, device="cuda")
+    b_ = torch.empty_like(a_)
+    copy_bps = 2 * a_.numel() * 2 / (bench(lambda: b_.copy_(a_)) / 1e3)
+    del a_, b_
+    print(f"copy {copy_bps / 1e12:.2f} TB/s", flush=True)
+    rows = []
+    t0 = time.time()
+    out = Path(a.out) / "sweep.json"
+    try:
+        if a.only in ("", "decode"):
+            sweep_decode(gen, rows, copy_bps)
+            print(f"decode done {time.time() - t0:.0f}s", flush=True)
+        if a.only in ("", "prefill"):
+            sweep_prefill(gen, rows, 32768, ("causal", "a-shape", "vertical-slash"), PREFILL_CFGS, flex, True)
+            print(f"prefill 32k done {time.time() - t0:.0f}s", flush=True)
+            if a.n128:
+                sweep_prefill(gen, rows, 131072, ("a-shape", "vertical-slash"),
+                              [(128, 64, 8, 3), (128, 128, 8, 2), (128, 64, 8, 2)], flex, False)
+    finally:
+        out.write_text(json.dumps(dict(copy_bps=copy_bps, rows=rows), indent=1))
+        print(f"wrote {out} ({time.time() - t0:.0f}s)")
+
+
+if __name__ == "__main__":
+    main()
