@@ -16,8 +16,8 @@ from dataclasses import dataclass, field
 import torch
 
 from casakv_vllm.attention.plan import BatchPlan
-from casakv_vllm.attention.torch_paged import attend, gather_kv
-from casakv_vllm.observations import attention_probs, record_chunk
+from casakv_vllm.attention.torch_paged import attend, decode_attention, gather_kv
+from casakv_vllm.observations import record_chunk
 from casakv_vllm.triton_kernels.patterns import pattern_mask
 
 
@@ -38,7 +38,7 @@ def cpu_attention(
     counts = LayerCounts()
     patterns = None
     if plan.uniform is not None and not plan.uniform.attends_all and not plan.uniform.evicts:
-        patterns = plan.uniform.patterns(layer, seq_lens, num_kv, query.device)
+        patterns = plan.patterns(layer, seq_lens, num_kv, query.device)
     for i, seq_len in enumerate(seq_lens):
         start, end = query_start_loc[i], query_start_loc[i + 1]
         q_len = end - start
@@ -61,11 +61,10 @@ def cpu_attention(
                 causal = torch.arange(seq_len).unsqueeze(0) <= torch.arange(ctx, seq_len).unsqueeze(1)
                 allowed = visible.unsqueeze(1) & causal
                 keep_policy = row.policy
-        if keep_policy is not None and keep_policy.observes_decode:
-            probs = attention_probs(q, k, ctx, scale, allowed)
-            group = q.shape[0] // num_kv
-            o = torch.matmul(probs, v.float().repeat_interleave(group, dim=0) if group > 1 else v.float())
-            keep_policy.on_decode(layer, row.slot.state, row.slot.state[layer], probs)
+        if q_len == 1:
+            o, probs = decode_attention(q, k, v, scale, allowed)
+            if keep_policy is not None and keep_policy.observes_decode:
+                keep_policy.on_decode(layer, row.slot.state, row.slot.state[layer], probs)
         else:
             o = attend(q, k, v, ctx, scale, allowed)
         out[start:end] = o.transpose(0, 1).to(out.dtype)

@@ -43,11 +43,18 @@ def gpu_attention(
     max_seq_len: int,
     patterns: PatternBatch | None,
     max_batch: int,
+    memo: dict | None = None,  # per-batch cache shared by the layers (BatchPlan.memo)
 ) -> None:
     num_reqs = seq_lens.shape[0]
     num_kv_heads, block_size = kv_cache.shape[1], kv_cache.shape[2]
     if patterns is None and max_query_len == 1 and query.shape[0] == num_reqs:
-        sel, cnt = dense_selection(seq_lens, block_size, block_table.shape[1], num_kv_heads)
+        key = ("dense_selection", block_size, num_kv_heads)
+        hit = memo.get(key) if memo is not None else None
+        if hit is None:
+            hit = dense_selection(seq_lens, block_size, block_table.shape[1], num_kv_heads)
+            if memo is not None:
+                memo[key] = hit
+        sel, cnt = hit
         ws = decode_workspace(max(max_batch, num_reqs), query.shape[1], query.shape[2], query.device)
         ops.sparse_decode(query, kv_cache, block_table, seq_lens, sel, cnt, scale, out, ws)
     elif patterns is None:

@@ -117,9 +117,9 @@ class CasakvImpl(AttentionImpl[CasakvMetadata]):
             policy = md.plan.uniform
             if policy is None or policy.evicts:  # refused at start-up / request validation
                 raise RuntimeError("casakv on CUDA serves one pattern policy per server (no evicting policies yet)")
-            patterns = policy.patterns(self.layer_index, md.seq_lens_cpu, self.num_kv_heads, kv_cache.device)
+            patterns = md.plan.patterns(self.layer_index, md.seq_lens_cpu, self.num_kv_heads, kv_cache.device)
             gpu_attention(q, kv_cache, md.block_table, md.query_start_loc, md.seq_lens, self.scale, out,
-                          md.max_query_len, md.max_seq_len, patterns, self.max_batch)
+                          md.max_query_len, md.max_seq_len, patterns, self.max_batch, md.plan.memo)
             # exact KV counts of sparse patterns would need a device sync: not counted on CUDA
             attended = kv_causal if patterns is None else None
         if self.stats is not None:

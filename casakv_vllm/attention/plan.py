@@ -9,7 +9,7 @@ policy object.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from casakv_vllm.config import CasakvConfig
 from casakv_vllm.observations import STORE, PromptObservations
@@ -57,12 +57,25 @@ class RowPlan:
 
 @dataclass
 class BatchPlan:
+    """Everything per batch; ``memo`` holds structures derived once per batch
+    (patterns of layer-independent policies, decode block selections) so the
+    layers do not rebuild them."""
+
     rows: list[RowPlan]
     uniform: Policy | None  # the one policy of every row, else None
+    memo: dict = field(default_factory=dict)
 
     @property
     def any_evicting(self) -> bool:
         return any(r.policy.evicts for r in self.rows)
+
+    def patterns(self, layer: int, seq_lens: list[int], num_kv_heads: int, device):
+        """The uniform policy's patterns for ``layer`` (computed once per batch when layer-independent)."""
+        policy = self.uniform
+        key = ("patterns", layer if policy.layer_dependent else None)
+        if key not in self.memo:
+            self.memo[key] = policy.patterns(layer, seq_lens, num_kv_heads, device)
+        return self.memo[key]
 
 
 def plan_batch(resolver: PolicyResolver, num_reqs: int) -> BatchPlan:

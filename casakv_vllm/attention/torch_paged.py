@@ -84,6 +84,29 @@ def attend(
     return F.scaled_dot_product_attention(qf, kf, vf, attn_mask=mask, scale=scale)
 
 
+def decode_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, allowed: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One query token per head against its whole sequence, fp32, GQA without copies.
+
+    Args:
+        q: ``[num_heads, 1, D]``; k, v: ``[num_kv_heads, seq_len, D]``.
+        allowed: optional ``[num_kv_heads, 1, seq_len]`` bool (False = not read).
+    Returns:
+        ``(out [num_heads, 1, D] fp32, probs [num_heads, 1, seq_len] fp32)``.
+    """
+    num_heads, _, dim = q.shape
+    num_kv = k.shape[0]
+    group = num_heads // num_kv
+    qf = q.float().reshape(num_kv, group, dim)
+    logits = torch.bmm(qf, k.float().transpose(1, 2)).mul_(scale)  # [Hkv, group, S]
+    if allowed is not None:
+        logits.masked_fill_(~allowed, float("-inf"))
+    probs = torch.softmax(logits, dim=-1)
+    out = torch.bmm(probs, v.float())
+    return out.reshape(num_heads, 1, dim), probs.reshape(num_heads, 1, -1)
+
+
 def paged_attention_cpu(
     query: torch.Tensor,
     kv_cache: torch.Tensor,

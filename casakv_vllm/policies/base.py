@@ -39,6 +39,8 @@ class Policy:
             request (prefix-cached blocks would mix policies).
         evicts: acts through per-request keep-sets at decode
             (:class:`~casakv_vllm.policies.keep.KeepPolicy`).
+        layer_dependent: ``patterns()`` differs between layers (else it is
+            computed once per batch and shared by all layers).
     """
 
     name: ClassVar[str]
@@ -46,6 +48,7 @@ class Policy:
     attends_all: ClassVar[bool] = False
     changes_prefill: ClassVar[bool] = True
     evicts: ClassVar[bool] = False
+    layer_dependent: ClassVar[bool] = True
 
     def __init__(self, params: BaseModel, config: "CasakvConfig | None" = None):
         self.params = params

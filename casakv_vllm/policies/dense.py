@@ -8,3 +8,4 @@ class DensePolicy(Policy):
     name = "dense"
     attends_all = True
     changes_prefill = False
+    layer_dependent = False

@@ -33,6 +33,7 @@ class StreamingPolicy(KeepPolicy):
 
     name = "streaming"
     Params = StreamingParams
+    layer_dependent = False
 
     def __init__(self, params, config=None):
         super().__init__(params, config)

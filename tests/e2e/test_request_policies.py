@@ -75,7 +75,7 @@ def test_fixed_budget_policy_reads_exactly_its_budget(casakv_server, prompts, po
     after = counters()
     steps = n_out - 1  # the first token comes from the prefill
     assert after[0] - before[0] == budget * LAYERS * KV_HEADS * steps
-    causal = sum(n_prompt + s + 1 for s in range(1, n_out)) * LAYERS * KV_HEADS
+    causal = sum(n_prompt + s for s in range(1, n_out)) * LAYERS * KV_HEADS  # step s reads n_prompt + s
     assert after[1] - before[1] == causal
 
 

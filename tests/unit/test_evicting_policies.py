@@ -168,3 +168,27 @@ def test_observation_store_is_bounded():
     assert len(store) == 3
     assert store.get("p4", 10) is store.get("p4", 10)
     assert store.get("p4", 11).prompt_len == 11  # same key, other length: a new record
+
+
+def test_batch_plan_resolves_rows_and_builds_shared_patterns_once():
+    from casakv_vllm.attention.plan import PolicyResolver, plan_batch
+    from vllm.sampling_params import SamplingParams
+    from vllm.v1.sample.logits_processor import BatchUpdate
+
+    resolver = PolicyResolver(CasakvConfig(policy="streaming", kv_budget=64), num_layers=4)
+    RequestTracker.current = None
+    plan = plan_batch(resolver, 2)  # no tracker: every row gets the server policy
+    assert plan.uniform is resolver.default and [r.slot for r in plan.rows] == [None, None]
+    first = plan.patterns(0, [100, 200], 3, torch.device("cpu"))
+    assert plan.patterns(3, [100, 200], 3, torch.device("cpu")) is first  # layer-independent: built once
+    tr = RequestTracker(None, torch.device("cpu"), False)
+    sp = SamplingParams(extra_args={"casakv_policy": "snapkv", "casakv_kv_budget": 32})
+    tr.update_state(BatchUpdate(2, [], [(0, SamplingParams(), [1, 2, 3], []), (1, sp, [4, 5, 6], [])], []))
+    try:
+        plan = plan_batch(resolver, 2)
+        assert plan.uniform is None
+        assert plan.rows[0].policy is resolver.default and plan.rows[1].policy.name == "snapkv"
+        assert plan.rows[1].label == "snapkv/kv_budget=32" and plan.rows[1].obs is not None
+        assert plan_batch(resolver, 2).rows[1].policy is plan.rows[1].policy  # cached per override
+    finally:
+        RequestTracker.current = None

@@ -54,3 +54,12 @@ def test_pure_python_install_without_cuda():
     assert torch.version.cuda is None
     assert importlib.util.find_spec("casakv_vllm._C") is None
     import casakv_vllm.attention.impl  # noqa: F401  (imports without the extension)
+
+
+def test_every_subpackage_is_listed_for_installation():
+    """A package folder missing from pyproject's list installs fine in editable mode and breaks in a wheel."""
+    import tomllib
+
+    listed = set(tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    found = {".".join(p.parent.relative_to(REPO).parts) for p in (REPO / "casakv_vllm").rglob("__init__.py")}
+    assert found <= listed, f"not in pyproject packages: {sorted(found - listed)}"
