@@ -3,7 +3,7 @@
 Imports the kernels straight from this checkout (no install, no CUDA op build),
 checks every variant against FlexAttention (prefill) or the fp32 reference
 (decode) and times it with triton.testing.do_bench (median, L2 flushed).
-Usage: python scripts/kernel_sweep.py [--out DIR] [--only prefill|decode]
+Usage: python scripts/kernel_sweep.py [--out DIR] [--only prefill|decode|variants]
 Writes DIR/sweep.json and prints one table per part.
 """
 
@@ -182,6 +182,59 @@ def sweep_prefill(gen, rows, n, masks, cfgs, flex, do_dense):
     del kv, k, v
 
 
+def sweep_variants(gen, rows, n, masks, flex, reps=2):
+    """Kernel variants of the sparse prefill kernel at its default tiles:
+    per-page K/V loads (PAGE_LOADS) x longest query tiles first (REVERSE_Q),
+    each checked against Flex and timed ``reps`` times (interleaved, to see
+    the spread)."""
+    from torch.nn.attention.flex_attention import create_block_mask
+    from casakv_vllm.triton_kernels import sparse_prefill
+    from casakv_vllm.triton_kernels.sparse_prefill import plan_blocks
+    kv, table = paged_kv(1, n, gen)
+    q = torch.randn(n, HQ, D, dtype=DT, device="cuda", generator=gen)
+    qsl = torch.tensor([0, n], dtype=torch.int32, device="cuda")
+    sl = torch.tensor([n], dtype=torch.int32, device="cuda")
+    k, v = contiguous(kv, table)
+    qb = q.transpose(0, 1).unsqueeze(0)
+    scale = D ** -0.5
+    bq, bn = plan_blocks(HQ // HKV, D, n)
+    variants = [(False, False), (True, False), (False, True), (True, True)]
+    for name in masks:
+        pat = patterns(name, n)
+        index = build_prefill_index(pat, qsl, sl, n, n, bq, bn)
+        bm = create_block_mask(MODS[name], None, None, n, n, device="cuda", BLOCK_SIZE=128, _compile=True)
+        fx = bench(lambda: flex(qb, k, v, block_mask=bm, enable_gqa=True, scale=scale))
+        ref = flex(qb, k, v, block_mask=bm, enable_gqa=True, scale=scale)[0].transpose(0, 1)
+        rows.append(dict(part="variants", n=n, mask=name, variant="flex", ms=fx))
+        times = {vv: [] for vv in variants}
+        errs = {}
+        for r in range(reps):
+            for pl, rq in variants:
+                sparse_prefill.PAGE_LOADS, sparse_prefill.REVERSE_Q = pl, rq
+                out = torch.full_like(q, float("nan"))
+                fn = lambda: sparse_paged_attention(q, kv, table, qsl, sl, scale, out, pat, index, n, n)  # noqa: E731
+                try:
+                    if r == 0:
+                        fn()
+                        errs[(pl, rq)] = rel(out, ref)
+                    times[(pl, rq)].append(bench(fn))
+                except Exception as e:  # noqa: BLE001
+                    print("  fail", pl, rq, type(e).__name__, str(e)[:300], flush=True)
+        sparse_prefill.PAGE_LOADS, sparse_prefill.REVERSE_Q = False, False
+        for vv in variants:
+            if not times[vv]:
+                continue
+            ms = min(times[vv])
+            rows.append(dict(part="variants", n=n, mask=name, variant=f"page={vv[0]} rev={vv[1]}", ms=ms,
+                             all_ms=times[vv], err=errs[vv], ratio_flex=ms / fx))
+            print(f"variants {n} {name} page={vv[0]:d} rev={vv[1]:d}: {' '.join(f'{t:.3f}' for t in times[vv])} ms"
+                  f"  x{ms / fx:.3f} flex ({fx:.3f})  err {errs[vv]:.1e}", flush=True)
+        del index, bm
+        torch.cuda.empty_cache()
+    del kv, k, v
+    torch.cuda.empty_cache()
+
+
 DEC_CFGS = [(32, 4, 3), (32, 2, 3), (16, 4, 3), (64, 4, 3), (32, 4, 4), (16, 2, 3), (64, 2, 3)]
 SPLITS = [None, 32, 48, 66, 96, 128]
 
@@ -256,6 +309,11 @@ def main():
     t0 = time.time()
     out = Path(a.out) / "sweep.json"
     try:
+        if a.only == "variants":
+            sweep_variants(gen, rows, 32768, ("causal", "a-shape", "vertical-slash"), flex)
+            print(f"variants 32k done {time.time() - t0:.0f}s", flush=True)
+            sweep_variants(gen, rows, 131072, ("causal", "vertical-slash"), flex, reps=1)
+            print(f"variants 128k done {time.time() - t0:.0f}s", flush=True)
         if a.only in ("", "decode"):
             sweep_decode(gen, rows, copy_bps)
             print(f"decode done {time.time() - t0:.0f}s", flush=True)

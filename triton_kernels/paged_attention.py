@@ -46,12 +46,43 @@ def _load_kv_tile(
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
     MASK_N: tl.constexpr,  # mask positions >= kv_end (read as 0)
+    PAGE_LOADS: tl.constexpr = False,  # one block-table lookup per page (see below)
 ):
     """K [BLOCK_N, BLOCK_D] and V [BLOCK_N, BLOCK_D] for KV positions
     ``n_start .. n_start + BLOCK_N - 1``, each token's physical block looked
-    up in the block table (any block size)."""
-    offs_n = n_start + tl.arange(0, BLOCK_N)
+    up in the block table (any block size).
+
+    ``PAGE_LOADS`` (PAGE a power of two dividing BLOCK_N, ``n_start`` a
+    multiple of PAGE): the tile is loaded as [BLOCK_N // PAGE, PAGE, BLOCK_D],
+    one block-table entry per page, then reshaped to [BLOCK_N, BLOCK_D]."""
     offs_d = tl.arange(0, BLOCK_D)
+    if PAGE_LOADS:
+        NP: tl.constexpr = BLOCK_N // PAGE
+        pg = n_start // PAGE + tl.arange(0, NP)
+        offs_t = tl.arange(0, PAGE)
+        if MASK_N:
+            phys = tl.load(bt_row + pg * stride_bt_blk, mask=pg * PAGE < kv_end, other=0)
+        else:
+            phys = tl.load(bt_row + pg * stride_bt_blk)
+        base = phys.to(tl.int64) * stride_c_blk + head_off  # [NP]
+        k3 = (kv_cache_ptr + base[:, None, None]
+              + (offs_t.to(tl.int64) * stride_c_tok)[None, :, None]
+              + offs_d[None, None, :] * stride_c_d)  # [NP, PAGE, BLOCK_D]
+        v3 = k3 + HEAD_SIZE * stride_c_d
+        if MASK_N:
+            m3 = (((pg * PAGE)[:, None] + offs_t[None, :] < kv_end)[:, :, None]
+                  & (offs_d < HEAD_SIZE)[None, None, :])
+            k = tl.load(k3, mask=m3, other=0.0)
+            v = tl.load(v3, mask=m3, other=0.0)
+        elif HEAD_SIZE == BLOCK_D:
+            k = tl.load(k3)
+            v = tl.load(v3)
+        else:
+            m3 = (offs_d < HEAD_SIZE)[None, None, :]
+            k = tl.load(k3, mask=m3, other=0.0)
+            v = tl.load(v3, mask=m3, other=0.0)
+        return tl.reshape(k, [BLOCK_N, BLOCK_D]), tl.reshape(v, [BLOCK_N, BLOCK_D])
+    offs_n = n_start + tl.arange(0, BLOCK_N)
     if MASK_N:
         n_mask = offs_n < kv_end
         phys = tl.load(bt_row + (offs_n // PAGE) * stride_bt_blk, mask=n_mask, other=0)

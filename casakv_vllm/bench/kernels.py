@@ -48,6 +48,11 @@ class Result:
     rel_err: float
     index_ms: float | None = None  # building the tile index (per batch and layer); not in casakv_ms
     vllm_triton_ms: float | None = None
+    # torch SDPA restricted to EFFICIENT_ATTENTION (the CUTLASS kernel xformers'
+    # memory_efficient_attention forward calls); dense cells only, else None
+    mem_efficient_ms: float | None = None
+    mem_efficient_gqa: str | None = None  # how K/V heads were matched to the 32 query heads
+    mem_efficient_rel_err: float | None = None  # its output vs casakv's
 
 
 def _bench(fn, rep_ms: int = 200) -> float:
@@ -156,6 +161,44 @@ def _patterns(name: str, n: int):
     return p
 
 
+def _mem_efficient(qb: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, scale: float):
+    """A callable running torch SDPA with only the EFFICIENT_ATTENTION backend,
+    and how GQA was handled.
+
+    That backend needs as many K/V heads as query heads.  Like xformers does for
+    its 5-D (BMGHK) GQA inputs, the KV head goes into the batch dimension and
+    each K/V head is repeated over its query group as a stride-0 view (no copy):
+    q [B, HQ, M, D] -> [B*HKV, G, M, D], k/v -> [B*HKV, G (stride 0), N, D].
+    If the backend refuses that view, K/V are copied with ``repeat_interleave``
+    (as the SDPA-flash column does).  Returns (fn, gqa) where fn() gives
+    [B, HQ, M, D].
+    """
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    b, hq, m, d = qb.shape
+    hkv, n = k.shape[1], k.shape[2]
+    g = hq // hkv
+
+    def make(qq, kk, vv):
+        def fn():
+            with sdpa_kernel([SDPBackend.EFFICIENT_ATTENTION]):
+                o = F.scaled_dot_product_attention(qq, kk, vv, is_causal=causal, scale=scale)
+            return o.reshape(b, hq, m, d)
+        return fn
+
+    qv = qb.reshape(b * hkv, g, m, d)
+    kv_view = [t.reshape(b * hkv, 1, n, d).expand(b * hkv, g, n, d) for t in (k, v)]
+    fn = make(qv, *kv_view)
+    try:
+        fn()
+        torch.cuda.synchronize()
+        return fn, "stride-0 head view (no copy)"
+    except RuntimeError as err:
+        print(f"  mem-efficient refused the stride-0 view ({str(err).splitlines()[0][:120]}); copying K/V")
+    kk, vv = k.repeat_interleave(g, 1), v.repeat_interleave(g, 1)
+    return make(qb, kk, vv), "repeat_interleave copy"
+
+
 def triton_cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
@@ -206,11 +249,25 @@ def bench_prefill(n: int, masks, flex, gen, rep_ms: int) -> list[Result]:
             err = _rel_err(ours, flex(qb, k, v, block_mask=bm, enable_gqa=True, scale=scale))
         else:  # no peer output to compare with at this shape
             err = float("nan")
-        results.append(Result("prefill", n, 1, name, round(density, 4), casakv_ms, sdpa_ms, flex_ms,
-                              int(index.tile_count.sum()) * block_n * 2 * D * 2, None, err, index_ms))
+        res = Result("prefill", n, 1, name, round(density, 4), casakv_ms, sdpa_ms, flex_ms,
+                     int(index.tile_count.sum()) * block_n * 2 * D * 2, None, err, index_ms)
+        if name == "causal":
+            _add_mem_efficient(res, qb, k, v, True, scale, ours, lambda f: _bench(f, rep_ms))
+        results.append(res)
         del bm, index
         torch.cuda.empty_cache()
     return results
+
+
+def _add_mem_efficient(res: Result, qb, k, v, causal: bool, scale: float, ours, timer) -> None:
+    """Fill ``res.mem_efficient_*`` (left None when the backend fails here)."""
+    try:
+        fn, res.mem_efficient_gqa = _mem_efficient(qb, k, v, causal, scale)
+        res.mem_efficient_rel_err = _rel_err(ours, fn())
+        res.mem_efficient_ms = timer(fn)
+    except Exception as err:  # noqa: BLE001  (backend unavailable / out of memory at this shape)
+        print(f"  mem-efficient failed: {type(err).__name__}: {str(err).splitlines()[0][:160]}")
+    torch.cuda.empty_cache()
 
 
 def bench_decode(n: int, batch: int, flex, gen, copy_bps: float, rep_ms: int) -> list[Result]:
@@ -266,14 +323,18 @@ def bench_decode(n: int, batch: int, flex, gen, copy_bps: float, rep_ms: int) ->
             flex_ms = _try_bench(lambda: flex(qb, k, v, block_mask=bm, enable_gqa=True, scale=scale), rep_ms)
         else:
             flex_ms = _try_bench(lambda: flex(qb, k, v, enable_gqa=True, scale=scale), rep_ms)
-        results.append(Result("decode", n, batch, name, round(frac, 4), casakv_ms, sdpa_ms, flex_ms,
-                              bytes_read, bytes_read / (casakv_ms / 1e3) / copy_bps, err))
+        res = Result("decode", n, batch, name, round(frac, 4), casakv_ms, sdpa_ms, flex_ms,
+                     bytes_read, bytes_read / (casakv_ms / 1e3) / copy_bps, err)
+        if frac == 1.0:
+            _add_mem_efficient(res, qb, k, v, False, scale, out.unsqueeze(2), lambda f: bench_graph([f]))
+        results.append(res)
     del kv, k, v
     torch.cuda.empty_cache()
     return results
 
 
-def run(json_path: Path, md_path: Path | None, quick: bool = False, progress=print) -> dict:
+def run(json_path: Path, md_path: Path | None, quick: bool = False, progress=print,
+        command: str = "casakv bench kernels") -> dict:
     if not torch.cuda.is_available():
         raise SystemExit("casakv bench kernels needs a CUDA GPU (this machine has none)")
     from torch.nn.attention.flex_attention import flex_attention
@@ -298,15 +359,16 @@ def run(json_path: Path, md_path: Path | None, quick: bool = False, progress=pri
         else:
             results += bench_prefill(n, ("causal", "a-shape", "vertical-slash"), flex, gen, rep)
         progress(f"{kind} N={n} B={b} done ({time.time() - t0:.0f}s)")
-        _write(json_path, md_path, results, copy_bps, t0)
-    return _write(json_path, md_path, results, copy_bps, t0)
+        _write(json_path, md_path, results, copy_bps, t0, command)
+    return _write(json_path, md_path, results, copy_bps, t0, command)
 
 
-def _write(json_path: Path, md_path: Path | None, results: list[Result], copy_bps: float, t0: float) -> dict:
+def _write(json_path: Path, md_path: Path | None, results: list[Result], copy_bps: float, t0: float,
+           command: str = "casakv bench kernels") -> dict:
     import triton
 
     doc = {
-        "command": f"casakv bench kernels --json {json_path.name}" + (f" --md {md_path.name}" if md_path else "")
+        "command": f"{command} --json {json_path.name}" + (f" --md {md_path.name}" if md_path else "")
                    + " (run by scripts/gpu-suite.sh)",
         "gpu": torch.cuda.get_device_name(0), "torch": torch.__version__, "triton": triton.__version__,
         "python": platform.python_version(), "copy_TBps": copy_bps / 1e12,
@@ -325,15 +387,38 @@ def markdown(doc: dict) -> str:
     lines = [f"# Kernel benchmark: {doc['gpu']}", "",
              f"`{doc['command']}` (torch {doc['torch']}, triton {doc['triton']}); "
              f"measured copy bandwidth {doc['copy_TBps']:.2f} TB/s. Times are medians in ms.", "",
-             "| kind | N | B | mask | density | casakv | SDPA | Flex | casakv/Flex | SDPA/casakv | HBM frac | rel err |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "`mem-eff` = SDPA restricted to EFFICIENT_ATTENTION (the kernel xformers' memory-efficient "
+             "attention runs), dense cells only.", "",
+             "| kind | N | B | mask | density | casakv | SDPA | Flex | mem-eff | casakv/Flex | SDPA/casakv "
+             "| mem-eff/casakv | HBM frac | rel err |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     def num(x, fmt):
         return "-" if x is None else format(x, fmt)
 
     for r in doc["results"]:
         flex, ours, sdpa = r["flex_ms"], r["casakv_ms"], r["sdpa_ms"]
+        me = r.get("mem_efficient_ms")
         lines.append(" | ".join([
             f"| {r['kind']}", str(r["seq_len"]), str(r["batch"]), r["mask"], f"{r['density']:.3f}",
-            f"{ours:.3f}", f"{sdpa:.3f}", num(flex, ".3f"), num(ours / flex if flex else None, ".2f"),
-            f"{sdpa / ours:.2f}", num(r["hbm_fraction"], ".2f"), f"{r['rel_err']:.1e} |"]))
+            f"{ours:.3f}", f"{sdpa:.3f}", num(flex, ".3f"), num(me, ".3f"),
+            num(ours / flex if flex else None, ".2f"), f"{sdpa / ours:.2f}", num(me / ours if me else None, ".2f"),
+            num(r["hbm_fraction"], ".2f"), f"{r['rel_err']:.1e} |"]))
     return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m casakv_vllm.bench.kernels``: the same run as ``casakv bench
+    kernels``, without importing the rest of the CLI."""
+    import argparse
+
+    ap = argparse.ArgumentParser(prog="python -m casakv_vllm.bench.kernels")
+    ap.add_argument("--json", required=True)
+    ap.add_argument("--md")
+    ap.add_argument("--quick", action="store_true")
+    a = ap.parse_args(argv)
+    run(Path(a.json), Path(a.md) if a.md else None, quick=a.quick, progress=lambda m: print(m, flush=True),
+        command="python -m casakv_vllm.bench.kernels")
+
+
+if __name__ == "__main__":
+    main()

@@ -192,3 +192,20 @@ def test_patterns_beyond_tiles_and_clamped_blocks():
     p.block = 8
     case = _make_case([44], [16], 1, 2, 16, 16, torch.float32, seed=2)
     _check(case, p, plan=(16, 16))
+
+
+@pytest.mark.parametrize("block_size,plan", [(16, (8, 32)), (8, (5, 16)), (5, (4, 16))])
+def test_page_loads_and_reversed_tiles(monkeypatch, block_size, plan):
+    """The kernel variants (per-page K/V loads, longest query tiles first) give
+    the reference's result; a block size that is not a power of two falls back
+    to per-token loads."""
+    from casakv_vllm.triton_kernels import sparse_prefill
+
+    monkeypatch.setattr(sparse_prefill, "PAGE_LOADS", True)
+    monkeypatch.setattr(sparse_prefill, "REVERSE_Q", True)
+    q_lens, ctx_lens = [1, 37, 20], [50, 0, 30]
+    rng = random.Random(block_size)
+    patterns = random_patterns(rng, [q + c for q, c in zip(q_lens, ctx_lens)], 2)
+    case = _make_case(q_lens, ctx_lens, 2, 4, 32, block_size, torch.bfloat16, seed=block_size)
+    _check(case, patterns, plan)
+    _check(case, PatternBatch.dense(3, 2), plan)
