@@ -9,7 +9,7 @@ import sys
 import time
 from pathlib import Path
 
-EVAL_SERVER_ARGS = ["--max-model-len", "8192", "--dtype", "bfloat16", "--block-size", "16",
+EVAL_SERVER_ARGS = ["--max-model-len", "8192", "--dtype", "float32", "--block-size", "16",
                     "--max-num-batched-tokens", "2048", "--max-num-seqs", "16", "--enable-prefix-caching"]
 
 
