@@ -18,7 +18,7 @@ import torch
 from casakv_vllm.attention.plan import BatchPlan
 from casakv_vllm.attention.torch_paged import attend, decode_attention, gather_kv
 from casakv_vllm.observations import record_chunk
-from casakv_vllm.triton_kernels.patterns import pattern_mask
+from casakv_vllm.triton_kernels.patterns import PatternBatch, pattern_mask
 
 
 @dataclass
@@ -31,27 +31,37 @@ class LayerCounts:
 
 def cpu_attention(
     query: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Tensor, query_start_loc: list[int],
-    seq_lens: list[int], scale: float, out: torch.Tensor, plan: BatchPlan, layer: int,
+    seq_lens: list[int], scale: float, out: torch.Tensor, plan: BatchPlan | None = None, layer: int = 0,
+    patterns: PatternBatch | None = None,
 ) -> LayerCounts:
-    """Attention for a varlen batch on CPU (shapes as in ``torch_paged.paged_attention_cpu``)."""
+    """Causal paged attention for a varlen batch on CPU (host-side loop over requests), fp32 math.
+
+    Args:
+        query: ``[num_tokens, num_heads, D]``.
+        kv_cache: ``[num_blocks, num_kv_heads, block_size, 2 * D]``.
+        block_table: ``[num_reqs, max_blocks]`` int.
+        query_start_loc: ``num_reqs + 1`` host ints; seq_lens: ``num_reqs`` host ints.
+        out: ``[num_tokens, num_heads, D]``; rows of the batch are written.
+        plan: each row's policy and request (None: every row dense, or ``patterns``).
+        patterns: explicit per-row patterns (used when the plan gives none).
+    """
     block_size, num_kv = kv_cache.shape[2], kv_cache.shape[1]
     counts = LayerCounts()
-    patterns = None
-    if plan.uniform is not None and not plan.uniform.attends_all and not plan.uniform.evicts:
+    if plan is not None and plan.uniform is not None and not plan.uniform.attends_all and not plan.uniform.evicts:
         patterns = plan.patterns(layer, seq_lens, num_kv, query.device)
     for i, seq_len in enumerate(seq_lens):
         start, end = query_start_loc[i], query_start_loc[i + 1]
         q_len = end - start
         if q_len == 0:
             continue
-        row = plan.rows[i]
+        row = plan.rows[i] if plan is not None else None
         ctx = seq_len - q_len
         k, v = gather_kv(kv_cache, block_table[i, : -(-seq_len // block_size)].long(), seq_len)
         q = query[start:end].transpose(0, 1)  # [H, q_len, D]
         allowed, keep_policy = None, None
         if patterns is not None:
             allowed = pattern_mask(patterns, i, torch.arange(ctx, seq_len), seq_len)
-        elif row.policy.evicts and row.slot is not None:
+        elif row is not None and row.policy.evicts and row.slot is not None:
             plen = row.slot.prompt_len
             if ctx < plen and row.obs is not None:
                 record_chunk(row.obs, layer, q, k, ctx, scale, row.policy.needs_col_sums)
@@ -71,7 +81,7 @@ def cpu_attention(
         causal_kv = num_kv * (q_len * ctx + q_len * (q_len + 1) // 2)
         read = int(allowed.sum()) if allowed is not None else causal_kv
         counts.attended += read
-        if q_len == 1:
+        if q_len == 1 and row is not None:
             pair = counts.decode.setdefault(row.label, [0, 0])
             pair[0] += read
             pair[1] += causal_kv

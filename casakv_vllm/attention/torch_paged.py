@@ -12,7 +12,6 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from casakv_vllm.triton_kernels.patterns import PatternBatch, pattern_mask
 
 
 def write_kv(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
@@ -105,51 +104,3 @@ def decode_attention(
     probs = torch.softmax(logits, dim=-1)
     out = torch.bmm(probs, v.float())
     return out.reshape(num_heads, 1, dim), probs.reshape(num_heads, 1, -1)
-
-
-def paged_attention_cpu(
-    query: torch.Tensor,
-    kv_cache: torch.Tensor,
-    block_table: torch.Tensor,
-    query_start_loc: list[int],
-    seq_lens: list[int],
-    scale: float,
-    out: torch.Tensor,
-    patterns: PatternBatch | None = None,
-) -> int:
-    """Causal paged attention for a varlen batch (host-side loop over requests).
-
-    Args:
-        query: ``[num_tokens, num_heads, D]``.
-        kv_cache: ``[num_blocks, num_kv_heads, block_size, 2 * D]``.
-        block_table: ``[num_reqs, max_blocks]`` int.
-        query_start_loc: ``num_reqs + 1`` host ints.
-        seq_lens: ``num_reqs`` host ints (context + new tokens).
-        out: ``[num_tokens, num_heads, D]``; rows of the batch are written.
-        patterns: per-request, per-KV-head patterns (row ``i`` = request ``i``);
-            None = dense causal attention.
-
-    Returns:
-        KV tokens attended, summed over query tokens and KV heads.
-    """
-    block_size = kv_cache.shape[2]
-    num_kv_heads = kv_cache.shape[1]
-    attended = 0
-    for i, seq_len in enumerate(seq_lens):
-        start, end = query_start_loc[i], query_start_loc[i + 1]
-        q_len = end - start
-        if q_len == 0:
-            continue
-        num_blocks = -(-seq_len // block_size)
-        k, v = gather_kv(kv_cache, block_table[i, :num_blocks].long(), seq_len)
-        allowed = None
-        if patterns is not None:
-            q_pos = torch.arange(seq_len - q_len, seq_len, device=query.device)
-            allowed = pattern_mask(patterns, i, q_pos, seq_len)
-            attended += int(allowed.sum())
-        else:
-            ctx = seq_len - q_len
-            attended += num_kv_heads * (q_len * ctx + q_len * (q_len + 1) // 2)
-        o = attend(query[start:end].transpose(0, 1), k, v, seq_len - q_len, scale, allowed)
-        out[start:end] = o.transpose(0, 1).to(out.dtype)
-    return attended

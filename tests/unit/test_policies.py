@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from casakv_vllm.attention.torch_paged import paged_attention_cpu
+from casakv_vllm.attention.cpu_path import cpu_attention
 from casakv_vllm.config import CasakvConfigError, load_config
 from casakv_vllm.policies import available_policies, get_policy_class
 from casakv_vllm.triton_kernels.patterns import pattern_mask
@@ -56,7 +56,8 @@ def test_cpu_path_applies_streaming_pattern():
     q = torch.randn(1, hkv * group, d, generator=g)  # decode: one token at position seq-1
     out = torch.empty_like(q)
     pol = _policy({"policy": "streaming", "policy_params": {"sink": 3, "window": 10}})
-    attended = paged_attention_cpu(q, cache, table, [0, 1], [seq], 0.25, out, pol.patterns(0, [seq], hkv, "cpu"))
+    attended = cpu_attention(q, cache, table, [0, 1], [seq], 0.25, out,
+                             patterns=pol.patterns(0, [seq], hkv, "cpu")).attended
     assert attended == hkv * 13
     k, v = gather_kv(cache, table[0], seq)  # [seq, hkv, d] fp32
     keep = list(range(3)) + list(range(seq - 10, seq))

@@ -4,7 +4,8 @@ import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
-from casakv_vllm.attention.torch_paged import paged_attention_cpu, write_kv
+from casakv_vllm.attention.cpu_path import cpu_attention
+from casakv_vllm.attention.torch_paged import write_kv
 from casakv_vllm.triton_kernels.reference import paged_attention_ref, reshape_and_cache_ref
 
 
@@ -43,7 +44,7 @@ def test_paged_attention_cpu_matches_reference(seed, reqs, num_kv_heads, group, 
     ctx = [c for _, c in reqs]
     q, cache, table, qsl, seq_lens = _batch(seed, q_lens, ctx, num_kv_heads, group, head_size, block_size, dtype, token_major)
     out = torch.full((q.shape[0] + 2, *q.shape[1:]), float("nan"), dtype=dtype)
-    paged_attention_cpu(q, cache, table, qsl.tolist(), seq_lens.tolist(), 0.125, out)
+    cpu_attention(q, cache, table, qsl.tolist(), seq_lens.tolist(), 0.125, out)
     ref = paged_attention_ref(q, cache, table, qsl, seq_lens, 0.125)
     n = q.shape[0]
     assert torch.isnan(out[n:]).all(), "rows past the batch were written"
