@@ -34,9 +34,8 @@ def _shim():
 
 
 _shim()
-from casakv_vllm.bench.kernels import bench_graph  # noqa: E402
+from casakv_vllm.bench.kernels import bench_graph, bench_patterns as patterns  # noqa: E402
 from casakv_vllm.triton_kernels.paged_attention import paged_attention  # noqa: E402
-from casakv_vllm.triton_kernels.patterns import PatternBatch  # noqa: E402
 from casakv_vllm.triton_kernels.sparse_decode import (  # noqa: E402
     SparseDecodeWorkspace, choose_num_splits, sparse_paged_decode)
 from casakv_vllm.triton_kernels.sparse_decode_reference import sparse_paged_decode_ref  # noqa: E402
@@ -72,20 +71,6 @@ def contiguous(kv, table):
     return g[..., :D].contiguous(), g[..., D:].contiguous()
 
 
-def patterns(name, n):
-    if name == "causal":
-        return PatternBatch.dense(1, HKV, device="cuda")
-    if name == "a-shape":
-        return PatternBatch.local(1, HKV, SINK, WINDOW, device="cuda")
-    cols = torch.arange(n, device="cuda")
-    cols = cols[(cols // VS_BLOCK) % VS_EVERY == 3].to(torch.int32)
-    p = PatternBatch.empty(1, HKV, num_vertical=cols.numel(), device="cuda")
-    p.sink.fill_(SINK)
-    p.window.fill_(VS_WINDOW)
-    p.vertical.copy_(cols.view(1, 1, -1).expand_as(p.vertical))
-    return p
-
-
 MODS = {
     "causal": lambda b, h, q, k: q >= k,
     "a-shape": lambda b, h, q, k: (q >= k) & ((k < SINK) | (q - k < WINDOW)),
@@ -118,17 +103,21 @@ PREFILL_CFGS = [  # (BLOCK_M, BLOCK_N, warps, stages)
 ]
 
 
-def sweep_prefill(gen, rows, n, masks, cfgs, flex, do_dense):
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-    from torch.nn.attention.flex_attention import create_block_mask
-    import torch.nn.functional as F
+def prefill_inputs(gen, n):
+    """One random sequence of n tokens: paged KV + table, q, offsets, contiguous K/V, SDPA-shaped q, scale."""
     kv, table = paged_kv(1, n, gen)
     q = torch.randn(n, HQ, D, dtype=DT, device="cuda", generator=gen)
     qsl = torch.tensor([0, n], dtype=torch.int32, device="cuda")
     sl = torch.tensor([n], dtype=torch.int32, device="cuda")
     k, v = contiguous(kv, table)
-    qb = q.transpose(0, 1).unsqueeze(0)
-    scale = D ** -0.5
+    return kv, table, q, qsl, sl, k, v, q.transpose(0, 1).unsqueeze(0), D ** -0.5
+
+
+def sweep_prefill(gen, rows, n, masks, cfgs, flex, do_dense):
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.nn.attention.flex_attention import create_block_mask
+    import torch.nn.functional as F
+    kv, table, q, qsl, sl, k, v, qb, scale = prefill_inputs(gen, n)
     with sdpa_kernel([SDPBackend.FLASH_ATTENTION]):
         kk, vv = k.repeat_interleave(4, 1), v.repeat_interleave(4, 1)
         sdpa = bench(lambda: F.scaled_dot_product_attention(qb, kk, vv, is_causal=True))
@@ -190,13 +179,7 @@ def sweep_variants(gen, rows, n, masks, flex, reps=2):
     from torch.nn.attention.flex_attention import create_block_mask
     from casakv_vllm.triton_kernels import sparse_prefill
     from casakv_vllm.triton_kernels.sparse_prefill import plan_blocks
-    kv, table = paged_kv(1, n, gen)
-    q = torch.randn(n, HQ, D, dtype=DT, device="cuda", generator=gen)
-    qsl = torch.tensor([0, n], dtype=torch.int32, device="cuda")
-    sl = torch.tensor([n], dtype=torch.int32, device="cuda")
-    k, v = contiguous(kv, table)
-    qb = q.transpose(0, 1).unsqueeze(0)
-    scale = D ** -0.5
+    kv, table, q, qsl, sl, k, v, qb, scale = prefill_inputs(gen, n)
     bq, bn = plan_blocks(HQ // HKV, D, n)
     variants = [(False, False), (True, False), (False, True), (True, True)]
     for name in masks:

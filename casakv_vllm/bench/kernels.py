@@ -144,7 +144,8 @@ def _vertical_slash(b, h, q, k):
 MASK_MODS = {"causal": _causal, "a-shape": _a_shape, "vertical-slash": _vertical_slash}
 
 
-def _patterns(name: str, n: int):
+def bench_patterns(name: str, n: int):
+    """The benchmark's masks as patterns of one sequence of ``n`` tokens (also used by scripts/kernel_sweep.py)."""
     from casakv_vllm.triton_kernels.patterns import PatternBatch
 
     if name == "causal":
@@ -231,7 +232,7 @@ def bench_prefill(n: int, masks, flex, gen, rep_ms: int) -> list[Result]:
                        for i in range(triton_cdiv(n, block_q)))
     results = []
     for name in masks:
-        pat = _patterns(name, n)
+        pat = bench_patterns(name, n)
         index = build_prefill_index(pat, qsl, seq_lens, n, n, block_q, block_n)
         density = float(index.tile_count.sum()) / (HKV * causal_tiles)
         out = torch.empty_like(q)
