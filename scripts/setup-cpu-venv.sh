@@ -10,7 +10,7 @@ set -euo pipefail
 
 VENV="${1:-.venv}"
 PY="${PYTHON:-python3}"
-STAMP="$VENV/.casakv-setup-v1"
+STAMP="$VENV/.casakv-setup-v2"
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
 
 if [ -f "$STAMP" ]; then
@@ -50,7 +50,7 @@ PIP install -q "gguf>=0.10" "accelerate>=1.0"
 
 # 6. this project, editable, with its test extras
 echo "[setup] casakv-vllm (editable) + test tools"
-PIP install -q "pytest>=8" "hypothesis>=6.100" "pytest-timeout>=2.3" "requests>=2.31"
+PIP install -q "pytest>=8" "hypothesis>=6.100" "pytest-timeout>=2.3" "requests>=2.31" "matplotlib>=3.8"
 PIP install -q --no-deps --no-build-isolation -e "$ROOT"
 
 # 7. PyPI's torchvision/torchaudio/torchcodec builds do not load beside this
