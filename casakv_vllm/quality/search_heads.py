@@ -2,11 +2,13 @@
 
 For each calibration prompt, the model runs once (Hugging Face transformers,
 CPU) with hooks that capture every layer's post-RoPE queries and keys.  The
-prompt is split as a request would be: the first ``L - E`` tokens are the
-"prompt" whose last 64 queries choose the keep-set (as the ``static-heads``
-policy does at decode), and the last ``E`` queries play the decode steps.
-A head's *recall* for a pattern type is the attention mass those decode-like
-queries put on the kept prompt tokens.  Each (layer, KV head) gets the type
+prompt is split as a request would be: the first ``L - GAP - E`` tokens are
+the "prompt" whose last 64 queries choose the keep-set (as the
+``static-heads`` policy does at decode); the last ``E`` queries, ``GAP``
+tokens later, play decode steps well into the generation (a keep-set must
+serve the future, not only the question that chose it).  A head's *recall*
+for a pattern type is the share of those queries' attention on prompt tokens
+that falls on kept prompt tokens.  Each (layer, KV head) gets the type
 with the highest mean recall over the calibration prompts.
 """
 
@@ -24,6 +26,7 @@ from casakv_vllm.policies.keep import _probs_at, window_scores
 from casakv_vllm.policies.static_heads import HEAD_TYPES, keep_for_type
 
 EVAL_QUERIES = 32
+GAP = 224
 OBS = 64
 
 
@@ -59,12 +62,12 @@ def head_recalls(q: torch.Tensor, k: torch.Tensor, budget_fraction: float, scale
     """Recall ``[num_types, num_kv_heads]`` of each pattern type on one sequence."""
     num_kv = k.shape[0]
     length = q.shape[1]
-    plen = length - EVAL_QUERIES
+    plen = length - EVAL_QUERIES - GAP
     budget = max(1, math.ceil(budget_fraction * plen))
     w = min(OBS, plen)
     obs = LayerObservation(q[:, plen - w:plen].clone(), torch.ones(w, dtype=torch.bool))
     scores = window_scores(obs, k[:, :plen], OBS, scale)
-    probs = _probs_at(q[:, plen:], k[:, :plen], torch.full((EVAL_QUERIES,), plen), scale)
+    probs = _probs_at(q[:, -EVAL_QUERIES:], k[:, :plen], torch.full((EVAL_QUERIES,), plen), scale)
     mass = group_sum(probs, num_kv).sum(1)  # [Hkv, plen]: decode queries' attention on prompt keys
     total = mass.sum(1).clamp_min(1e-9)
     out = torch.zeros(len(HEAD_TYPES), num_kv)

@@ -192,3 +192,38 @@ def test_batch_plan_resolves_rows_and_builds_shared_patterns_once():
         assert plan_batch(resolver, 2).rows[1].policy is plan.rows[1].policy  # cached per override
     finally:
         RequestTracker.current = None
+
+
+def test_head_search_prefers_what_future_queries_read():
+    from casakv_vllm.quality.search_heads import EVAL_QUERIES, GAP, head_recalls
+
+    g = torch.Generator().manual_seed(3)
+    length = 600
+    q = torch.randn(H, length, D, generator=g)
+    k = torch.randn(HKV, length, D, generator=g)
+    u = torch.randn(D, generator=g)
+    u = u / u.norm()
+    q += 4 * u
+    k[:, [40, 41, 42, 120, 121, 122]] = 6 * u  # columns every query reads, far from the end
+    rec = head_recalls(q, k, 0.1, SCALE)
+    assert rec.shape == (len(HEAD_TYPES), HKV) and bool((rec >= 0).all()) and bool((rec <= 1 + 1e-5).all())
+    a_shape, vertical = HEAD_TYPES.index("a-shape"), HEAD_TYPES.index("vertical")
+    assert bool((rec[vertical] > rec[a_shape] + 0.2).all()), rec
+    assert length - GAP - EVAL_QUERIES > 64
+
+
+def test_composite_is_the_union_of_its_members_within_the_budget():
+    members = [{"policy": "streaming", "share": 0.25, "policy_params": {"scope": "decode"}},
+               {"policy": "snapkv", "share": 0.75}]
+    p = policy("composite", kv_budget=80, policy_params={"members": members})
+    q, k, obs = observed_prompt(300, planted=[17, 90, 151])
+    keep = p.select(2, 300, k, obs.layers[0], SCALE)
+    parts = [m.select(2, 300, k, obs.layers[0], SCALE) for m in p.members]
+    assert torch.equal(keep, parts[0] | parts[1])
+    assert bool((keep.sum(1) <= 80).all()) and bool(keep[:, :4].all()) and bool(keep[:, [17, 90, 151]].all())
+    with pytest.raises(ValueError, match="cannot be composed"):
+        CasakvConfig(policy="composite", kv_budget=80,
+                     policy_params={"members": [{"policy": "h2o", "share": 0.5}, {"policy": "snapkv", "share": 0.5}]})
+    with pytest.raises(ValueError, match="sum to at most 1"):
+        CasakvConfig(policy="composite", kv_budget=80,
+                     policy_params={"members": [{"policy": "snapkv", "share": 0.7}, {"policy": "adakv", "share": 0.7}]})
