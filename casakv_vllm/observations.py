@@ -123,12 +123,13 @@ def record_chunk(
         rec.col_rows = ctx + rows
 
 
-def attention_probs(q: torch.Tensor, k: torch.Tensor, first_pos: int, scale: float,
+def attention_probs(q: torch.Tensor, k: torch.Tensor, first_pos, scale: float,
                     allowed: torch.Tensor | None = None) -> torch.Tensor:
     """Causal softmax probabilities, fp32.
 
     Args:
-        q: ``[num_heads, n, D]`` at positions ``first_pos ..``.
+        q: ``[num_heads, n, D]`` at positions ``first_pos ..`` (an int), or at
+            the positions given by an ``[n]`` tensor.
         k: ``[num_kv_heads, S, D]``.
         allowed: optional ``[num_kv_heads, n, S]`` bool mask (on top of causal).
     Returns:
@@ -139,8 +140,8 @@ def attention_probs(q: torch.Tensor, k: torch.Tensor, first_pos: int, scale: flo
     group = num_heads // num_kv
     kf = k.float().repeat_interleave(group, dim=0) if group > 1 else k.float()
     logits = torch.matmul(q.float(), kf.transpose(1, 2)) * scale
-    pos = torch.arange(n).unsqueeze(1) + first_pos
-    mask = torch.arange(seq).unsqueeze(0) <= pos
+    pos = torch.arange(n) + first_pos if isinstance(first_pos, int) else first_pos
+    mask = torch.arange(seq).unsqueeze(0) <= pos.unsqueeze(1)
     if allowed is not None:
         mask = mask & (allowed.repeat_interleave(group, dim=0) if group > 1 else allowed)
     logits = logits.masked_fill(~mask, float("-inf"))

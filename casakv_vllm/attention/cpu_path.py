@@ -68,8 +68,9 @@ def cpu_attention(
             if ctx >= plen:
                 visible = row.policy.visible(layer, row.slot.state, plen, seq_len, k,
                                              row.obs.layers.get(layer) if row.obs else None, scale)
-                causal = torch.arange(seq_len).unsqueeze(0) <= torch.arange(ctx, seq_len).unsqueeze(1)
-                allowed = visible.unsqueeze(1) & causal
+                allowed = visible.unsqueeze(1)  # [Hkv, 1, S]: a decode row sees every position before it
+                if q_len > 1:
+                    allowed = allowed & (torch.arange(seq_len).unsqueeze(0) <= torch.arange(ctx, seq_len).unsqueeze(1))
                 keep_policy = row.policy
         if q_len == 1:
             o, probs = decode_attention(q, k, v, scale, allowed)

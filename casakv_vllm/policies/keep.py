@@ -20,7 +20,7 @@ from typing import ClassVar
 
 import torch
 
-from casakv_vllm.observations import LayerObservation, group_sum
+from casakv_vllm.observations import LayerObservation, attention_probs, group_sum
 from casakv_vllm.policies.base import Policy
 
 logger = logging.getLogger("casakv_vllm")
@@ -113,19 +113,8 @@ def window_scores(obs: LayerObservation | None, k: torch.Tensor, window: int, sc
     if rows.numel() == 0:
         return None
     first = plen - w_all
-    probs = _probs_at(obs.window_q[:, rows], k, first + rows, scale)
+    probs = attention_probs(obs.window_q[:, rows], k, first + rows, scale)
     return group_sum(probs, num_kv).sum(1)
-
-
-def _probs_at(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, scale: float) -> torch.Tensor:
-    """Causal probabilities of queries at arbitrary ``positions`` (``[n]``)."""
-    num_heads = q.shape[0]
-    num_kv, seq, _ = k.shape
-    group = num_heads // num_kv
-    kf = k.float().repeat_interleave(group, dim=0) if group > 1 else k.float()
-    logits = torch.matmul(q.float(), kf.transpose(1, 2)) * scale
-    mask = torch.arange(seq).unsqueeze(0) <= positions.unsqueeze(1)
-    return torch.softmax(logits.masked_fill(~mask, float("-inf")), dim=-1)
 
 
 def recency_keep(num_kv: int, prompt_len: int, budget: int, sink: int = 4) -> torch.Tensor:

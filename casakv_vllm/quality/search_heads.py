@@ -21,8 +21,8 @@ from typing import Callable, Sequence
 
 import torch
 
-from casakv_vllm.observations import LayerObservation, group_sum
-from casakv_vllm.policies.keep import _probs_at, window_scores
+from casakv_vllm.observations import LayerObservation, attention_probs, group_sum
+from casakv_vllm.policies.keep import window_scores
 from casakv_vllm.policies.static_heads import HEAD_TYPES, keep_for_type
 
 EVAL_QUERIES = 32
@@ -67,7 +67,7 @@ def head_recalls(q: torch.Tensor, k: torch.Tensor, budget_fraction: float, scale
     w = min(OBS, plen)
     obs = LayerObservation(q[:, plen - w:plen].clone(), torch.ones(w, dtype=torch.bool))
     scores = window_scores(obs, k[:, :plen], OBS, scale)
-    probs = _probs_at(q[:, -EVAL_QUERIES:], k[:, :plen], torch.full((EVAL_QUERIES,), plen), scale)
+    probs = attention_probs(q[:, -EVAL_QUERIES:], k[:, :plen], torch.full((EVAL_QUERIES,), plen), scale)
     mass = group_sum(probs, num_kv).sum(1)  # [Hkv, plen]: decode queries' attention on prompt keys
     total = mass.sum(1).clamp_min(1e-9)
     out = torch.zeros(len(HEAD_TYPES), num_kv)
