@@ -90,6 +90,9 @@ def build_parser() -> argparse.ArgumentParser:
     pk.add_argument("--json", required=True, help="where to write the results JSON")
     pk.add_argument("--md", help="also write a Markdown summary here")
     pk.add_argument("--quick", action="store_true", help="one size per kind (smoke run)")
+    pk.add_argument("--vllm-kernel", metavar="DIR",
+                    help="time vLLM's Triton kernel from a folder staged by scripts/stage_vllm_kernel.py "
+                         "(default: the installed vLLM, if any)")
     pk.set_defaults(func=_cmd_bench_kernels)
 
     from casakv_vllm.quality.cli import add_parser as add_eval_parser
@@ -105,7 +108,8 @@ def build_parser() -> argparse.ArgumentParser:
 def _cmd_bench_kernels(args: argparse.Namespace) -> int:
     from casakv_vllm.bench.kernels import run
 
-    run(Path(args.json), Path(args.md) if args.md else None, quick=args.quick, progress=lambda m: print(m, flush=True))
+    run(Path(args.json), Path(args.md) if args.md else None, quick=args.quick, progress=lambda m: print(m, flush=True),
+        vllm_kernel=args.vllm_kernel)
     return 0
 
 

@@ -4,7 +4,9 @@
 #   1. installs casakv-vllm from this checkout (builds csrc/ into casakv_vllm._C),
 #   2. runs the kernel tests and GPU-marked tests on the GPU,
 #   3. runs the kernel benchmark (`python -m casakv_vllm.bench.kernels`, the code
-#      behind `casakv bench kernels`) and writes JSON + Markdown.
+#      behind `casakv bench kernels`) and writes JSON + Markdown; with vLLM's
+#      Triton kernel as a peer when .vllm_kernel/ was staged
+#      (python scripts/stage_vllm_kernel.py, on the machine that has vLLM).
 # Results go to $OUT (default ./gpu-out).  No vLLM is needed on that box.
 set -uo pipefail
 REPO="$(cd "$(dirname "$0")/.." && pwd)"
@@ -28,5 +30,9 @@ cd /tmp   # never import the checkout's folders by accident
 if [ "${SKIP_BENCH:-0}" != "1" ]; then
     # the module directly (= `casakv bench kernels`), so the benchmark does not
     # depend on the rest of the CLI importing
-    python3 -m casakv_vllm.bench.kernels --json "$OUT/kernels-h100.json" --md "$OUT/kernels-h100.md" ${BENCH_ARGS:-} 2>&1 | tee "$OUT/bench.log" | tail -40
+    # vLLM's own Triton kernel as a peer: staged from the CPU machine's vLLM by
+    # scripts/stage_vllm_kernel.py into .vllm_kernel/ (carried with the call)
+    VLLM_ARGS=""
+    [ -d "$REPO/.vllm_kernel/vllm" ] && VLLM_ARGS="--vllm-kernel $REPO/.vllm_kernel"
+    python3 -m casakv_vllm.bench.kernels --json "$OUT/kernels-h100.json" --md "$OUT/kernels-h100.md" $VLLM_ARGS ${BENCH_ARGS:-} 2>&1 | tee "$OUT/bench.log" | tail -40
 fi

@@ -3,7 +3,7 @@
 Imports the kernels straight from this checkout (no install, no CUDA op build),
 checks every variant against FlexAttention (prefill) or the fp32 reference
 (decode) and times it with triton.testing.do_bench (median, L2 flushed).
-Usage: python scripts/kernel_sweep.py [--out DIR] [--only prefill|decode|variants]
+Usage: python scripts/kernel_sweep.py [--out DIR] [--only prefill|decode|decode-b1|variants|profile]
 Writes DIR/sweep.json and prints one table per part.
 """
 
@@ -34,7 +34,7 @@ def _shim():
 
 
 _shim()
-from casakv_vllm.bench.kernels import bench_graph, bench_patterns as patterns  # noqa: E402
+from casakv_vllm.bench.kernels import bench_graph, bench_patterns as patterns, copy_same_bytes  # noqa: E402
 from casakv_vllm.triton_kernels.paged_attention import paged_attention  # noqa: E402
 from casakv_vllm.triton_kernels.sparse_decode import (  # noqa: E402
     SparseDecodeWorkspace, choose_num_splits, sparse_paged_decode)
@@ -99,7 +99,6 @@ def partition(index):
 
 PREFILL_CFGS = [  # (BLOCK_M, BLOCK_N, warps, stages)
     (128, 64, 8, 2), (128, 64, 8, 3), (128, 64, 8, 4), (128, 128, 8, 2), (128, 128, 8, 3),
-    (128, 64, 4, 3), (64, 64, 4, 3), (64, 128, 4, 2), (128, 32, 8, 3),
 ]
 
 
@@ -137,7 +136,7 @@ def sweep_prefill(gen, rows, n, masks, cfgs, flex, do_dense):
             if (bq, bn) not in indexes:
                 idx = build_prefill_index(pat, qsl, sl, n, n, bq, bn)
                 indexes[(bq, bn)] = (idx, partition(idx))
-            for part_mode in (False, True):
+            for part_mode in (False,):  # build_prefill_index partitions already
                 index = indexes[(bq, bn)][1 if part_mode else 0]
                 out = torch.full_like(q, float("nan"))
                 try:
@@ -171,17 +170,72 @@ def sweep_prefill(gen, rows, n, masks, cfgs, flex, do_dense):
     del kv, k, v
 
 
+# Module switches of sparse_prefill swept by --only variants: (name, {switch: value}).
+# A third element, (num_warps, num_stages), overrides the launch config.
+VARIANTS = [
+    ("kinds+early/st2", dict(MASK_KINDS=True, MASK_EARLY=True), (8, 2)),
+    ("before-masks/st2", dict(MASK_KINDS=False, MASK_EARLY=False), (8, 2)),
+    ("kinds+early/st3", dict(MASK_KINDS=True, MASK_EARLY=True), (8, 3)),
+]
+
+
+def compiled_kernels(jit_fn):
+    """{id: CompiledKernel} of a @triton.jit function, all devices."""
+    found = {}
+    for cache in getattr(jit_fn, "device_caches", {}).values():
+        kc = cache[0] if isinstance(cache, tuple) else cache
+        for k in getattr(kc, "values", lambda: [])():
+            found[id(k)] = k
+    return found
+
+
+def kernel_stats(k, dump=None):
+    """Registers, spills, shared memory of a compiled kernel (+ TTGIR op counts);
+    writes its TTGIR to ``dump``."""
+    try:
+        k._init_handles()
+    except Exception:  # noqa: BLE001
+        pass
+    ttgir = k.asm.get("ttgir", "")
+    if dump is not None:
+        Path(dump).write_text(ttgir)
+    ops = {op: ttgir.count(op) for op in ("async_copy_global_to_local", "warp_group_dot ", "local_alloc",
+                                          "local_store", "async_wait", "tt.load", "async_tma")}
+    return dict(n_regs=getattr(k, "n_regs", None), n_spills=getattr(k, "n_spills", None),
+                shared=getattr(k.metadata, "shared", None), ops=ops)
+
+
+def profile_target(gen, flex, n, mask, runs=3):
+    """Run casakv's sparse prefill and Flex on one mask ``runs`` times each
+    (for ``ncu --launch-skip``); prints both times."""
+    from torch.nn.attention.flex_attention import create_block_mask
+    from casakv_vllm.triton_kernels.sparse_prefill import plan_blocks
+    kv, table, q, qsl, sl, k, v, qb, scale = prefill_inputs(gen, n)
+    bq, bn = plan_blocks(HQ // HKV, D, n)
+    pat = patterns(mask, n)
+    index = build_prefill_index(pat, qsl, sl, n, n, bq, bn)
+    bm = create_block_mask(MODS[mask], None, None, n, n, device="cuda", BLOCK_SIZE=128, _compile=True)
+    out = torch.empty_like(q)
+    for _ in range(runs):
+        sparse_paged_attention(q, kv, table, qsl, sl, scale, out, pat, index, n, n)
+    for _ in range(runs):
+        flex(qb, k, v, block_mask=bm, enable_gqa=True, scale=scale)
+    torch.cuda.synchronize()
+
+
 def sweep_variants(gen, rows, n, masks, flex, reps=2):
-    """Kernel variants of the sparse prefill kernel at its default tiles:
-    per-page K/V loads (PAGE_LOADS) x longest query tiles first (REVERSE_Q),
-    each checked against Flex and timed ``reps`` times (interleaved, to see
-    the spread)."""
+    """Kernel variants of the sparse prefill kernel at its default tiles
+    (the module switches in ``VARIANTS``), each checked against Flex and
+    timed ``reps`` times (interleaved, to see the spread)."""
     from torch.nn.attention.flex_attention import create_block_mask
     from casakv_vllm.triton_kernels import sparse_prefill
     from casakv_vllm.triton_kernels.sparse_prefill import plan_blocks
     kv, table, q, qsl, sl, k, v, qb, scale = prefill_inputs(gen, n)
     bq, bn = plan_blocks(HQ // HKV, D, n)
-    variants = [(False, False), (True, False), (False, True), (True, True)]
+    variants = [name for name, _, _ in VARIANTS]
+    settings = {name: sw for name, sw, _ in VARIANTS}
+    launches = {name: ln for name, _, ln in VARIANTS}
+    defaults = {k: getattr(sparse_prefill, k) for sw in settings.values() for k in sw}
     for name in masks:
         pat = patterns(name, n)
         index = build_prefill_index(pat, qsl, sl, n, n, bq, bn)
@@ -192,25 +246,36 @@ def sweep_variants(gen, rows, n, masks, flex, reps=2):
         times = {vv: [] for vv in variants}
         errs = {}
         for r in range(reps):
-            for pl, rq in variants:
-                sparse_prefill.PAGE_LOADS, sparse_prefill.REVERSE_Q = pl, rq
+            for vv in variants:
+                for k_, v_ in settings[vv].items():
+                    setattr(sparse_prefill, k_, v_)
                 out = torch.full_like(q, float("nan"))
-                fn = lambda: sparse_paged_attention(q, kv, table, qsl, sl, scale, out, pat, index, n, n)  # noqa: E731
+                fn = lambda: sparse_paged_attention(q, kv, table, qsl, sl, scale, out, pat, index, n, n,  # noqa: E731
+                                                    launch=launches[vv])
                 try:
                     if r == 0:
+                        before = compiled_kernels(sparse_prefill._sparse_paged_attention_kernel)
                         fn()
-                        errs[(pl, rq)] = rel(out, ref)
-                    times[(pl, rq)].append(bench(fn))
+                        errs[vv] = rel(out, ref)
+                        new = [k_ for i_, k_ in compiled_kernels(sparse_prefill._sparse_paged_attention_kernel).items()
+                               if i_ not in before]
+                        for k_ in new:
+                            st_ = kernel_stats(k_, Path(os.environ.get("OUT", "/tmp")) /
+                                               f"ttgir-{vv.replace('/', '_')}-{name}.txt")
+                            rows.append(dict(part="kernel-stats", n=n, mask=name, variant=vv, **st_))
+                            print(f"  stats {vv} {name}: {st_}", flush=True)
+                    times[vv].append(bench(fn))
                 except Exception as e:  # noqa: BLE001
-                    print("  fail", pl, rq, type(e).__name__, str(e)[:300], flush=True)
-        sparse_prefill.PAGE_LOADS, sparse_prefill.REVERSE_Q = False, False
+                    print("  fail", vv, type(e).__name__, str(e)[:300], flush=True)
+        for k_, v_ in defaults.items():
+            setattr(sparse_prefill, k_, v_)
         for vv in variants:
             if not times[vv]:
                 continue
             ms = min(times[vv])
-            rows.append(dict(part="variants", n=n, mask=name, variant=f"page={vv[0]} rev={vv[1]}", ms=ms,
+            rows.append(dict(part="variants", n=n, mask=name, variant=vv, ms=ms,
                              all_ms=times[vv], err=errs[vv], ratio_flex=ms / fx))
-            print(f"variants {n} {name} page={vv[0]:d} rev={vv[1]:d}: {' '.join(f'{t:.3f}' for t in times[vv])} ms"
+            print(f"variants {n} {name} {vv}: {' '.join(f'{t:.3f}' for t in times[vv])} ms"
                   f"  x{ms / fx:.3f} flex ({fx:.3f})  err {errs[vv]:.1e}", flush=True)
         del index, bm
         torch.cuda.empty_cache()
@@ -222,8 +287,11 @@ DEC_CFGS = [(32, 4, 3), (32, 2, 3), (16, 4, 3), (64, 4, 3), (32, 4, 4), (16, 2, 
 SPLITS = [None, 32, 48, 66, 96, 128]
 
 
-def sweep_decode(gen, rows, copy_bps):
-    for n, batch in ((32768, 1), (131072, 1), (32768, 16), (131072, 16)):
+def sweep_decode(gen, rows, copy_bps, cases=((32768, 1), (131072, 1), (32768, 16), (131072, 16)),
+                 cfgs=None, splits_list=None):
+    cfgs = cfgs or DEC_CFGS
+    splits_list = splits_list or SPLITS
+    for n, batch in cases:
         kv, table = paged_kv(batch, n, gen)
         q = torch.randn(batch, HQ, D, dtype=DT, device="cuda", generator=gen)
         sl = torch.full((batch,), n, dtype=torch.int32, device="cuda")
@@ -245,27 +313,32 @@ def sweep_decode(gen, rows, copy_bps):
             ref = sparse_paged_decode_ref(q[sub], kv, table[sub], sl[sub], sels[0][sub], cnt[sub], D ** -0.5)
             byts = batch * HKV * keep * PAGE * 2 * D * 2
             heur = choose_num_splits(batch, HKV, keep, PAGE, 132)
+            if byts < 256 * 1024**2:
+                cms = copy_same_bytes(byts)
+                rows.append(dict(part="decode-copy", n=n, batch=batch, mask=name, ms=cms,
+                                 hbm=byts / (cms / 1e3) / copy_bps))
+                print(f"decode {n} B={batch} {name}: same-bytes copy {cms * 1e3:.1f} us "
+                      f"hbm {byts / (cms / 1e3) / copy_bps:.2f}", flush=True)
             best = None
-            for bn, w, st in DEC_CFGS:
-                for sp in SPLITS:
-                    if batch == 16 and sp is not None:
-                        continue
-                    out = torch.full_like(q, float("nan"))
+            for (bn, w, st), sp in ((c, sp) for c in cfgs for sp in splits_list):
+                if batch == 16 and sp is not None:
+                    continue
+                out = torch.full_like(q, float("nan"))
 
-                    def call(sel, sp=sp, bn=bn, w=w, st=st, out=out):
-                        return lambda: sparse_paged_decode(q, kv, table, sl, sel, cnt, D ** -0.5, out, workspace=ws,
-                                                           num_splits=sp, block_n=bn, num_warps=w, num_stages=st)
-                    call(sels[0])()
-                    err = rel(out[sub], ref)
-                    ms = bench_graph([call(x) for x in sels], reps=10)
-                    frac_hbm = byts / (ms / 1e3) / copy_bps
-                    rows.append(dict(part="decode", n=n, batch=batch, mask=name, bn=bn, warps=w, stages=st,
-                                     splits=sp if sp else heur, heur=sp is None, ms=ms, hbm=frac_hbm, err=err))
-                    if best is None or ms < best[0]:
-                        best = (ms, bn, w, st, sp if sp else heur, frac_hbm)
-                    if sp is None:
-                        print(f"decode {n} B={batch} {name} {(bn, w, st)}: heur {ms * 1e3:.1f} us hbm {frac_hbm:.2f} "
-                              f"(splits {heur}) err {err:.1e}", flush=True)
+                def call(sel, sp=sp, bn=bn, w=w, st=st, out=out):
+                    return lambda: sparse_paged_decode(q, kv, table, sl, sel, cnt, D ** -0.5, out, workspace=ws,
+                                                       num_splits=sp, block_n=bn, num_warps=w, num_stages=st)
+                call(sels[0])()
+                err = rel(out[sub], ref)
+                ms = bench_graph([call(x) for x in sels], reps=10)
+                frac_hbm = byts / (ms / 1e3) / copy_bps
+                rows.append(dict(part="decode", n=n, batch=batch, mask=name, bn=bn, warps=w, stages=st,
+                                 splits=sp if sp else heur, heur=sp is None, ms=ms,
+                                 hbm=frac_hbm, err=err))
+                if best is None or ms < best[0]:
+                    best = (ms, bn, w, st, sp if sp else heur, frac_hbm)
+                print(f"decode {n} B={batch} {name} {(bn, w, st)} splits {sp or f'heur {heur}'}: "
+                      f"{ms * 1e3:.1f} us hbm {frac_hbm:.2f} err {err:.1e}", flush=True)
             print(f"  best {best[0] * 1e3:.1f} us bn={best[1]} w={best[2]} st={best[3]} splits={best[4]} "
                   f"hbm {best[5]:.2f}", flush=True)
         del kv, ws
@@ -277,6 +350,8 @@ def main():
     ap.add_argument("--out", default=os.environ.get("OUT", "/tmp"))
     ap.add_argument("--only", default="")
     ap.add_argument("--n128", action="store_true")
+    ap.add_argument("--mask", default="a-shape")
+    ap.add_argument("--n", type=int, default=32768)
     a = ap.parse_args()
     torch._dynamo.config.recompile_limit = 64
     torch._dynamo.config.accumulated_recompile_limit = 1024
@@ -292,16 +367,24 @@ def main():
     t0 = time.time()
     out = Path(a.out) / "sweep.json"
     try:
+        if a.only == "profile":
+            profile_target(gen, flex, a.n, a.mask)
+            return
         if a.only == "variants":
-            sweep_variants(gen, rows, 32768, ("causal", "a-shape", "vertical-slash"), flex)
+            sweep_variants(gen, rows, 32768, ("causal", "a-shape", "vertical-slash"), flex, reps=2)
             print(f"variants 32k done {time.time() - t0:.0f}s", flush=True)
-            sweep_variants(gen, rows, 131072, ("causal", "vertical-slash"), flex, reps=1)
+            sweep_variants(gen, rows, 131072, ("a-shape", "vertical-slash"), flex, reps=2)
             print(f"variants 128k done {time.time() - t0:.0f}s", flush=True)
         if a.only in ("", "decode"):
             sweep_decode(gen, rows, copy_bps)
             print(f"decode done {time.time() - t0:.0f}s", flush=True)
+        if a.only == "decode-b1":  # batch 1 only (launch- and latency-bound)
+            sweep_decode(gen, rows, copy_bps, cases=((32768, 1), (131072, 1)),
+                         cfgs=[(32, 4, 3), (64, 4, 3), (16, 4, 3), (32, 4, 4)],
+                         splits_list=[None, 16, 32, 66, 128])
+            print(f"decode-b1 done {time.time() - t0:.0f}s", flush=True)
         if a.only in ("", "prefill"):
-            sweep_prefill(gen, rows, 32768, ("causal", "a-shape", "vertical-slash"), PREFILL_CFGS, flex, True)
+            sweep_prefill(gen, rows, 32768, ("causal", "a-shape", "vertical-slash"), PREFILL_CFGS, flex, False)
             print(f"prefill 32k done {time.time() - t0:.0f}s", flush=True)
             if a.n128:
                 sweep_prefill(gen, rows, 131072, ("a-shape", "vertical-slash"),

@@ -60,11 +60,11 @@ from .patterns import PatternBatch
 
 _LN2 = 0.6931471805599453
 # Tunables (host side).  Programs per SM to aim for, and the smallest slice of
-# the longest selection worth a split of its own (an H100 sweep: a 10%
-# selection of a 32k context, 204 blocks, is fastest in ~64 splits of 3-4
-# blocks; fewer, longer splits leave SMs idle).
+# the longest selection worth a split of its own (H100 sweeps, graph-timed:
+# a 10% selection of a 32k context, 204 blocks, is fastest in 66 splits of
+# ~3 blocks, 11.6 us, vs 12.6 us in 51; fewer, longer splits leave SMs idle).
 _PROGRAMS_PER_SM = 4
-_MIN_TOKENS_PER_SPLIT = 64
+_MIN_TOKENS_PER_SPLIT = 48
 _MAX_SPLITS = 128
 
 

@@ -103,12 +103,20 @@ def words_for_range(length: int) -> int:
     return (max(length, 1) - 1) // WORD_BITS + 2
 
 
-def head_params(patterns: PatternBatch, num_seqs: int) -> torch.Tensor:
-    """``[num_seqs, H, 3]`` int32: (full, sink, window) per head, contiguous."""
-    return torch.stack([patterns.full[:num_seqs].to(torch.int32),
-                        patterns.sink[:num_seqs].to(torch.int32),
-                        patterns.window[:num_seqs].to(torch.int32)],
-                       dim=-1).contiguous()
+def head_params(patterns: PatternBatch, num_seqs: int, kinds: bool = False) -> torch.Tensor:
+    """``[num_seqs, H, 3]`` int32: (full, sink, window) per head, contiguous.
+
+    ``kinds``: two more columns, ``[num_seqs, H, 5]``: (..., has_slash,
+    has_vert), 1 when the head lists any slash offset / vertical column
+    (on device, no sync).  The attention kernel skips a kind's bitmap loads
+    for heads where it is 0."""
+    cols = [patterns.full[:num_seqs].to(torch.int32),
+            patterns.sink[:num_seqs].to(torch.int32),
+            patterns.window[:num_seqs].to(torch.int32)]
+    if kinds:
+        cols += [(patterns.slash[:num_seqs] >= 0).any(-1).to(torch.int32),
+                 (patterns.vertical[:num_seqs] >= 0).any(-1).to(torch.int32)]
+    return torch.stack(cols, dim=-1).contiguous()
 
 
 @triton.jit

@@ -45,7 +45,7 @@ import triton.language as tl
 
 from .online_softmax import online_softmax_update
 
-from .paged_attention import (_FP32_CONFIG, PREFILL_CONFIGS, SPARSE_STAGES, _interpreting,
+from .paged_attention import (_FP32_CONFIG, PREFILL_CONFIGS, _interpreting,
                               _load_kv_tile, _load_q_tile, _qk, _store_out,
                               prefill_config)
 from .patterns import PatternBatch
@@ -60,6 +60,12 @@ from .sparse_index import SparseIndex, head_params, words_for_range
 # tiles first did not help (32k causal 21.5 -> 22.0), so it stays off.
 PAGE_LOADS = True
 REVERSE_Q = False
+# Partial-tile masks: skip the slash / vertical bitmap loads of heads that
+# list none (per-head flags from ``head_params(kinds=True)``), and issue the
+# vertical bitmap load before the K/V load so its latency overlaps the q.k
+# product instead of following it.
+MASK_KINDS = True
+MASK_EARLY = True
 
 
 def plan_blocks(group: int, head_size: int, max_query_len: int) -> tuple[int, int]:
@@ -81,11 +87,25 @@ def plan_blocks(group: int, head_size: int, max_query_len: int) -> tuple[int, in
 
 
 @triton.jit
+def _vert_words(vbits_row, offs_n, n_words, has_vert):
+    """[BLOCK_N] int64: the ``vert_bits`` word of every column of the tile
+    (zeros without a vertical column in this head)."""
+    cw = offs_n >> 6
+    if has_vert:
+        vw = tl.load(vbits_row + cw, mask=cw < n_words, other=0)
+    else:
+        vw = tl.zeros(offs_n.shape, dtype=tl.int64)
+    return vw
+
+
+@triton.jit
 def _allowed_tile(
     q_pos,  # [BLOCK_M] int32 absolute query positions
     offs_n,  # [BLOCK_N] int32 absolute KV positions
     is_full, sink, window,  # scalars
-    sbits_row, vbits_row, n_words,
+    vw,  # [BLOCK_N] int64 vertical words (_vert_words)
+    has_slash,  # scalar: any slash offset in this head
+    sbits_row, n_words,
     blocks_row, pblock, nqb, nkb, stride_b_q, stride_b_k,
     dist_w0,  # first slash word that can matter for this tile
     q_first,  # absolute position of the tile's first query token
@@ -98,22 +118,21 @@ def _allowed_tile(
     w_eff = tl.where(is_full, 1 << 30, tl.maximum(window, 1))
     ok = (dist < w_eff) | (offs_n[None, :] < sink)
     # Vertical columns: one word per column.
-    cw = offs_n >> 6
-    vw = tl.load(vbits_row + cw, mask=cw < n_words, other=0)
     vhit = ((vw >> (offs_n & 63).to(tl.int64)) & 1) != 0
     ok = ok | vhit[None, :]
     # Slash offsets: the words covering this tile's q - k range.
-    any_slash = 0
-    for j in tl.static_range(NW_DIST):
-        w = dist_w0 + j
-        any_slash = any_slash | tl.load(sbits_row + w, mask=w < n_words, other=0)
-    if any_slash != 0:
-        dw = dist >> 6
-        sh = (dist & 63).to(tl.int64)
+    if has_slash:
+        any_slash = 0
         for j in tl.static_range(NW_DIST):
             w = dist_w0 + j
-            sw = tl.load(sbits_row + w, mask=w < n_words, other=0)
-            ok = ok | ((dw == w) & (((sw >> sh) & 1) != 0))
+            any_slash = any_slash | tl.load(sbits_row + w, mask=w < n_words, other=0)
+        if any_slash != 0:
+            dw = dist >> 6
+            sh = (dist & 63).to(tl.int64)
+            for j in tl.static_range(NW_DIST):
+                w = dist_w0 + j
+                sw = tl.load(sbits_row + w, mask=w < n_words, other=0)
+                ok = ok | ((dw == w) & (((sw >> sh) & 1) != 0))
     if HAS_BLOCKS:
         qb = tl.minimum(q_pos // pblock, nqb - 1)
         kb = tl.minimum(offs_n // pblock, nkb - 1)
@@ -144,7 +163,7 @@ def _sparse_paged_attention_kernel(
     tile_idx_ptr,  # [R, H, NQT, MAXT] int32
     tile_count_ptr,  # [R, H, NQT] int32
     tile_nfull_ptr,  # [R, H, NQT] int32
-    params_ptr,  # [R, H, 3] int32: full, sink, window
+    params_ptr,  # [R, H, 5] int32: full, sink, window, has_slash, has_vert
     sbits_ptr, vbits_ptr,  # [R, H, NW] int64
     blocks_ptr,  # [R, H, NQB, NKB] uint8 (unused unless HAS_BLOCKS)
     qk_scale,  # softmax scale * log2(e)
@@ -170,6 +189,7 @@ def _sparse_paged_attention_kernel(
     FP32_DOT: tl.constexpr,
     PAGE_LOADS: tl.constexpr,  # per-page K/V loads (_load_kv_tile)
     REVERSE_Q: tl.constexpr,  # launch the last (longest causal) query tiles first
+    MASK_EARLY: tl.constexpr,  # load the vertical words before K/V
 ):
     seq = tl.program_id(0)
     if REVERSE_Q:
@@ -199,9 +219,11 @@ def _sparse_paged_attention_kernel(
     head_off = kv_head.to(tl.int64) * stride_c_head
 
     rh = seq * num_kv_heads + kv_head
-    is_full = tl.load(params_ptr + rh * 3) != 0
-    sink = tl.load(params_ptr + rh * 3 + 1)
-    window = tl.load(params_ptr + rh * 3 + 2)
+    is_full = tl.load(params_ptr + rh * 5) != 0
+    sink = tl.load(params_ptr + rh * 5 + 1)
+    window = tl.load(params_ptr + rh * 5 + 2)
+    has_slash = tl.load(params_ptr + rh * 5 + 3) != 0
+    has_vert = tl.load(params_ptr + rh * 5 + 4) != 0
     sbits_row = sbits_ptr + rh.to(tl.int64) * n_words
     vbits_row = vbits_ptr + rh.to(tl.int64) * n_words
     blocks_row = blocks_ptr + seq.to(tl.int64) * stride_b_r + kv_head * stride_b_h
@@ -222,14 +244,18 @@ def _sparse_paged_attention_kernel(
     # Partial tiles, stored at the end of the row.
     for i in range(max_tiles - (count - n_full), max_tiles):
         n_start = tl.load(idx_row + i) * BLOCK_N
+        offs_n = n_start + tl.arange(0, BLOCK_N)
+        if MASK_EARLY:
+            vw = _vert_words(vbits_row, offs_n, n_words, has_vert)
         k, v = _load_kv_tile(kv_cache_ptr, bt_row, head_off, n_start, kv_end,
                              stride_bt_blk, stride_c_blk, stride_c_tok, stride_c_d,
                              HEAD_SIZE, PAGE, BLOCK_N, BLOCK_D, True, PAGE_LOADS)
         s = _qk(q, k, FP32_DOT)
-        offs_n = n_start + tl.arange(0, BLOCK_N)
+        if not MASK_EARLY:
+            vw = _vert_words(vbits_row, offs_n, n_words, has_vert)
         dist_w0 = tl.maximum(q_first - (n_start + BLOCK_N - 1), 0) >> 6
         allowed = _allowed_tile(q_pos, offs_n, is_full, sink, window,
-                                sbits_row, vbits_row, n_words,
+                                vw, has_slash, sbits_row, n_words,
                                 blocks_row, pblock, nqb, nkb,
                                 stride_b_q, stride_b_k, dist_w0,
                                 q_first, NW_DIST, HAS_BLOCKS, QB_SPAN)
@@ -293,7 +319,9 @@ def sparse_paged_attention(
     block_m = max(16, triton.next_power_of_2(block_q * group))
     fp32_dot = query.dtype == torch.float32 or (
         query.dtype == torch.bfloat16 and _interpreting())
-    params = head_params(patterns, num_seqs)
+    params = head_params(patterns, num_seqs, kinds=True)
+    if not MASK_KINDS:  # every head loads both bitmaps (the earlier kernel)
+        params[..., 3:] = 1
     has_blocks = patterns.blocks is not None
     if has_blocks:
         blocks = patterns.blocks
@@ -311,8 +339,6 @@ def sparse_paged_attention(
     _, _, warps, stages = prefill_config(head_size, query.dtype)
     if query.dtype == torch.float32 and block_m * block_n > 64 * 64:
         warps, stages = 8, 1  # fp32 tiles of a 16-bit plan: fit shared memory
-    elif query.dtype != torch.float32:
-        stages = SPARSE_STAGES.get(block_d, stages)
     if launch is not None:
         warps, stages = launch
     grid = (num_seqs, nqt, num_kv_heads)
@@ -336,7 +362,7 @@ def sparse_paged_attention(
         HAS_BLOCKS=has_blocks, QB_SPAN=qb_span,
         WRITE_LSE=lse is not None, FP32_DOT=fp32_dot,
         PAGE_LOADS=bool(PAGE_LOADS and block_size & (block_size - 1) == 0 and block_n % block_size == 0),
-        REVERSE_Q=bool(REVERSE_Q),
+        REVERSE_Q=bool(REVERSE_Q), MASK_EARLY=bool(MASK_EARLY),
         num_warps=warps, num_stages=stages,
     )
     return out

@@ -47,7 +47,14 @@ class Result:
     hbm_fraction: float | None
     rel_err: float
     index_ms: float | None = None  # building the tile index (per batch and layer); not in casakv_ms
+    # vLLM's unified_attention on the same paged cache (causal prefill, dense decode)
     vllm_triton_ms: float | None = None
+    vllm_triton_rel_err: float | None = None  # its output vs casakv's
+    # decode: a device copy moving bytes_read through HBM, timed like the decode
+    # call (graph replay, rotating buffers); copy_same_fraction is its hbm_fraction,
+    # the most a kernel touching that many bytes in one launch reaches
+    copy_same_ms: float | None = None
+    copy_same_fraction: float | None = None
     # torch SDPA restricted to EFFICIENT_ATTENTION (the CUTLASS kernel xformers'
     # memory_efficient_attention forward calls); dense cells only, else None
     mem_efficient_ms: float | None = None
@@ -102,6 +109,19 @@ def _try_bench(fn, rep_ms: int) -> float | None:
     except Exception as err:  # noqa: BLE001  (inductor/triton errors of the peer, reported as missing)
         print(f"  peer failed: {type(err).__name__}: {str(err).splitlines()[0][:160]}")
         return None
+
+
+def copy_same_bytes(nbytes: int, rotate: int = ROTATE) -> float:
+    """ms of a device copy moving ``nbytes`` through HBM (half read, half
+    written), graph-replayed over ``rotate`` buffer pairs (one pair above
+    256 MB, which L2 cannot hold anyway), as the decode calls are timed."""
+    half = max(1, nbytes // 4)  # bf16 elements per side
+    pairs = [(torch.randn(half, dtype=DTYPE, device="cuda"), torch.empty(half, dtype=DTYPE, device="cuda"))
+             for _ in range(rotate if nbytes < 256 * 1024**2 else 1)]
+    ms = bench_graph([lambda a=a, b=b: b.copy_(a) for a, b in pairs])
+    del pairs
+    torch.cuda.empty_cache()
+    return ms
 
 
 def _copy_bandwidth() -> float:
@@ -208,7 +228,25 @@ def _rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.float() - b.float()).norm() / b.float().norm())
 
 
-def bench_prefill(n: int, masks, flex, gen, rep_ms: int) -> list[Result]:
+def _add_vllm(res: Result, vllm_attn, q, kv, table, qsl, seq_lens, max_q: int, scale: float, ours, timer) -> None:
+    """Fill ``res.vllm_triton_*`` with vLLM's unified_attention on the same paged cache."""
+    from casakv_vllm.bench.vllm_triton import make_call
+
+    if vllm_attn is None:
+        return
+    out = torch.empty_like(q)
+    try:
+        fn = make_call(vllm_attn, q, kv, table, qsl, seq_lens, max_q, res.seq_len, scale, out)
+        fn()
+        res.vllm_triton_rel_err = _rel_err(out, ours)
+        res.vllm_triton_ms = timer(fn)
+    except Exception as err:  # noqa: BLE001  (the peer failing at this shape leaves its cell empty)
+        print(f"  vLLM kernel failed: {type(err).__name__}: {str(err).splitlines()[0][:160]}")
+    del out
+    torch.cuda.empty_cache()
+
+
+def bench_prefill(n: int, masks, flex, gen, rep_ms: int, vllm_attn=None) -> list[Result]:
     from torch.nn.attention import SDPBackend, sdpa_kernel
     from torch.nn.attention.flex_attention import create_block_mask
 
@@ -254,6 +292,7 @@ def bench_prefill(n: int, masks, flex, gen, rep_ms: int) -> list[Result]:
                      int(index.tile_count.sum()) * block_n * 2 * D * 2, None, err, index_ms)
         if name == "causal":
             _add_mem_efficient(res, qb, k, v, True, scale, ours, lambda f: _bench(f, rep_ms))
+            _add_vllm(res, vllm_attn, q, kv, table, qsl, seq_lens, n, scale, out, lambda f: _bench(f, rep_ms))
         results.append(res)
         del bm, index
         torch.cuda.empty_cache()
@@ -271,7 +310,7 @@ def _add_mem_efficient(res: Result, qb, k, v, causal: bool, scale: float, ours, 
     torch.cuda.empty_cache()
 
 
-def bench_decode(n: int, batch: int, flex, gen, copy_bps: float, rep_ms: int) -> list[Result]:
+def bench_decode(n: int, batch: int, flex, gen, copy_bps: float, rep_ms: int, vllm_attn=None) -> list[Result]:
     from casakv_vllm.triton_kernels.sparse_decode import (
         SparseDecodeWorkspace, dense_selection, sparse_paged_decode)
     from casakv_vllm.triton_kernels.sparse_decode_reference import sparse_paged_decode_ref
@@ -326,8 +365,12 @@ def bench_decode(n: int, batch: int, flex, gen, copy_bps: float, rep_ms: int) ->
             flex_ms = _try_bench(lambda: flex(qb, k, v, enable_gqa=True, scale=scale), rep_ms)
         res = Result("decode", n, batch, name, round(frac, 4), casakv_ms, sdpa_ms, flex_ms,
                      bytes_read, bytes_read / (casakv_ms / 1e3) / copy_bps, err)
+        res.copy_same_ms = copy_same_bytes(bytes_read)
+        res.copy_same_fraction = bytes_read / (res.copy_same_ms / 1e3) / copy_bps
         if frac == 1.0:
             _add_mem_efficient(res, qb, k, v, False, scale, out.unsqueeze(2), lambda f: bench_graph([f]))
+            qsl = torch.arange(batch + 1, dtype=torch.int32, device="cuda")
+            _add_vllm(res, vllm_attn, q, kv, table, qsl, seq_lens, 1, scale, out, lambda f: bench_graph([f]))
         results.append(res)
     del kv, k, v
     torch.cuda.empty_cache()
@@ -335,7 +378,7 @@ def bench_decode(n: int, batch: int, flex, gen, copy_bps: float, rep_ms: int) ->
 
 
 def run(json_path: Path, md_path: Path | None, quick: bool = False, progress=print,
-        command: str = "casakv bench kernels") -> dict:
+        command: str = "casakv bench kernels", vllm_kernel: str | None = None) -> dict:
     if not torch.cuda.is_available():
         raise SystemExit("casakv bench kernels needs a CUDA GPU (this machine has none)")
     from torch.nn.attention.flex_attention import flex_attention
@@ -349,6 +392,10 @@ def run(json_path: Path, md_path: Path | None, quick: bool = False, progress=pri
     t0 = time.time()
     copy_bps = _copy_bandwidth()
     progress(f"copy bandwidth {copy_bps / 1e12:.2f} TB/s")
+    from casakv_vllm.bench.vllm_triton import load
+
+    vllm_attn = load(vllm_kernel)
+    progress("vLLM's unified_attention: " + ("timed as a peer" if vllm_attn else "not available"))
     results: list[Result] = []
     prefill_lens = (8192,) if quick else (8192, 32768, 131072)
     decode_cases = ((32768, 1),) if quick else ((32768, 1), (32768, 16), (131072, 1), (131072, 16))
@@ -356,9 +403,9 @@ def run(json_path: Path, md_path: Path | None, quick: bool = False, progress=pri
     steps = [("decode", n, b) for n, b in decode_cases] + [("prefill", n, 1) for n in prefill_lens]
     for kind, n, b in steps:
         if kind == "decode":
-            results += bench_decode(n, b, flex, gen, copy_bps, rep)
+            results += bench_decode(n, b, flex, gen, copy_bps, rep, vllm_attn)
         else:
-            results += bench_prefill(n, ("causal", "a-shape", "vertical-slash"), flex, gen, rep)
+            results += bench_prefill(n, ("causal", "a-shape", "vertical-slash"), flex, gen, rep, vllm_attn)
         progress(f"{kind} N={n} B={b} done ({time.time() - t0:.0f}s)")
         _write(json_path, md_path, results, copy_bps, t0, command)
     return _write(json_path, md_path, results, copy_bps, t0, command)
@@ -390,20 +437,24 @@ def markdown(doc: dict) -> str:
              f"measured copy bandwidth {doc['copy_TBps']:.2f} TB/s. Times are medians in ms.", "",
              "`mem-eff` = SDPA restricted to EFFICIENT_ATTENTION (the kernel xformers' memory-efficient "
              "attention runs), dense cells only.", "",
-             "| kind | N | B | mask | density | casakv | SDPA | Flex | mem-eff | casakv/Flex | SDPA/casakv "
-             "| mem-eff/casakv | HBM frac | rel err |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "`vLLM` = vLLM's own Triton kernel (`unified_attention`) on the same paged cache (causal prefill, "
+             "dense decode). `copy frac` = the HBM fraction of a device copy moving the same bytes, timed like "
+             "the decode call: the ceiling for that size.", "",
+             "| kind | N | B | mask | density | casakv | SDPA | Flex | mem-eff | vLLM | casakv/Flex | SDPA/casakv "
+             "| mem-eff/casakv | vLLM/casakv | HBM frac | copy frac | rel err |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     def num(x, fmt):
         return "-" if x is None else format(x, fmt)
 
     for r in doc["results"]:
         flex, ours, sdpa = r["flex_ms"], r["casakv_ms"], r["sdpa_ms"]
-        me = r.get("mem_efficient_ms")
+        me, vl = r.get("mem_efficient_ms"), r.get("vllm_triton_ms")
         lines.append(" | ".join([
             f"| {r['kind']}", str(r["seq_len"]), str(r["batch"]), r["mask"], f"{r['density']:.3f}",
-            f"{ours:.3f}", f"{sdpa:.3f}", num(flex, ".3f"), num(me, ".3f"),
+            f"{ours:.3f}", f"{sdpa:.3f}", num(flex, ".3f"), num(me, ".3f"), num(vl, ".3f"),
             num(ours / flex if flex else None, ".2f"), f"{sdpa / ours:.2f}", num(me / ours if me else None, ".2f"),
-            num(r["hbm_fraction"], ".2f"), f"{r['rel_err']:.1e} |"]))
+            num(vl / ours if vl else None, ".2f"), num(r["hbm_fraction"], ".2f"),
+            num(r.get("copy_same_fraction"), ".2f"), f"{r['rel_err']:.1e} |"]))
     return "\n".join(lines) + "\n"
 
 
@@ -416,9 +467,10 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--json", required=True)
     ap.add_argument("--md")
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--vllm-kernel", help="folder staged by scripts/stage_vllm_kernel.py (vLLM's Triton kernel)")
     a = ap.parse_args(argv)
     run(Path(a.json), Path(a.md) if a.md else None, quick=a.quick, progress=lambda m: print(m, flush=True),
-        command="python -m casakv_vllm.bench.kernels")
+        command="python -m casakv_vllm.bench.kernels", vllm_kernel=a.vllm_kernel)
 
 
 if __name__ == "__main__":

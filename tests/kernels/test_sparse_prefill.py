@@ -209,3 +209,24 @@ def test_page_loads_and_reversed_tiles(monkeypatch, block_size, plan):
     case = _make_case(q_lens, ctx_lens, 2, 4, 32, block_size, torch.bfloat16, seed=block_size)
     _check(case, patterns, plan)
     _check(case, PatternBatch.dense(3, 2), plan)
+
+
+@pytest.mark.parametrize("kinds,early", [(False, False), (True, False), (False, True), (True, True)])
+def test_mask_variants(monkeypatch, kinds, early):
+    """Partial-tile mask variants (per-head kind flags, early vertical-word
+    loads) give the reference's result on heads with and without slash /
+    vertical entries."""
+    from casakv_vllm.triton_kernels import sparse_prefill
+
+    monkeypatch.setattr(sparse_prefill, "MASK_KINDS", kinds)
+    monkeypatch.setattr(sparse_prefill, "MASK_EARLY", early)
+    q_lens, ctx_lens = [33, 9], [20, 61]
+    rng = random.Random(7)
+    patterns = random_patterns(rng, [q + c for q, c in zip(q_lens, ctx_lens)], 3,
+                               kinds=("sink_window", "vertical_slash", "hybrid"))
+    patterns.vertical[:, 0] = -1  # head 0: no vertical or slash entry
+    patterns.slash[:, 0] = -1
+    patterns.vertical[:, 1, 0] = 3  # head 1: at least one of each
+    patterns.slash[:, 1, 0] = 5
+    case = _make_case(q_lens, ctx_lens, 3, 2, 32, 16, torch.bfloat16, seed=7)
+    _check(case, patterns, (16, 32))
