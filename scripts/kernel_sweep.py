@@ -173,9 +173,11 @@ def sweep_prefill(gen, rows, n, masks, cfgs, flex, do_dense):
 # Module switches of sparse_prefill swept by --only variants: (name, {switch: value}).
 # A third element, (num_warps, num_stages), overrides the launch config.
 VARIANTS = [
-    ("kinds+early/st2", dict(MASK_KINDS=True, MASK_EARLY=True), (8, 2)),
-    ("before-masks/st2", dict(MASK_KINDS=False, MASK_EARLY=False), (8, 2)),
-    ("kinds+early/st3", dict(MASK_KINDS=True, MASK_EARLY=True), (8, 3)),
+    ("default/st3", dict(), (8, 3)),
+    ("late-vwords/st3", dict(MASK_EARLY=False), (8, 3)),
+    ("per-token/st3", dict(PAGE_LOADS=False), (8, 3)),
+    ("reverse-q/st3", dict(REVERSE_Q=True), (8, 3)),
+    ("st4", dict(), (8, 4)),
 ]
 
 
@@ -247,7 +249,7 @@ def sweep_variants(gen, rows, n, masks, flex, reps=2):
         errs = {}
         for r in range(reps):
             for vv in variants:
-                for k_, v_ in settings[vv].items():
+                for k_, v_ in {**defaults, **settings[vv]}.items():
                     setattr(sparse_prefill, k_, v_)
                 out = torch.full_like(q, float("nan"))
                 fn = lambda: sparse_paged_attention(q, kv, table, qsl, sl, scale, out, pat, index, n, n,  # noqa: E731
