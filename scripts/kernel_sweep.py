@@ -173,11 +173,10 @@ def sweep_prefill(gen, rows, n, masks, cfgs, flex, do_dense):
 # Module switches of sparse_prefill swept by --only variants: (name, {switch: value}).
 # A third element, (num_warps, num_stages), overrides the launch config.
 VARIANTS = [
-    ("default/st3", dict(), (8, 3)),
-    ("late-vwords/st3", dict(MASK_EARLY=False), (8, 3)),
-    ("per-token/st3", dict(PAGE_LOADS=False), (8, 3)),
-    ("reverse-q/st3", dict(REVERSE_Q=True), (8, 3)),
-    ("st4", dict(), (8, 4)),
+    ("whole-partial-tiles/st3", dict(PARTIAL_N=None, PARTIAL_SKIP=False), (8, 3)),
+    ("partial64/st3", dict(PARTIAL_N=64, PARTIAL_SKIP=False), (8, 3)),
+    ("partial64+skip/st3", dict(PARTIAL_N=64, PARTIAL_SKIP=True), (8, 3)),
+    ("partial32+skip/st3", dict(PARTIAL_N=32, PARTIAL_SKIP=True), (8, 3)),
 ]
 
 

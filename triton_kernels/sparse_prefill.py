@@ -13,8 +13,9 @@ m % GROUP``) so each K/V tile is loaded once per group.  Instead of walking
 every causal KV tile, the program walks the partitioned
 list ``index.tile_idx[r, h, qt]`` built on the GPU by
 :func:`.sparse_index.build_prefill_index`: first the full tiles (no element
-mask, unmasked loads, a plain online-softmax step), then the partial tiles,
-which evaluate ``allowed`` element-wise in registers from the pattern fields:
+mask, unmasked loads, a plain online-softmax step), then the partial tiles
+(in narrower steps, see ``PARTIAL_N``), which evaluate ``allowed``
+element-wise in registers from the pattern fields:
 
 * causal ``k <= q`` and the diagonal ``k == q``; ``full`` (scalar);
 * sink ``k < sink`` and window ``q - k < window`` (scalars);
@@ -66,6 +67,14 @@ REVERSE_Q = False
 # product instead of following it.
 MASK_KINDS = True
 MASK_EARLY = True
+# Partial tiles in steps of PARTIAL_N positions (None: whole tiles), which
+# lowers the register peak of the element-masked step (H100, 128 x 128 tiles:
+# 255 registers with 12 spilled -> 250 with none), and PARTIAL_SKIP skips the
+# steps that start past the query tile's last position (most of a diagonal
+# tile).  Sweep at 32k / 128k, casakv / Flex: vertical-slash 1.043 -> 1.009 /
+# 0.994 -> 0.973, a-shape 1.004 -> 0.983 / 0.986 -> 0.975.
+PARTIAL_N = 32
+PARTIAL_SKIP = True
 
 
 def plan_blocks(group: int, head_size: int, max_query_len: int) -> tuple[int, int]:
@@ -190,6 +199,8 @@ def _sparse_paged_attention_kernel(
     PAGE_LOADS: tl.constexpr,  # per-page K/V loads (_load_kv_tile)
     REVERSE_Q: tl.constexpr,  # launch the last (longest causal) query tiles first
     MASK_EARLY: tl.constexpr,  # load the vertical words before K/V
+    PART_N: tl.constexpr,  # KV positions per partial step (divides BLOCK_N)
+    PART_SKIP: tl.constexpr,  # skip partial steps past kv_end
 ):
     seq = tl.program_id(0)
     if REVERSE_Q:
@@ -242,26 +253,28 @@ def _sparse_paged_attention_kernel(
         acc, m_i, l_i = online_softmax_update(acc, m_i, l_i, s, qk_scale,
                                               v.to(q.dtype), False, FP32_DOT)
     # Partial tiles, stored at the end of the row.
-    for i in range(max_tiles - (count - n_full), max_tiles):
-        n_start = tl.load(idx_row + i) * BLOCK_N
-        offs_n = n_start + tl.arange(0, BLOCK_N)
-        if MASK_EARLY:
-            vw = _vert_words(vbits_row, offs_n, n_words, has_vert)
-        k, v = _load_kv_tile(kv_cache_ptr, bt_row, head_off, n_start, kv_end,
-                             stride_bt_blk, stride_c_blk, stride_c_tok, stride_c_d,
-                             HEAD_SIZE, PAGE, BLOCK_N, BLOCK_D, True, PAGE_LOADS)
-        s = _qk(q, k, FP32_DOT)
-        if not MASK_EARLY:
-            vw = _vert_words(vbits_row, offs_n, n_words, has_vert)
-        dist_w0 = tl.maximum(q_first - (n_start + BLOCK_N - 1), 0) >> 6
-        allowed = _allowed_tile(q_pos, offs_n, is_full, sink, window,
-                                vw, has_slash, sbits_row, n_words,
-                                blocks_row, pblock, nqb, nkb,
-                                stride_b_q, stride_b_k, dist_w0,
-                                q_first, NW_DIST, HAS_BLOCKS, QB_SPAN)
-        s = tl.where(allowed, s, float("-inf"))
-        acc, m_i, l_i = online_softmax_update(acc, m_i, l_i, s, qk_scale,
-                                              v.to(q.dtype), True, FP32_DOT)
+    NPS: tl.constexpr = BLOCK_N // PART_N
+    for j in range((max_tiles - (count - n_full)) * NPS, max_tiles * NPS):
+        n_start = tl.load(idx_row + j // NPS) * BLOCK_N + (j % NPS) * PART_N
+        if (n_start < kv_end) | (PART_SKIP == 0):
+            offs_n = n_start + tl.arange(0, PART_N)
+            if MASK_EARLY:
+                vw = _vert_words(vbits_row, offs_n, n_words, has_vert)
+            k, v = _load_kv_tile(kv_cache_ptr, bt_row, head_off, n_start, kv_end,
+                                 stride_bt_blk, stride_c_blk, stride_c_tok, stride_c_d,
+                                 HEAD_SIZE, PAGE, PART_N, BLOCK_D, True, PAGE_LOADS)
+            s = _qk(q, k, FP32_DOT)
+            if not MASK_EARLY:
+                vw = _vert_words(vbits_row, offs_n, n_words, has_vert)
+            dist_w0 = tl.maximum(q_first - (n_start + PART_N - 1), 0) >> 6
+            allowed = _allowed_tile(q_pos, offs_n, is_full, sink, window,
+                                    vw, has_slash, sbits_row, n_words,
+                                    blocks_row, pblock, nqb, nkb,
+                                    stride_b_q, stride_b_k, dist_w0,
+                                    q_first, NW_DIST, HAS_BLOCKS, QB_SPAN)
+            s = tl.where(allowed, s, float("-inf"))
+            acc, m_i, l_i = online_softmax_update(acc, m_i, l_i, s, qk_scale,
+                                                  v.to(q.dtype), True, FP32_DOT)
 
     _store_out(out_ptr, lse_ptr, acc, m_i, l_i, tok, head, row_mask, io_mask,
                stride_o_tok, stride_o_head, stride_o_d,
@@ -339,6 +352,10 @@ def sparse_paged_attention(
     _, _, warps, stages = prefill_config(head_size, query.dtype)
     if query.dtype == torch.float32 and block_m * block_n > 64 * 64:
         warps, stages = 8, 1  # fp32 tiles of a 16-bit plan: fit shared memory
+    part_n = block_n
+    if (PARTIAL_N is not None and 16 <= PARTIAL_N < block_n and block_n % PARTIAL_N == 0
+            and PARTIAL_N % block_size == 0):  # keeps the per-page loads of the full tiles
+        part_n = int(PARTIAL_N)
     if launch is not None:
         warps, stages = launch
     grid = (num_seqs, nqt, num_kv_heads)
@@ -361,8 +378,9 @@ def sparse_paged_attention(
         NW_DIST=words_for_range(block_q + block_n - 1),
         HAS_BLOCKS=has_blocks, QB_SPAN=qb_span,
         WRITE_LSE=lse is not None, FP32_DOT=fp32_dot,
-        PAGE_LOADS=bool(PAGE_LOADS and block_size & (block_size - 1) == 0 and block_n % block_size == 0),
+        PAGE_LOADS=bool(PAGE_LOADS and block_size & (block_size - 1) == 0 and part_n % block_size == 0),
         REVERSE_Q=bool(REVERSE_Q), MASK_EARLY=bool(MASK_EARLY),
+        PART_N=part_n, PART_SKIP=int(bool(PARTIAL_SKIP)),
         num_warps=warps, num_stages=stages,
     )
     return out

@@ -211,15 +211,19 @@ def test_page_loads_and_reversed_tiles(monkeypatch, block_size, plan):
     _check(case, PatternBatch.dense(3, 2), plan)
 
 
-@pytest.mark.parametrize("kinds,early", [(False, False), (True, False), (False, True), (True, True)])
-def test_mask_variants(monkeypatch, kinds, early):
-    """Partial-tile mask variants (per-head kind flags, early vertical-word
-    loads) give the reference's result on heads with and without slash /
-    vertical entries."""
+@pytest.mark.parametrize("kinds,early,part_n,skip", [(False, False, None, False), (True, False, None, False),
+                                                    (False, True, 16, False), (True, True, 16, True)])
+def test_mask_variants(monkeypatch, kinds, early, part_n, skip):
+    """Partial-tile variants (per-head kind flags, early vertical-word loads,
+    partial tiles in 16-position steps, skipping steps past the query tile)
+    give the reference's result on heads with and without slash / vertical
+    entries."""
     from casakv_vllm.triton_kernels import sparse_prefill
 
     monkeypatch.setattr(sparse_prefill, "MASK_KINDS", kinds)
     monkeypatch.setattr(sparse_prefill, "MASK_EARLY", early)
+    monkeypatch.setattr(sparse_prefill, "PARTIAL_N", part_n)
+    monkeypatch.setattr(sparse_prefill, "PARTIAL_SKIP", skip)
     q_lens, ctx_lens = [33, 9], [20, 61]
     rng = random.Random(7)
     patterns = random_patterns(rng, [q + c for q, c in zip(q_lens, ctx_lens)], 3,
