@@ -31,6 +31,7 @@ HQ, HKV, D, PAGE = 32, 8, 128, 16
 DTYPE = torch.bfloat16
 SINK, WINDOW, VS_WINDOW, VS_EVERY, VS_BLOCK = 128, 4096, 1024, 16, 128
 ROTATE = 8  # decode: selections timed in rotation (see bench_graph)
+PAIR_ROUNDS = 3  # prefill: casakv and Flex timed alternately this many times (see bench_pair)
 
 
 @dataclass
@@ -55,6 +56,9 @@ class Result:
     # the most a kernel touching that many bytes in one launch reaches
     copy_same_ms: float | None = None
     copy_same_fraction: float | None = None
+    # prefill: every round of the alternating casakv / Flex timings (medians above)
+    casakv_rounds_ms: list[float] | None = None
+    flex_rounds_ms: list[float] | None = None
     # torch SDPA restricted to EFFICIENT_ATTENTION (the CUTLASS kernel xformers'
     # memory_efficient_attention forward calls); dense cells only, else None
     mem_efficient_ms: float | None = None
@@ -100,6 +104,26 @@ def bench_graph(fns, reps: int = 20, rounds: int = 4) -> float:
         times.append(a.elapsed_time(b) / (rounds * len(fns)))
     del graph
     return float(sorted(times)[len(times) // 2])
+
+
+def bench_pair(ours, peer, rep_ms: int, rounds: int = PAIR_ROUNDS) -> tuple[list[float], list[float] | None]:
+    """Time ``ours`` and ``peer`` alternately, ``rounds`` times each
+    (``do_bench`` medians), so drift in clocks or temperature during the run
+    hits both alike; a 330 ms kernel gets a single repeat per ``do_bench``
+    call, so one call alone is a single sample.  ``peer`` may be None, or
+    fail (then its list is None)."""
+    a: list[float] = []
+    b: list[float] | None = [] if peer is not None else None
+    for _ in range(rounds):
+        a.append(_bench(ours, rep_ms))
+        if b is not None:
+            t = _try_bench(peer, rep_ms)
+            b = None if t is None else b + [t]
+    return a, b
+
+
+def _median(xs: list[float]) -> float:
+    return float(sorted(xs)[len(xs) // 2])
 
 
 def _try_bench(fn, rep_ms: int) -> float | None:
@@ -278,10 +302,12 @@ def bench_prefill(n: int, masks, flex, gen, rep_ms: int, vllm_attn=None) -> list
         def run():
             sparse_paged_attention(q, kv, table, qsl, seq_lens, scale, out, pat, index, n, n)
 
-        casakv_ms = _bench(run, rep_ms)
         index_ms = _bench(lambda: build_prefill_index(pat, qsl, seq_lens, n, n, block_q, block_n), rep_ms)
         bm = create_block_mask(MASK_MODS[name], None, None, n, n, device="cuda", BLOCK_SIZE=128, _compile=True)
-        flex_ms = _try_bench(lambda: flex(qb, k, v, block_mask=bm, enable_gqa=True, scale=scale), rep_ms)
+        ours_runs, flex_runs = bench_pair(run, lambda: flex(qb, k, v, block_mask=bm, enable_gqa=True, scale=scale),
+                                          rep_ms)
+        casakv_ms = _median(ours_runs)
+        flex_ms = _median(flex_runs) if flex_runs else None
         run()
         ours = out.transpose(0, 1).unsqueeze(0)
         if flex_ms is not None:
@@ -289,7 +315,8 @@ def bench_prefill(n: int, masks, flex, gen, rep_ms: int, vllm_attn=None) -> list
         else:  # no peer output to compare with at this shape
             err = float("nan")
         res = Result("prefill", n, 1, name, round(density, 4), casakv_ms, sdpa_ms, flex_ms,
-                     int(index.tile_count.sum()) * block_n * 2 * D * 2, None, err, index_ms)
+                     int(index.tile_count.sum()) * block_n * 2 * D * 2, None, err, index_ms,
+                     casakv_rounds_ms=ours_runs, flex_rounds_ms=flex_runs)
         if name == "causal":
             _add_mem_efficient(res, qb, k, v, True, scale, ours, lambda f: _bench(f, rep_ms))
             _add_vllm(res, vllm_attn, q, kv, table, qsl, seq_lens, n, scale, out, lambda f: _bench(f, rep_ms))
