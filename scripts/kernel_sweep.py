@@ -34,7 +34,9 @@ def _shim():
 
 
 _shim()
-from casakv_vllm.bench.kernels import bench_graph, bench_patterns as patterns, copy_same_bytes  # noqa: E402
+from casakv_vllm.bench.kernels import (  # noqa: E402  (the benchmark's inputs, masks and checks)
+    MASK_MODS as MODS, bench_graph, bench_patterns as patterns, contiguous_kv as contiguous, copy_same_bytes,
+    paged_kv, rel_err as rel)
 from casakv_vllm.triton_kernels.paged_attention import paged_attention  # noqa: E402
 from casakv_vllm.triton_kernels.sparse_decode import (  # noqa: E402
     SparseDecodeWorkspace, choose_num_splits, sparse_paged_decode)
@@ -44,39 +46,11 @@ from casakv_vllm.triton_kernels.sparse_prefill import sparse_paged_attention  # 
 
 HQ, HKV, D, PAGE = 32, 8, 128, 16
 DT = torch.bfloat16
-SINK, WINDOW, VS_WINDOW, VS_EVERY, VS_BLOCK = 128, 4096, 1024, 16, 128
 
 
 def bench(fn, rep=100):
     from triton.testing import do_bench
     return float(do_bench(fn, warmup=10, rep=rep, return_mode="median"))
-
-
-def rel(a, b):
-    return float((a.float() - b.float()).norm() / b.float().norm())
-
-
-def paged_kv(batch, n, gen):
-    per = n // PAGE
-    nblk = batch * per + 1
-    kv = torch.randn(nblk, HKV, PAGE, 2 * D, dtype=DT, device="cuda", generator=gen)
-    perm = torch.randperm(nblk - 1, device="cuda", generator=gen)[: batch * per] + 1
-    return kv, perm.view(batch, per).to(torch.int32)
-
-
-def contiguous(kv, table):
-    g = kv[table.long()]
-    b, nb = table.shape
-    g = g.permute(0, 2, 1, 3, 4).reshape(b, HKV, nb * PAGE, 2 * D)
-    return g[..., :D].contiguous(), g[..., D:].contiguous()
-
-
-MODS = {
-    "causal": lambda b, h, q, k: q >= k,
-    "a-shape": lambda b, h, q, k: (q >= k) & ((k < SINK) | (q - k < WINDOW)),
-    "vertical-slash": lambda b, h, q, k: (q >= k) & ((k < SINK) | (q - k < VS_WINDOW)
-                                                     | ((k // VS_BLOCK) % VS_EVERY == 3)),
-}
 
 
 def partition(index):

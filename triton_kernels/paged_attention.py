@@ -34,6 +34,14 @@ from .online_softmax import online_softmax_update
 
 
 @triton.jit
+def _load_pair(k_ptrs, v_ptrs, mask, MASKED: tl.constexpr):
+    """K and V through their pointer tensors, masked (read as 0) or not."""
+    if MASKED:
+        return tl.load(k_ptrs, mask=mask, other=0.0), tl.load(v_ptrs, mask=mask, other=0.0)
+    return tl.load(k_ptrs), tl.load(v_ptrs)
+
+
+@triton.jit
 def _load_kv_tile(
     kv_cache_ptr,  # [num_blocks, num_kv_heads, block_size, 2*head_size]
     bt_row,  # [max_blocks_per_seq] int32, this request's block-table row
@@ -69,18 +77,10 @@ def _load_kv_tile(
               + (offs_t.to(tl.int64) * stride_c_tok)[None, :, None]
               + offs_d[None, None, :] * stride_c_d)  # [NP, PAGE, BLOCK_D]
         v3 = k3 + HEAD_SIZE * stride_c_d
+        m3 = (offs_d < HEAD_SIZE)[None, None, :]
         if MASK_N:
-            m3 = (((pg * PAGE)[:, None] + offs_t[None, :] < kv_end)[:, :, None]
-                  & (offs_d < HEAD_SIZE)[None, None, :])
-            k = tl.load(k3, mask=m3, other=0.0)
-            v = tl.load(v3, mask=m3, other=0.0)
-        elif HEAD_SIZE == BLOCK_D:
-            k = tl.load(k3)
-            v = tl.load(v3)
-        else:
-            m3 = (offs_d < HEAD_SIZE)[None, None, :]
-            k = tl.load(k3, mask=m3, other=0.0)
-            v = tl.load(v3, mask=m3, other=0.0)
+            m3 = ((pg * PAGE)[:, None] + offs_t[None, :] < kv_end)[:, :, None] & m3
+        k, v = _load_pair(k3, v3, m3, MASK_N or HEAD_SIZE != BLOCK_D)
         return tl.reshape(k, [BLOCK_N, BLOCK_D]), tl.reshape(v, [BLOCK_N, BLOCK_D])
     offs_n = n_start + tl.arange(0, BLOCK_N)
     if MASK_N:
@@ -92,21 +92,13 @@ def _load_kv_tile(
                + (offs_n % PAGE).to(tl.int64) * stride_c_tok)  # [BLOCK_N]
     k_ptrs = kv_cache_ptr + tok_off[:, None] + offs_d[None, :] * stride_c_d
     v_ptrs = k_ptrs + HEAD_SIZE * stride_c_d
-    if MASK_N:
-        if HEAD_SIZE == BLOCK_D:
-            m2 = n_mask[:, None]
-        else:
-            m2 = n_mask[:, None] & (offs_d < HEAD_SIZE)[None, :]
-        k = tl.load(k_ptrs, mask=m2, other=0.0)
-        v = tl.load(v_ptrs, mask=m2, other=0.0)
-    elif HEAD_SIZE == BLOCK_D:
-        k = tl.load(k_ptrs)
-        v = tl.load(v_ptrs)
+    if MASK_N and HEAD_SIZE == BLOCK_D:
+        m2 = n_mask[:, None]
+    elif MASK_N:
+        m2 = n_mask[:, None] & (offs_d < HEAD_SIZE)[None, :]
     else:
         m2 = (offs_d < HEAD_SIZE)[None, :]
-        k = tl.load(k_ptrs, mask=m2, other=0.0)
-        v = tl.load(v_ptrs, mask=m2, other=0.0)
-    return k, v
+    return _load_pair(k_ptrs, v_ptrs, m2, MASK_N or HEAD_SIZE != BLOCK_D)
 
 
 @triton.jit

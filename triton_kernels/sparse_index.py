@@ -78,6 +78,8 @@ class SparseIndex:
             offsets / vertical columns (bit ``x % 64`` of word ``x // 64``),
             ``NW = cdiv(max_seq_len, 64)``; used by the attention kernel.
         block_q / block_n: query tokens / KV positions per tile.
+        params: ``[R, H, 5]`` int32 per-head scalars read by both kernels,
+            from :func:`head_params`; ``None`` for the torch reference.
     """
 
     tile_idx: torch.Tensor
@@ -88,6 +90,7 @@ class SparseIndex:
     block_q: int
     block_n: int
     tile_nfull: torch.Tensor
+    params: torch.Tensor | None = None
 
     @property
     def num_q_tiles(self) -> int:
@@ -103,20 +106,17 @@ def words_for_range(length: int) -> int:
     return (max(length, 1) - 1) // WORD_BITS + 2
 
 
-def head_params(patterns: PatternBatch, num_seqs: int, kinds: bool = False) -> torch.Tensor:
-    """``[num_seqs, H, 3]`` int32: (full, sink, window) per head, contiguous.
-
-    ``kinds``: two more columns, ``[num_seqs, H, 5]``: (..., has_slash,
-    has_vert), 1 when the head lists any slash offset / vertical column
-    (on device, no sync).  The attention kernel skips a kind's bitmap loads
-    for heads where it is 0."""
-    cols = [patterns.full[:num_seqs].to(torch.int32),
-            patterns.sink[:num_seqs].to(torch.int32),
-            patterns.window[:num_seqs].to(torch.int32)]
-    if kinds:
-        cols += [(patterns.slash[:num_seqs] >= 0).any(-1).to(torch.int32),
-                 (patterns.vertical[:num_seqs] >= 0).any(-1).to(torch.int32)]
-    return torch.stack(cols, dim=-1).contiguous()
+def head_params(patterns: PatternBatch, num_seqs: int) -> torch.Tensor:
+    """``[num_seqs, H, 5]`` int32, contiguous: (full, sink, window,
+    has_slash, has_vert) per head; the last two are 1 when the head lists
+    any slash offset / vertical column (on device, no sync), so the attention
+    kernel skips a kind's bitmap loads for heads where it is 0."""
+    return torch.stack([patterns.full[:num_seqs].to(torch.int32),
+                        patterns.sink[:num_seqs].to(torch.int32),
+                        patterns.window[:num_seqs].to(torch.int32),
+                        (patterns.slash[:num_seqs] >= 0).any(-1).to(torch.int32),
+                        (patterns.vertical[:num_seqs] >= 0).any(-1).to(torch.int32)],
+                       dim=-1).contiguous()
 
 
 @triton.jit
@@ -203,7 +203,7 @@ def _tile_index_kernel(
     tile_count_ptr,  # [R, H, NQT] int32
     tile_full_ptr,  # [R, H, NQT, MAXT] int8
     tile_nfull_ptr,  # [R, H, NQT] int32
-    params_ptr,  # [R, H, 3] int32: full, sink, window
+    params_ptr,  # [R, H, 5] int32: full, sink, window, has_slash, has_vert
     sbits_ptr, vbits_ptr,  # [R, H, NW] int64
     blocks_ptr,  # [R, H, NQB, NKB] uint8 (unused unless HAS_BLOCKS)
     query_start_loc_ptr, seq_lens_ptr,
@@ -231,10 +231,10 @@ def _tile_index_kernel(
     n_tiles = tl.where(q_tile_start < q_len, q_hi // BLOCK_N + 1, 0)
 
     rh = r * num_heads + h
-    is_full = tl.load(params_ptr + rh * 3) != 0
-    sink = tl.load(params_ptr + rh * 3 + 1)
+    is_full = tl.load(params_ptr + rh * 5) != 0
+    sink = tl.load(params_ptr + rh * 5 + 1)
     # The diagonal is a window of 1; a full head is an unbounded window.
-    w_eff = tl.maximum(tl.load(params_ptr + rh * 3 + 2), 1)
+    w_eff = tl.maximum(tl.load(params_ptr + rh * 5 + 2), 1)
     w_eff = tl.where(is_full, 1 << 30, w_eff)
     sbits_row = sbits_ptr + rh.to(tl.int64) * n_words
     vbits_row = vbits_ptr + rh.to(tl.int64) * n_words
@@ -350,11 +350,11 @@ def build_prefill_index(
                             device=device)
     tile_nfull = torch.zeros_like(tile_count)
     sbits, vbits = build_pattern_bits(patterns, num_seqs, max_seq_len)
+    params = head_params(patterns, num_seqs)
     index = SparseIndex(tile_idx, tile_count, tile_full, sbits, vbits,
-                        block_q, block_n, tile_nfull)
+                        block_q, block_n, tile_nfull, params)
     if num_seqs == 0 or nqt == 0 or maxt == 0:
         return index
-    params = head_params(patterns, num_seqs)
     has_blocks = patterns.blocks is not None
     if has_blocks:
         blocks = patterns.blocks

@@ -62,7 +62,7 @@ from .sparse_index import SparseIndex, head_params, words_for_range
 PAGE_LOADS = True
 REVERSE_Q = False
 # Partial-tile masks: skip the slash / vertical bitmap loads of heads that
-# list none (per-head flags from ``head_params(kinds=True)``), and issue the
+# list none (per-head flags from ``sparse_index.head_params``), and issue the
 # vertical bitmap load before the K/V load so its latency overlaps the q.k
 # product instead of following it.
 MASK_KINDS = True
@@ -332,8 +332,9 @@ def sparse_paged_attention(
     block_m = max(16, triton.next_power_of_2(block_q * group))
     fp32_dot = query.dtype == torch.float32 or (
         query.dtype == torch.bfloat16 and _interpreting())
-    params = head_params(patterns, num_seqs, kinds=True)
+    params = index.params if index.params is not None else head_params(patterns, num_seqs)
     if not MASK_KINDS:  # every head loads both bitmaps (the earlier kernel)
+        params = params.clone()
         params[..., 3:] = 1
     has_blocks = patterns.blocks is not None
     if has_blocks:

@@ -156,7 +156,7 @@ def _copy_bandwidth() -> float:
     return 2 * 512 * 1024**2 * 2 / (ms / 1e3)
 
 
-def _paged_kv(batch: int, n: int, gen: torch.Generator):
+def paged_kv(batch: int, n: int, gen: torch.Generator):
     """Random paged cache [blocks, HKV, PAGE, 2D] (HND) and a random block table."""
     per_seq = n // PAGE
     nblk = batch * per_seq + 1
@@ -165,7 +165,7 @@ def _paged_kv(batch: int, n: int, gen: torch.Generator):
     return kv, perm.view(batch, per_seq).to(torch.int32)
 
 
-def _contiguous(kv, table):
+def contiguous_kv(kv, table):
     """K, V as [B, HKV, N, D] from the paged cache (for SDPA / Flex)."""
     g = kv[table.long()]  # [B, nb, HKV, PAGE, 2D]
     b, nb = table.shape
@@ -248,7 +248,7 @@ def triton_cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
-def _rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.float() - b.float()).norm() / b.float().norm())
 
 
@@ -262,7 +262,7 @@ def _add_vllm(res: Result, vllm_attn, q, kv, table, qsl, seq_lens, max_q: int, s
     try:
         fn = make_call(vllm_attn, q, kv, table, qsl, seq_lens, max_q, res.seq_len, scale, out)
         fn()
-        res.vllm_triton_rel_err = _rel_err(out, ours)
+        res.vllm_triton_rel_err = rel_err(out, ours)
         res.vllm_triton_ms = timer(fn)
     except Exception as err:  # noqa: BLE001  (the peer failing at this shape leaves its cell empty)
         print(f"  vLLM kernel failed: {type(err).__name__}: {str(err).splitlines()[0][:160]}")
@@ -277,11 +277,11 @@ def bench_prefill(n: int, masks, flex, gen, rep_ms: int, vllm_attn=None) -> list
     from casakv_vllm.triton_kernels.sparse_index import build_prefill_index
     from casakv_vllm.triton_kernels.sparse_prefill import plan_blocks, sparse_paged_attention
 
-    kv, table = _paged_kv(1, n, gen)
+    kv, table = paged_kv(1, n, gen)
     q = torch.randn(n, HQ, D, dtype=DTYPE, device="cuda", generator=gen)
     qsl = torch.tensor([0, n], dtype=torch.int32, device="cuda")
     seq_lens = torch.tensor([n], dtype=torch.int32, device="cuda")
-    k, v = _contiguous(kv, table)
+    k, v = contiguous_kv(kv, table)
     qb = q.transpose(0, 1).unsqueeze(0)  # [1, HQ, N, D]
     scale = D ** -0.5
     with sdpa_kernel([SDPBackend.FLASH_ATTENTION]):
@@ -311,7 +311,7 @@ def bench_prefill(n: int, masks, flex, gen, rep_ms: int, vllm_attn=None) -> list
         run()
         ours = out.transpose(0, 1).unsqueeze(0)
         if flex_ms is not None:
-            err = _rel_err(ours, flex(qb, k, v, block_mask=bm, enable_gqa=True, scale=scale))
+            err = rel_err(ours, flex(qb, k, v, block_mask=bm, enable_gqa=True, scale=scale))
         else:  # no peer output to compare with at this shape
             err = float("nan")
         res = Result("prefill", n, 1, name, round(density, 4), casakv_ms, sdpa_ms, flex_ms,
@@ -330,7 +330,7 @@ def _add_mem_efficient(res: Result, qb, k, v, causal: bool, scale: float, ours, 
     """Fill ``res.mem_efficient_*`` (left None when the backend fails here)."""
     try:
         fn, res.mem_efficient_gqa = _mem_efficient(qb, k, v, causal, scale)
-        res.mem_efficient_rel_err = _rel_err(ours, fn())
+        res.mem_efficient_rel_err = rel_err(ours, fn())
         res.mem_efficient_ms = timer(fn)
     except Exception as err:  # noqa: BLE001  (backend unavailable / out of memory at this shape)
         print(f"  mem-efficient failed: {type(err).__name__}: {str(err).splitlines()[0][:160]}")
@@ -342,10 +342,10 @@ def bench_decode(n: int, batch: int, flex, gen, copy_bps: float, rep_ms: int, vl
         SparseDecodeWorkspace, dense_selection, sparse_paged_decode)
     from casakv_vllm.triton_kernels.sparse_decode_reference import sparse_paged_decode_ref
 
-    kv, table = _paged_kv(batch, n, gen)
+    kv, table = paged_kv(batch, n, gen)
     q = torch.randn(batch, HQ, D, dtype=DTYPE, device="cuda", generator=gen)
     seq_lens = torch.full((batch,), n, dtype=torch.int32, device="cuda")
-    k, v = _contiguous(kv, table)
+    k, v = contiguous_kv(kv, table)
     qb = q.unsqueeze(2)
     scale = D ** -0.5
     sdpa_ms = bench_graph([lambda: F.scaled_dot_product_attention(qb, k, v, enable_gqa=True, scale=scale)])
@@ -373,7 +373,7 @@ def bench_decode(n: int, batch: int, flex, gen, copy_bps: float, rep_ms: int, vl
         call(sel, cnt)()
         sub = slice(0, min(batch, 2))
         ref = sparse_paged_decode_ref(q[sub], kv, table[sub], seq_lens[sub], sel[sub], cnt[sub], scale)
-        err = _rel_err(out[sub], ref)
+        err = rel_err(out[sub], ref)
         selected_tokens = int(cnt.sum()) * PAGE
         bytes_read = selected_tokens * 2 * D * 2
         flex_ms = None
