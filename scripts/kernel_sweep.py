@@ -3,7 +3,7 @@
 Imports the kernels straight from this checkout (no install, no CUDA op build),
 checks every variant against FlexAttention (prefill) or the fp32 reference
 (decode) and times it with triton.testing.do_bench (median, L2 flushed).
-Usage: python scripts/kernel_sweep.py [--out DIR] [--only prefill|decode|decode-b1|variants|profile]
+Usage: python scripts/kernel_sweep.py [--out DIR] [--only prefill|decode|decode-b1|decode-var|variants|profile]
 Writes DIR/sweep.json and prints one table per part.
 """
 
@@ -36,10 +36,10 @@ def _shim():
 _shim()
 from casakv_vllm.bench.kernels import (  # noqa: E402  (the benchmark's inputs, masks and checks)
     MASK_MODS as MODS, bench_graph, bench_patterns as patterns, contiguous_kv as contiguous, copy_same_bytes,
-    paged_kv, rel_err as rel)
+    decode_selections, paged_kv, read_same_bytes, rel_err as rel)
 from casakv_vllm.triton_kernels.paged_attention import paged_attention  # noqa: E402
 from casakv_vllm.triton_kernels.sparse_decode import (  # noqa: E402
-    SparseDecodeWorkspace, choose_num_splits, sparse_paged_decode)
+    SparseDecodeWorkspace, choose_num_splits, physical_selection, sparse_paged_decode)
 from casakv_vllm.triton_kernels.sparse_decode_reference import sparse_paged_decode_ref  # noqa: E402
 from casakv_vllm.triton_kernels.sparse_index import build_prefill_index  # noqa: E402
 from casakv_vllm.triton_kernels.sparse_prefill import sparse_paged_attention  # noqa: E402
@@ -262,27 +262,23 @@ DEC_CFGS = [(32, 4, 3), (32, 2, 3), (16, 4, 3), (64, 4, 3), (32, 4, 4), (16, 2, 
 SPLITS = [None, 32, 48, 66, 96, 128]
 
 
+def decode_inputs(gen, n, batch):
+    """Paged KV + table, q, seq_lens, blocks per sequence and a split workspace."""
+    kv, table = paged_kv(batch, n, gen)
+    q = torch.randn(batch, HQ, D, dtype=DT, device="cuda", generator=gen)
+    sl = torch.full((batch,), n, dtype=torch.int32, device="cuda")
+    return kv, table, q, sl, n // PAGE, SparseDecodeWorkspace.allocate(batch, HQ, D, device="cuda")
+
+
 def sweep_decode(gen, rows, copy_bps, cases=((32768, 1), (131072, 1), (32768, 16), (131072, 16)),
                  cfgs=None, splits_list=None):
     cfgs = cfgs or DEC_CFGS
     splits_list = splits_list or SPLITS
     for n, batch in cases:
-        kv, table = paged_kv(batch, n, gen)
-        q = torch.randn(batch, HQ, D, dtype=DT, device="cuda", generator=gen)
-        sl = torch.full((batch,), n, dtype=torch.int32, device="cuda")
-        nb = n // PAGE
-        ws = SparseDecodeWorkspace.allocate(batch, HQ, D, device="cuda")
+        kv, table, q, sl, nb, ws = decode_inputs(gen, n, batch)
         for name, frac in (("dense", 1.0), ("select-10%", 0.1)):
-            keep = nb if frac == 1.0 else max(2, int(nb * frac))
-            sels = []
-            for _ in range(1 if frac == 1.0 else 8):
-                if frac == 1.0:
-                    sel = torch.arange(nb, dtype=torch.int32, device="cuda").expand(batch, HKV, nb).contiguous()
-                else:
-                    sc = torch.rand(batch, HKV, nb, device="cuda", generator=gen)
-                    sc[..., 0] = sc[..., -1] = 2.0
-                    sel = sc.topk(keep, dim=-1).indices.sort(dim=-1).values.to(torch.int32)
-                sels.append(sel)
+            sels = [sel for sel, _ in decode_selections(batch, nb, frac, gen)]
+            keep = sels[0].shape[-1]
             cnt = torch.full((batch, HKV), keep, dtype=torch.int32, device="cuda")
             sub = slice(0, min(batch, 2))
             ref = sparse_paged_decode_ref(q[sub], kv, table[sub], sl[sub], sels[0][sub], cnt[sub], D ** -0.5)
@@ -320,6 +316,59 @@ def sweep_decode(gen, rows, copy_bps, cases=((32768, 1), (131072, 1), (32768, 16
         torch.cuda.empty_cache()
 
 
+def sweep_decode_variants(gen, rows, copy_bps):
+    """Physical block ids (no block-table load per tile) x PDL merge launch,
+    over tiles and split counts; graph-timed like the benchmark."""
+    cfgs = [(32, 4, 3), (64, 4, 3), (32, 4, 4), (16, 4, 4), (64, 4, 4)]
+    for n, batch in ((131072, 1), (32768, 1), (32768, 16), (131072, 16)):
+        kv, table, q, sl, nb, ws = decode_inputs(gen, n, batch)
+        for name, frac in (("select-10%", 0.1), ("dense", 1.0)):
+            sels = [sel for sel, _ in decode_selections(batch, nb, frac, gen)]
+            keep = sels[0].shape[-1]
+            phys = [physical_selection(x, table) for x in sels]
+            cnt = torch.full((batch, HKV), keep, dtype=torch.int32, device="cuda")
+            sub = slice(0, min(batch, 2))
+            ref = sparse_paged_decode_ref(q[sub], kv, table[sub], sl[sub], sels[0][sub], cnt[sub], D ** -0.5)
+            byts = batch * HKV * keep * PAGE * 2 * D * 2
+            heur = choose_num_splits(batch, HKV, keep, PAGE, 132)
+            if batch == 1:
+                cms = copy_same_bytes(byts)
+                rms = read_same_bytes(byts)
+                rows.append(dict(part="decode-ceiling", n=n, batch=batch, mask=name, copy_ms=cms, read_ms=rms,
+                                 copy_hbm=byts / (cms / 1e3) / copy_bps, read_hbm=byts / (rms / 1e3) / copy_bps))
+                print(f"decode {n} B={batch} {name}: same-bytes copy {cms * 1e3:.1f} us "
+                      f"(hbm {byts / (cms / 1e3) / copy_bps:.2f}), read-only {rms * 1e3:.1f} us "
+                      f"(hbm {byts / (rms / 1e3) / copy_bps:.2f})", flush=True)
+            small = frac == 1.0 or batch == 16
+            best = None
+            for ph in (False, True):
+                for pdl in (False, True):
+                    for (bn, w, st) in (cfgs[:1] if small else cfgs):
+                        for sp in ((None,) if small else (None, 33, 128)):
+                            out = torch.full_like(q, float("nan"))
+                            src = phys if ph else sels
+
+                            def call(sel, sp=sp, bn=bn, w=w, st=st, out=out, ph=ph, pdl=pdl):
+                                return lambda: sparse_paged_decode(
+                                    q, kv, table, sl, sel, cnt, D ** -0.5, out, workspace=ws, num_splits=sp,
+                                    block_n=bn, num_warps=w, num_stages=st, sel_physical=ph, pdl=pdl)
+                            call(src[0])()
+                            err = rel(out[sub], ref)
+                            ms = bench_graph([call(x) for x in src], reps=10)
+                            hbm = byts / (ms / 1e3) / copy_bps
+                            rows.append(dict(part="decode-var", n=n, batch=batch, mask=name, phys=ph, pdl=pdl,
+                                             bn=bn, warps=w, stages=st, splits=sp or heur, ms=ms, hbm=hbm,
+                                             err=err))
+                            tag = f"phys={int(ph)} pdl={int(pdl)} {(bn, w, st)} splits {sp or f'heur {heur}'}"
+                            if best is None or ms < best[0]:
+                                best = (ms, tag, hbm)
+                            print(f"decode {n} B={batch} {name} {tag}: {ms * 1e3:.1f} us hbm {hbm:.2f} "
+                                  f"err {err:.1e}", flush=True)
+            print(f"  best {best[0] * 1e3:.1f} us {best[1]} hbm {best[2]:.2f}", flush=True)
+        del kv, ws
+        torch.cuda.empty_cache()
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=os.environ.get("OUT", "/tmp"))
@@ -350,6 +399,9 @@ def main():
             print(f"variants 32k done {time.time() - t0:.0f}s", flush=True)
             sweep_variants(gen, rows, 131072, ("a-shape", "vertical-slash"), flex, reps=2)
             print(f"variants 128k done {time.time() - t0:.0f}s", flush=True)
+        if a.only == "decode-var":
+            sweep_decode_variants(gen, rows, copy_bps)
+            print(f"decode-var done {time.time() - t0:.0f}s", flush=True)
         if a.only in ("", "decode"):
             sweep_decode(gen, rows, copy_bps)
             print(f"decode done {time.time() - t0:.0f}s", flush=True)

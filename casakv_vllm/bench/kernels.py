@@ -26,6 +26,8 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+import triton
+import triton.language as tl
 
 HQ, HKV, D, PAGE = 32, 8, 128, 16
 DTYPE = torch.bfloat16
@@ -56,6 +58,10 @@ class Result:
     # the most a kernel touching that many bytes in one launch reaches
     copy_same_ms: float | None = None
     copy_same_fraction: float | None = None
+    # decode: a one-launch read-only kernel over bytes_read contiguous bytes, timed
+    # the same way (read_same_bytes): the ceiling of one launch reading that much
+    read_same_ms: float | None = None
+    read_same_fraction: float | None = None
     # prefill: every round of the alternating casakv / Flex timings (medians above)
     casakv_rounds_ms: list[float] | None = None
     flex_rounds_ms: list[float] | None = None
@@ -146,6 +152,35 @@ def copy_same_bytes(nbytes: int, rotate: int = ROTATE) -> float:
     del pairs
     torch.cuda.empty_cache()
     return ms
+
+
+@triton.jit
+def _read_kernel(x_ptr, o_ptr, n, per, BLOCK: tl.constexpr):
+    """Sums its slice ``[pid * per, (pid + 1) * per)`` of ``x`` (so nothing
+    is optimised away) and writes one float."""
+    pid = tl.program_id(0)
+    acc = tl.zeros([BLOCK], dtype=tl.float32)
+    for i in range(pid * per, tl.minimum(pid * per + per, n), BLOCK):
+        offs = i + tl.arange(0, BLOCK)
+        acc += tl.load(x_ptr + offs, mask=offs < n, other=0.0).to(tl.float32)
+    tl.store(o_ptr + pid, tl.sum(acc, 0))
+
+
+def read_same_bytes(nbytes: int, rotate: int = ROTATE, programs=(264, 528, 1056)) -> float:
+    """Best ms of one read-only launch over ``nbytes`` contiguous bytes,
+    graph-replayed over ``rotate`` buffers (one above 256 MB) like the
+    decode calls: how fast any single launch can read that much."""
+    n = max(1, nbytes // 2)  # bf16 elements
+    bufs = [torch.randn(n, dtype=DTYPE, device="cuda") for _ in range(rotate if nbytes < 256 * 1024**2 else 1)]
+    best = None
+    for progs in programs:
+        per = triton.cdiv(triton.cdiv(n, progs), 4096) * 4096
+        o = torch.empty(progs, device="cuda")
+        ms = bench_graph([lambda x=x: _read_kernel[(progs,)](x, o, n, per, BLOCK=4096, num_warps=8) for x in bufs])
+        best = ms if best is None else min(best, ms)
+    del bufs
+    torch.cuda.empty_cache()
+    return best
 
 
 def _copy_bandwidth() -> float:
@@ -337,9 +372,27 @@ def _add_mem_efficient(res: Result, qb, k, v, causal: bool, scale: float, ours, 
     torch.cuda.empty_cache()
 
 
+def decode_selections(batch: int, nb: int, frac: float, gen, rotate: int = ROTATE):
+    """[(sel_blocks, sel_count)] in logical block ids over ``nb`` blocks per
+    sequence: all of them (one entry) for ``frac == 1``, else ``rotate``
+    different random selections of ``frac`` of the blocks, first and last
+    always included, so that L2 never holds the next call's blocks."""
+    if frac >= 1.0:
+        sel = torch.arange(nb, dtype=torch.int32, device="cuda").expand(batch, HKV, nb).contiguous()
+        return [(sel, torch.full((batch, HKV), nb, dtype=torch.int32, device="cuda"))]
+    keep = max(2, int(nb * frac))
+    out = []
+    for _ in range(rotate):
+        scores = torch.rand(batch, HKV, nb, device="cuda", generator=gen)
+        scores[..., 0] = scores[..., -1] = 2.0
+        out.append((scores.topk(keep, dim=-1).indices.sort(dim=-1).values.to(torch.int32),
+                    torch.full((batch, HKV), keep, dtype=torch.int32, device="cuda")))
+    return out
+
+
 def bench_decode(n: int, batch: int, flex, gen, copy_bps: float, rep_ms: int, vllm_attn=None) -> list[Result]:
     from casakv_vllm.triton_kernels.sparse_decode import (
-        SparseDecodeWorkspace, dense_selection, sparse_paged_decode)
+        SparseDecodeWorkspace, physical_selection, sparse_paged_decode)
     from casakv_vllm.triton_kernels.sparse_decode_reference import sparse_paged_decode_ref
 
     kv, table = paged_kv(batch, n, gen)
@@ -353,24 +406,17 @@ def bench_decode(n: int, batch: int, flex, gen, copy_bps: float, rep_ms: int, vl
     workspace = SparseDecodeWorkspace.allocate(batch, HQ, D, device="cuda")
     results = []
     for name, frac in (("dense", 1.0), ("select-10%", 0.1)):
-        if frac == 1.0:
-            sels = [dense_selection(seq_lens, PAGE, nb, HKV)]
-        else:  # ROTATE different random selections, so L2 never holds the next one
-            keep = max(2, int(nb * frac))
-            sels = []
-            for _ in range(ROTATE):
-                scores = torch.rand(batch, HKV, nb, device="cuda", generator=gen)
-                scores[..., 0] = scores[..., -1] = 2.0
-                sels.append((scores.topk(keep, dim=-1).indices.sort(dim=-1).values.to(torch.int32),
-                             torch.full((batch, HKV), keep, dtype=torch.int32, device="cuda")))
+        sels = decode_selections(batch, nb, frac, gen)
         out = torch.empty_like(q)
 
         def call(sel, cnt):
-            return lambda: sparse_paged_decode(q, kv, table, seq_lens, sel, cnt, scale, out, workspace=workspace)
+            return lambda: sparse_paged_decode(q, kv, table, seq_lens, sel, cnt, scale, out, workspace=workspace,
+                                               sel_physical=True)
 
-        casakv_ms = bench_graph([call(*sc) for sc in sels])
+        # block ids translated once per batch (every layer reuses them), outside the timing
+        casakv_ms = bench_graph([call(physical_selection(s_, table), c_) for s_, c_ in sels])
         sel, cnt = sels[0]
-        call(sel, cnt)()
+        call(physical_selection(sel, table), cnt)()
         sub = slice(0, min(batch, 2))
         ref = sparse_paged_decode_ref(q[sub], kv, table[sub], seq_lens[sub], sel[sub], cnt[sub], scale)
         err = rel_err(out[sub], ref)
@@ -394,6 +440,8 @@ def bench_decode(n: int, batch: int, flex, gen, copy_bps: float, rep_ms: int, vl
                      bytes_read, bytes_read / (casakv_ms / 1e3) / copy_bps, err)
         res.copy_same_ms = copy_same_bytes(bytes_read)
         res.copy_same_fraction = bytes_read / (res.copy_same_ms / 1e3) / copy_bps
+        res.read_same_ms = read_same_bytes(bytes_read)
+        res.read_same_fraction = bytes_read / (res.read_same_ms / 1e3) / copy_bps
         if frac == 1.0:
             _add_mem_efficient(res, qb, k, v, False, scale, out.unsqueeze(2), lambda f: bench_graph([f]))
             qsl = torch.arange(batch + 1, dtype=torch.int32, device="cuda")
@@ -465,11 +513,12 @@ def markdown(doc: dict) -> str:
              "`mem-eff` = SDPA restricted to EFFICIENT_ATTENTION (the kernel xformers' memory-efficient "
              "attention runs), dense cells only.", "",
              "`vLLM` = vLLM's own Triton kernel (`unified_attention`) on the same paged cache (causal prefill, "
-             "dense decode). `copy frac` = the HBM fraction of a device copy moving the same bytes, timed like "
-             "the decode call: the ceiling for that size.", "",
+             "dense decode). `copy frac` / `read frac` = the HBM fraction of a device copy moving the same bytes / "
+             "of one read-only launch reading them, timed like the decode call: for small cells, the ceiling of "
+             "one launch at that size.", "",
              "| kind | N | B | mask | density | casakv | SDPA | Flex | mem-eff | vLLM | casakv/Flex | SDPA/casakv "
-             "| mem-eff/casakv | vLLM/casakv | HBM frac | copy frac | rel err |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| mem-eff/casakv | vLLM/casakv | HBM frac | copy frac | read frac | rel err |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     def num(x, fmt):
         return "-" if x is None else format(x, fmt)
 
@@ -481,7 +530,8 @@ def markdown(doc: dict) -> str:
             f"{ours:.3f}", f"{sdpa:.3f}", num(flex, ".3f"), num(me, ".3f"), num(vl, ".3f"),
             num(ours / flex if flex else None, ".2f"), f"{sdpa / ours:.2f}", num(me / ours if me else None, ".2f"),
             num(vl / ours if vl else None, ".2f"), num(r["hbm_fraction"], ".2f"),
-            num(r.get("copy_same_fraction"), ".2f"), f"{r['rel_err']:.1e} |"]))
+            num(r.get("copy_same_fraction"), ".2f"), num(r.get("read_same_fraction"), ".2f"),
+            f"{r['rel_err']:.1e} |"]))
     return "\n".join(lines) + "\n"
 
 

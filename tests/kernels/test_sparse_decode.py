@@ -20,6 +20,7 @@ from casakv_vllm.triton_kernels.sparse_decode import (  # noqa: E402
     SparseDecodeWorkspace,
     choose_num_splits,
     dense_selection,
+    physical_selection,
     selection_from_patterns,
     selection_mask_from_patterns,
     sparse_paged_decode,
@@ -126,14 +127,17 @@ def _check(got, want, dtype, got_lse=None, want_lse=None):
         torch.testing.assert_close(got_lse, want_lse, atol=1e-4, rtol=1e-4)
 
 
-def _run(case, num_splits=None, with_lse=True, workspace=None, out_rows_pad=0):
+def _run(case, num_splits=None, with_lse=True, workspace=None, out_rows_pad=0,
+         physical=False):
     q = case["query"]
     R, H, D = q.shape
     out = torch.full((R + out_rows_pad, H, D), float("nan"), dtype=q.dtype, device=DEVICE)
     lse = (torch.full((R + out_rows_pad, H), float("nan"), device=DEVICE)
            if with_lse else None)
+    if physical:  # the same selection, as physical block ids
+        case = dict(case, sel_blocks=physical_selection(case["sel_blocks"], case["block_table"]))
     res = sparse_paged_decode(**case, out=out, lse=lse, workspace=workspace,
-                              num_splits=num_splits)
+                              num_splits=num_splits, sel_physical=physical)
     assert res is out
     if out_rows_pad:
         assert torch.isnan(out[R:]).all()
@@ -153,16 +157,29 @@ def _run(case, num_splits=None, with_lse=True, workspace=None, out_rows_pad=0):
     kinds=st.lists(st.sampled_from(SEL_KINDS), min_size=1, max_size=4),
     num_splits=st.sampled_from([None, 1, 2, 3, 5]),
     strided_query=st.booleans(),
+    physical=st.booleans(),
     seed=st.integers(0, 2**31 - 1),
 )
 def test_sparse_decode_matches_reference(seq_lens, hkv, group, d, bs, dtype, layout,
-                                         kinds, num_splits, strided_query, seed):
+                                         kinds, num_splits, strided_query, physical, seed):
     case = _make_case(seq_lens, hkv, group, d, bs, dtype, layout, kinds, seed,
                       strided_query=strided_query)
     out, lse = _run(case, num_splits=num_splits, with_lse=bool(seed % 4 != 0),
-                    out_rows_pad=1)
+                    out_rows_pad=1, physical=physical)
     ref, ref_lse = sparse_paged_decode_ref(**case, return_lse=True)
     _check(out, ref, dtype, lse, ref_lse if lse is not None else None)
+
+
+@pytest.mark.parametrize("num_splits", [1, 3])
+def test_sparse_decode_physical_ids(num_splits):
+    """Physical block ids (one gather per batch) give the logical-id result,
+    including the masked tail of each request's partial last block (the
+    poisoned slots past seq_len would turn a stray read into NaN)."""
+    case = _make_case([37, 9, 16], 2, 2, 16, 4, torch.bfloat16, "padded",
+                      ["last", "random", "first_last"], seed=11)
+    ref, ref_lse = sparse_paged_decode_ref(**case, return_lse=True)
+    out, lse = _run(case, num_splits=num_splits, physical=True)
+    _check(out, ref, torch.bfloat16, lse, ref_lse)
 
 
 @pytest.mark.parametrize("num_splits", [1, 4])

@@ -56,7 +56,8 @@ def test_markdown_has_peer_and_copy_columns():
         "results": [
             dict(kind="decode", seq_len=32768, batch=1, mask="select-10%", density=0.1, casakv_ms=0.0116,
                  sdpa_ms=0.052, flex_ms=0.5, bytes_read=13_369_344, hbm_fraction=0.384, rel_err=2e-3,
-                 copy_same_ms=0.0065, copy_same_fraction=0.686),
+                 copy_same_ms=0.0065, copy_same_fraction=0.686, read_same_ms=0.0067,
+                 read_same_fraction=0.665),
             dict(kind="prefill", seq_len=32768, batch=1, mask="causal", density=1.0, casakv_ms=19.0,
                  sdpa_ms=25.0, flex_ms=19.7, bytes_read=1, hbm_fraction=None, rel_err=1.3e-3,
                  mem_efficient_ms=55.4, vllm_triton_ms=113.0),
@@ -69,4 +70,5 @@ def test_markdown_has_peer_and_copy_columns():
             if line.startswith("| decode") or line.startswith("| prefill")]
     decode, prefill = (dict(zip(cols, r)) for r in rows)
     assert decode["copy frac"] == "0.69" and decode["HBM frac"] == "0.38" and decode["vLLM"] == "-"
+    assert decode["read frac"] == "0.67" and prefill["read frac"] == "-"
     assert prefill["vLLM"] == "113.000" and prefill["vLLM/casakv"] == "5.95" and prefill["copy frac"] == "-"
