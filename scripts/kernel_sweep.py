@@ -147,10 +147,8 @@ def sweep_prefill(gen, rows, n, masks, cfgs, flex, do_dense):
 # Module switches of sparse_prefill swept by --only variants: (name, {switch: value}).
 # A third element, (num_warps, num_stages), overrides the launch config.
 VARIANTS = [
-    ("whole-partial-tiles/st3", dict(PARTIAL_N=None, PARTIAL_SKIP=False), (8, 3)),
-    ("partial64/st3", dict(PARTIAL_N=64, PARTIAL_SKIP=False), (8, 3)),
-    ("partial64+skip/st3", dict(PARTIAL_N=64, PARTIAL_SKIP=True), (8, 3)),
-    ("partial32+skip/st3", dict(PARTIAL_N=32, PARTIAL_SKIP=True), (8, 3)),
+    ("default", dict(REVERSE_Q=False), None),
+    ("reverse-q", dict(REVERSE_Q=True), None),
 ]
 
 
@@ -395,7 +393,7 @@ def main():
             profile_target(gen, flex, a.n, a.mask)
             return
         if a.only == "variants":
-            sweep_variants(gen, rows, 32768, ("causal", "a-shape", "vertical-slash"), flex, reps=2)
+            sweep_variants(gen, rows, 32768, ("causal", "a-shape", "vertical-slash"), flex, reps=4)
             print(f"variants 32k done {time.time() - t0:.0f}s", flush=True)
             sweep_variants(gen, rows, 131072, ("a-shape", "vertical-slash"), flex, reps=2)
             print(f"variants 128k done {time.time() - t0:.0f}s", flush=True)

@@ -158,12 +158,12 @@ def copy_same_bytes(nbytes: int, rotate: int = ROTATE) -> float:
 def _read_kernel(x_ptr, o_ptr, n, per, BLOCK: tl.constexpr):
     """Sums its slice ``[pid * per, (pid + 1) * per)`` of ``x`` (so nothing
     is optimised away) and writes one float."""
-    pid = tl.program_id(0)
+    start = tl.program_id(0).to(tl.int64) * per  # int64: multi-GB cells pass 2**31 elements
     acc = tl.zeros([BLOCK], dtype=tl.float32)
-    for i in range(pid * per, tl.minimum(pid * per + per, n), BLOCK):
+    for i in range(start, tl.minimum(start + per, n), BLOCK):
         offs = i + tl.arange(0, BLOCK)
         acc += tl.load(x_ptr + offs, mask=offs < n, other=0.0).to(tl.float32)
-    tl.store(o_ptr + pid, tl.sum(acc, 0))
+    tl.store(o_ptr + tl.program_id(0), tl.sum(acc, 0))
 
 
 def read_same_bytes(nbytes: int, rotate: int = ROTATE, programs=(264, 528, 1056)) -> float:
