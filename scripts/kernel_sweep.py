@@ -367,6 +367,74 @@ def sweep_decode_variants(gen, rows, copy_bps):
         torch.cuda.empty_cache()
 
 
+def sweep_decode_gather(gen, rows, copy_bps):
+    """Read-only gather of the selected pages, no attention: the same
+    (physical block, KV head) pages a 10% B=1 decode reads, summed by a
+    Triton kernel with the decode's grid (KV heads x splits), its slicing
+    and its tile (2 pages).  Separates the cost of the access pattern from
+    that of the attention kernel's structure."""
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def _gather_read(kv_ptr, sel_ptr, o_ptr, count, num_splits, stride_blk, stride_head, stride_sh,
+                     PAGE: tl.constexpr, ROW: tl.constexpr, BLOCK_N: tl.constexpr):
+        h = tl.program_id(0)
+        sp = tl.program_id(1)
+        per = tl.cdiv(count, num_splits)
+        lo = sp * per
+        n_tok = tl.maximum(tl.minimum(lo + per, count) - lo, 0) * PAGE
+        offs_d = tl.arange(0, ROW)
+        acc = tl.zeros([BLOCK_N, ROW], dtype=tl.float32)
+        for t0 in range(0, n_tok, BLOCK_N):
+            offs_t = t0 + tl.arange(0, BLOCK_N)
+            tm = offs_t < n_tok
+            blk = tl.load(sel_ptr + h * stride_sh + lo + offs_t // PAGE, mask=tm, other=0).to(tl.int64)
+            ptr = (kv_ptr + blk[:, None] * stride_blk + h * stride_head + (offs_t % PAGE)[:, None] * ROW
+                   + offs_d[None, :])
+            acc += tl.load(ptr, mask=tm[:, None], other=0.0).to(tl.float32)
+        tl.store(o_ptr + h * num_splits + sp, tl.sum(tl.sum(acc, 1), 0))
+
+    for n in (131072, 32768):
+        kv, table, q, sl, nb, ws = decode_inputs(gen, n, 1)
+        sels = [physical_selection(sel, table) for sel, _ in decode_selections(1, nb, 0.1, gen)]
+        keep = sels[0].shape[-1]
+        ident = [torch.arange(keep, dtype=torch.int32, device="cuda").expand(1, HKV, keep).contiguous() + 1
+                 + (i * keep) % max(1, nb - keep) for i in range(8)]
+        byts = HKV * keep * PAGE * 2 * D * 2
+        for splits in (66, 33, 132):
+            o = torch.empty(HKV * splits, device="cuda")
+            for name, src in (("random pages", sels), ("adjacent pages", ident)):
+                for bn in (32, 64):
+                    def call(x, bn=bn, o=o, splits=splits):
+                        return lambda: _gather_read[(HKV, splits)](
+                            kv, x, o, keep, splits, kv.stride(0), kv.stride(1), x.stride(1),
+                            PAGE=PAGE, ROW=2 * D, BLOCK_N=bn, num_warps=4, num_stages=3)
+                    ms = bench_graph([call(x[0]) for x in src])
+                    hbm = byts / (ms / 1e3) / copy_bps
+                    rows.append(dict(part="decode-gather", n=n, splits=splits, pages=name, bn=bn, ms=ms, hbm=hbm))
+                    print(f"gather-read {n} 10% B=1 {name} splits {splits} bn {bn}: {ms * 1e3:.1f} us hbm {hbm:.2f}",
+                          flush=True)
+        print(f"  read-only contiguous {read_same_bytes(byts) * 1e3:.1f} us", flush=True)
+        del kv
+        torch.cuda.empty_cache()
+
+
+def dump_decode_ir(gen, out_dir, n=131072):
+    """Compile the split kernel as the benchmark runs it (B=1, 10%, physical
+    ids), print its statistics and write its TTGIR (pipelining: look at the
+    loop's async_wait counts)."""
+    from casakv_vllm.triton_kernels import sparse_decode as sd
+    kv, table, q, sl, nb, ws = decode_inputs(gen, n, 1)
+    sel, cnt = decode_selections(1, nb, 0.1, gen)[0]
+    out = torch.empty_like(q)
+    sd.sparse_paged_decode(q, kv, table, sl, sd.physical_selection(sel, table), cnt, D ** -0.5, out,
+                           workspace=ws, sel_physical=True)
+    torch.cuda.synchronize()
+    for k in compiled_kernels(sd._sparse_decode_split_kernel).values():
+        print("decode split kernel:", kernel_stats(k, Path(out_dir) / "ttgir-decode-split.txt"), flush=True)
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=os.environ.get("OUT", "/tmp"))
@@ -397,6 +465,10 @@ def main():
             print(f"variants 32k done {time.time() - t0:.0f}s", flush=True)
             sweep_variants(gen, rows, 131072, ("a-shape", "vertical-slash"), flex, reps=2)
             print(f"variants 128k done {time.time() - t0:.0f}s", flush=True)
+        if a.only == "decode-ir":
+            dump_decode_ir(gen, a.out)
+        if a.only == "decode-gather":
+            sweep_decode_gather(gen, rows, copy_bps)
         if a.only == "decode-var":
             sweep_decode_variants(gen, rows, copy_bps)
             print(f"decode-var done {time.time() - t0:.0f}s", flush=True)

@@ -23,7 +23,9 @@ Design:
     every row is balanced over the splits whatever its count).  The selected
     blocks of the slice are flattened into a stream of tokens that is walked
     in tiles of ``BLOCK_N`` tokens (a tile may span several blocks; any
-    block_size works).  The ``GROUP`` query heads of the KV head are the
+    block_size works).  With physical block ids (``sel_physical``) the slice
+    is the program's block table for ``_load_kv_tile``: one id per page
+    (power-of-two block sizes), no block-table lookup.  The ``GROUP`` query heads of the KV head are the
     rows of one ``[BLOCK_M, D]`` query tile (``BLOCK_M = max(16,
     next_pow2(GROUP))``, the padding rows are zero and never stored), so each
     K/V tile is loaded once for the whole GQA group and both products are
@@ -55,7 +57,7 @@ import triton.language as tl
 
 from .online_softmax import online_softmax_update
 
-from .paged_attention import _interpreting
+from .paged_attention import _interpreting, _load_kv_tile
 from .patterns import PatternBatch
 
 _LN2 = 0.6931471805599453
@@ -109,6 +111,7 @@ def _sparse_decode_split_kernel(
     WRITE_LSE: tl.constexpr,
     FP32_DOT: tl.constexpr,
     PHYS_SEL: tl.constexpr,  # sel_blocks hold physical block ids
+    PAGE_LOADS: tl.constexpr,  # PHYS_SEL: one id per page (see _load_kv_tile)
     PDL: tl.constexpr,  # the merge kernel is a programmatic dependent launch
 ):
     if PDL:  # the merge grid may launch now; it waits for this grid's end
@@ -145,30 +148,41 @@ def _sparse_decode_split_kernel(
                + kv_head * stride_sb_head)
     bt_row = block_table_ptr + seq.to(tl.int64) * stride_bt_seq
     head_off = kv_head.to(tl.int64) * stride_c_head
-    if PHYS_SEL:  # only the last block can be partial: find it by its id
+    if PHYS_SEL:
+        # Selections are ascending, so the sequence's partial last block can
+        # only be a row's last entry: the slice holding it ends ``pad`` tokens
+        # early.  Whole pages are loaded (in bounds) and the tail is masked
+        # out of the scores and V afterwards, so no load waits for ``pad``.
         last_blk = (seq_len - 1) // BLOCK_SIZE
         last_phys = tl.load(bt_row + last_blk * stride_bt_blk)
-        last_fill = seq_len - last_blk * BLOCK_SIZE
+        tail = tl.load(sel_row + (count - 1) * stride_sb_idx, mask=count > 0, other=-1)
+        pad = tl.where((sel_end == count) & (tail == last_phys),
+                       (last_blk + 1) * BLOCK_SIZE - seq_len, 0)
+        kv_end = n_tok - pad
+        slice_row = sel_row + sel_start.to(tl.int64) * stride_sb_idx
 
     for t0 in range(0, n_tok, BLOCK_N):
-        offs_t = t0 + tl.arange(0, BLOCK_N)
-        t_mask = offs_t < n_tok
-        blk = tl.load(sel_row + (sel_start + offs_t // BLOCK_SIZE) * stride_sb_idx,
-                      mask=t_mask, other=0)
-        in_blk = offs_t % BLOCK_SIZE
-        if PHYS_SEL:
-            valid = t_mask & ((blk != last_phys) | (in_blk < last_fill))
-            phys = blk.to(tl.int64)
+        if PHYS_SEL:  # the slice is this program's block table
+            k, v = _load_kv_tile(kv_cache_ptr, slice_row, head_off, t0, n_tok,
+                                 stride_sb_idx, stride_c_blk, stride_c_tok, stride_c_d,
+                                 HEAD_SIZE, BLOCK_SIZE, BLOCK_N, BLOCK_D, True, PAGE_LOADS)
+            valid = t0 + tl.arange(0, BLOCK_N) < kv_end
+            v = tl.where(valid[:, None], v, 0.0)
         else:
-            valid = t_mask & (blk * BLOCK_SIZE + in_blk < seq_len)
-            phys = tl.load(bt_row + blk * stride_bt_blk, mask=valid, other=0).to(tl.int64)
-        tok_off = phys * stride_c_blk + head_off + in_blk.to(tl.int64) * stride_c_tok
-        kv_mask = valid[:, None] & d_mask[None, :]
-        k = tl.load(kv_cache_ptr + tok_off[:, None] + offs_d[None, :] * stride_c_d,
-                    mask=kv_mask, other=0.0)  # [BLOCK_N, BLOCK_D]
-        v = tl.load(kv_cache_ptr + tok_off[:, None]
-                    + (HEAD_SIZE + offs_d[None, :]) * stride_c_d,
-                    mask=kv_mask, other=0.0)
+            offs_t = t0 + tl.arange(0, BLOCK_N)
+            t_mask = offs_t < n_tok
+            lblk = tl.load(sel_row + (sel_start + offs_t // BLOCK_SIZE) * stride_sb_idx,
+                           mask=t_mask, other=0)
+            in_blk = offs_t % BLOCK_SIZE
+            valid = t_mask & (lblk * BLOCK_SIZE + in_blk < seq_len)
+            phys = tl.load(bt_row + lblk * stride_bt_blk, mask=valid, other=0).to(tl.int64)
+            tok_off = phys * stride_c_blk + head_off + in_blk.to(tl.int64) * stride_c_tok
+            kv_mask = valid[:, None] & d_mask[None, :]
+            k = tl.load(kv_cache_ptr + tok_off[:, None] + offs_d[None, :] * stride_c_d,
+                        mask=kv_mask, other=0.0)  # [BLOCK_N, BLOCK_D]
+            v = tl.load(kv_cache_ptr + tok_off[:, None]
+                        + (HEAD_SIZE + offs_d[None, :]) * stride_c_d,
+                        mask=kv_mask, other=0.0)
         k = k.to(q.dtype)
         v = v.to(q.dtype)
         if FP32_DOT:
@@ -412,6 +426,7 @@ def sparse_paged_decode(
         BLOCK_M=block_m, BLOCK_N=bn, BLOCK_D=block_d,
         SINGLE_SPLIT=single, WRITE_LSE=lse is not None, FP32_DOT=fp32_dot,
         PHYS_SEL=bool(sel_physical), PDL=pdl,
+        PAGE_LOADS=bool(block_size & (block_size - 1) == 0 and bn % block_size == 0),
         num_warps=num_warps, num_stages=num_stages,
     )
     pdl_kw = {"launch_pdl": True} if pdl else {}
