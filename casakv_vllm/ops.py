@@ -108,12 +108,14 @@ def _sparse_decode(
     ws_acc: torch.Tensor,
     ws_m: torch.Tensor,
     ws_l: torch.Tensor,
+    sel_physical: bool,
 ) -> None:
-    """Split-KV decode over the selected blocks; CUDA-graph capturable (workspace given)."""
+    """Split-KV decode over the selected blocks (logical or physical block ids);
+    CUDA-graph capturable (workspace given)."""
     from casakv_vllm.triton_kernels.sparse_decode import SparseDecodeWorkspace, sparse_paged_decode
 
     sparse_paged_decode(query, kv_cache, block_table, seq_lens, sel_blocks, sel_count, scale, out,
-                        workspace=SparseDecodeWorkspace(ws_acc, ws_m, ws_l))
+                        workspace=SparseDecodeWorkspace(ws_acc, ws_m, ws_l), sel_physical=sel_physical)
 
 
 _register("sparse_attention", _sparse_attention, ["out"])
@@ -129,7 +131,9 @@ def sparse_attention(query, kv_cache, block_table, query_start_loc, seq_lens, sc
                                       max_query_len, max_seq_len)
 
 
-def sparse_decode(query, kv_cache, block_table, seq_lens, sel_blocks, sel_count, scale, out, workspace) -> None:
-    """``torch.ops.casakv.sparse_decode`` taking a ``SparseDecodeWorkspace``."""
+def sparse_decode(query, kv_cache, block_table, seq_lens, sel_blocks, sel_count, scale, out, workspace,
+                  sel_physical: bool = False) -> None:
+    """``torch.ops.casakv.sparse_decode`` taking a ``SparseDecodeWorkspace``;
+    ``sel_physical``: ``sel_blocks`` holds physical block ids."""
     torch.ops.casakv.sparse_decode(query, kv_cache, block_table, seq_lens, sel_blocks, sel_count, scale, out,
-                                   workspace.acc, workspace.m, workspace.l)
+                                   workspace.acc, workspace.m, workspace.l, sel_physical)

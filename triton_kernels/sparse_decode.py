@@ -484,6 +484,17 @@ def dense_selection(seq_lens: torch.Tensor, block_size: int, max_blocks: int,
     return sel, count
 
 
+def dense_physical_selection(block_table: torch.Tensor, seq_lens: torch.Tensor, block_size: int,
+                             num_kv_heads: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """All blocks of every request as physical ids, for
+    ``sparse_paged_decode(..., sel_physical=True)``: (the block-table rows
+    viewed as [R, Hkv, max_blocks] with a stride-0 head dim, no copy;
+    sel_count int32 [R, Hkv]).  No host sync."""
+    num_seqs, max_blocks = seq_lens.shape[0], block_table.shape[1]
+    sel = block_table[:num_seqs].unsqueeze(1).expand(num_seqs, num_kv_heads, max_blocks)
+    return sel, dense_selection(seq_lens, block_size, max_blocks, num_kv_heads)[1]
+
+
 def selection_mask_from_patterns(patterns: PatternBatch, seq_lens: torch.Tensor,
                                  block_size: int, max_blocks: int) -> torch.Tensor:
     """[R, Hkv, max_blocks] bool: block ``b`` holds a position allowed for the

@@ -17,7 +17,7 @@ import torch
 
 import casakv_vllm.ops as ops
 from casakv_vllm.triton_kernels.patterns import PatternBatch
-from casakv_vllm.triton_kernels.sparse_decode import SparseDecodeWorkspace, dense_selection
+from casakv_vllm.triton_kernels.sparse_decode import SparseDecodeWorkspace, dense_physical_selection
 
 _WORKSPACES: dict[tuple, SparseDecodeWorkspace] = {}
 
@@ -50,13 +50,13 @@ def gpu_attention(
     if patterns is None and max_query_len == 1 and query.shape[0] == num_reqs:
         key = ("dense_selection", block_size, num_kv_heads)
         hit = memo.get(key) if memo is not None else None
-        if hit is None:
-            hit = dense_selection(seq_lens, block_size, block_table.shape[1], num_kv_heads)
+        if hit is None:  # physical ids: the block-table rows themselves
+            hit = dense_physical_selection(block_table, seq_lens, block_size, num_kv_heads)
             if memo is not None:
                 memo[key] = hit
         sel, cnt = hit
         ws = decode_workspace(max(max_batch, num_reqs), query.shape[1], query.shape[2], query.device)
-        ops.sparse_decode(query, kv_cache, block_table, seq_lens, sel, cnt, scale, out, ws)
+        ops.sparse_decode(query, kv_cache, block_table, seq_lens, sel, cnt, scale, out, ws, sel_physical=True)
     elif patterns is None:
         torch.ops.casakv.paged_attention(query, kv_cache, block_table, query_start_loc, seq_lens, scale, out,
                                          max_query_len, max_seq_len)

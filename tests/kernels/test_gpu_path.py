@@ -60,31 +60,37 @@ def test_gpu_attention_matches_reference(kind, shape):
     assert torch.isfinite(out).all() and err < 1e-2, f"rel err {err:.2e}"
 
 
-def test_sparse_decode_op_in_cuda_graph():
+@pytest.mark.parametrize("physical", [False, True])
+def test_sparse_decode_op_in_cuda_graph(physical):
     import casakv_vllm.ops as ops
-    from casakv_vllm.triton_kernels.sparse_decode import SparseDecodeWorkspace, selection_from_patterns
+    from casakv_vllm.triton_kernels.sparse_decode import (SparseDecodeWorkspace, physical_selection,
+                                                          selection_from_patterns)
     from casakv_vllm.triton_kernels.sparse_decode_reference import sparse_paged_decode_ref
+
+    def ids(sel):  # what the kernel is given
+        return physical_selection(sel, table) if physical else sel
 
     q, cache, table, qsl, sl, seq_lens = _batch([1, 1], [700, 260])
     pat = _patterns("streaming", seq_lens)
     sel, cnt = selection_from_patterns(pat, sl, BS, table.shape[1])
+    given = ids(sel)
     ws = SparseDecodeWorkspace.allocate(4, q.shape[1], D, device="cuda")
     out = torch.empty_like(q)
-    ops.sparse_decode(q, cache, table, sl, sel, cnt, 0.125, out, ws)  # warm-up (compiles)
+    ops.sparse_decode(q, cache, table, sl, given, cnt, 0.125, out, ws, physical)  # warm-up (compiles)
     torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        ops.sparse_decode(q, cache, table, sl, sel, cnt, 0.125, out, ws)
+        ops.sparse_decode(q, cache, table, sl, given, cnt, 0.125, out, ws, physical)
     # new contents, same addresses: replay must see them
     q.copy_(torch.randn_like(q))
     sl.copy_(torch.tensor([650, 261], device="cuda", dtype=torch.int32))
     sel2, cnt2 = selection_from_patterns(pat, sl, BS, table.shape[1])
-    sel.copy_(sel2)
+    given.copy_(ids(sel2))
     cnt.copy_(cnt2)
     out.fill_(float("nan"))
     graph.replay()
     torch.cuda.synchronize()
-    ref = sparse_paged_decode_ref(q, cache, table, sl, sel, cnt, 0.125)  # whole selected blocks
+    ref = sparse_paged_decode_ref(q, cache, table, sl, sel2, cnt2, 0.125)  # whole selected blocks
     assert torch.isfinite(out).all() and (out.float() - ref).norm() / ref.norm() < 1e-2
 
 

@@ -19,6 +19,7 @@ from casakv_vllm.triton_kernels.patterns import PatternBatch  # noqa: E402
 from casakv_vllm.triton_kernels.sparse_decode import (  # noqa: E402
     SparseDecodeWorkspace,
     choose_num_splits,
+    dense_physical_selection,
     dense_selection,
     physical_selection,
     selection_from_patterns,
@@ -243,6 +244,24 @@ def test_dense_selection_equals_paged_attention(seq_lens, hkv, group, d, bs, dty
     _check(out, dense.float(), dtype, lse, dense_lse)
     ref, ref_lse = sparse_paged_decode_ref(**case, return_lse=True)
     _check(out, ref, dtype, lse, ref_lse)
+
+
+@pytest.mark.parametrize("num_splits", [None, 2])
+def test_dense_physical_selection_is_the_block_table(num_splits):
+    """The backend's dense decode: block-table rows as physical ids (a
+    stride-0 view over heads, no copy) give the logical-id result."""
+    case = _make_case([37, 9, 64], 2, 2, 16, 4, torch.bfloat16, "contiguous", ["all"], seed=4,
+                      poison_unselected=False)
+    sel, cnt = dense_physical_selection(case["block_table"], case["seq_lens"], 4, 2)
+    assert sel.stride(1) == 0 and sel.data_ptr() == case["block_table"].data_ptr()
+    assert cnt.tolist() == [[10, 10], [3, 3], [16, 16]]
+    ref, ref_lse = sparse_paged_decode_ref(**case, return_lse=True)
+    q = case["query"]
+    out = torch.full_like(q, float("nan"))
+    lse = torch.full(q.shape[:2], float("nan"), device=DEVICE)
+    sparse_paged_decode(**dict(case, sel_blocks=sel, sel_count=cnt), out=out, lse=lse,
+                        num_splits=num_splits, sel_physical=True)
+    _check(out, ref, torch.bfloat16, lse, ref_lse)
 
 
 def test_choose_num_splits():

@@ -24,6 +24,14 @@ def test_fake_impls_trace_without_running():
                                            torch.empty(4, dtype=torch.int64))
 
 
+def test_sparse_decode_schema_takes_physical_flag():
+    schema = torch.ops.casakv.sparse_decode.default._schema
+    names = [a.name for a in schema.arguments]
+    assert names[-1] == "sel_physical" and str(schema.arguments[-1].type) == "bool"
+    assert [a.name for a in schema.arguments if a.alias_info and a.alias_info.is_write] == [
+        "out", "ws_acc", "ws_m", "ws_l"]
+
+
 def test_import_twice_is_harmless():
     import importlib
 
