@@ -25,12 +25,12 @@ Design:
     in tiles of ``BLOCK_N`` tokens (a tile may span several blocks; any
     block_size works).  With physical block ids (``sel_physical``) the slice
     is the program's block table for ``_load_kv_tile``: one id per page
-    (power-of-two block sizes), no block-table lookup.  The ``GROUP`` query heads of the KV head are the
-    rows of one ``[BLOCK_M, D]`` query tile (``BLOCK_M = max(16,
-    next_pow2(GROUP))``, the padding rows are zero and never stored), so each
-    K/V tile is loaded once for the whole GQA group and both products are
-    ``tl.dot`` calls.  Online softmax in base 2, fp32.  The unnormalised
-    accumulator, running max and sum of exponentials go to fp32 workspaces
+    (power-of-two block sizes), no block-table lookup.  The ``GROUP`` query
+    heads of the KV head are the rows of one ``[BLOCK_M, D]`` query tile
+    (``BLOCK_M = max(16, next_pow2(GROUP))``, the padding rows are zero and
+    never stored), so each K/V tile is loaded once for the whole GQA group
+    and both products are ``tl.dot`` calls.  Online softmax in base 2, fp32.
+    The unnormalised accumulator, running max and sum of exponentials go to fp32 workspaces
     ``[max_batch, num_heads, max_splits, (D)]``.  With one split stage 1
     normalises and writes ``out``/``lse`` itself and stage 2 is skipped.
   * Stage 2, grid ``(R, num_heads)``: merges the splits (log-sum-exp
@@ -470,18 +470,22 @@ def physical_selection(sel_blocks: torch.Tensor, block_table: torch.Tensor) -> t
     return torch.gather(block_table[:R].long(), 1, idx).view(R, H, S).to(torch.int32)
 
 
+def _block_counts(seq_lens: torch.Tensor, block_size: int, max_blocks: int,
+                  num_kv_heads: int) -> torch.Tensor:
+    """sel_count int32 [R, Hkv]: every block of each request (no host sync)."""
+    nblk = torch.div(seq_lens.to(torch.int32) + (block_size - 1), block_size,
+                     rounding_mode="floor").clamp(max=max_blocks)
+    return nblk.view(-1, 1).expand(seq_lens.shape[0], num_kv_heads).contiguous().to(torch.int32)
+
+
 def dense_selection(seq_lens: torch.Tensor, block_size: int, max_blocks: int,
                     num_kv_heads: int) -> tuple[torch.Tensor, torch.Tensor]:
     """All blocks of every request: (sel_blocks [R, Hkv, max_blocks],
     sel_count [R, Hkv]), int32 on ``seq_lens``' device, no host sync."""
     num_seqs = seq_lens.shape[0]
-    dev = seq_lens.device
-    sel = torch.arange(max_blocks, dtype=torch.int32, device=dev)
+    sel = torch.arange(max_blocks, dtype=torch.int32, device=seq_lens.device)
     sel = sel.view(1, 1, max_blocks).expand(num_seqs, num_kv_heads, max_blocks).contiguous()
-    nblk = torch.div(seq_lens.to(torch.int32) + (block_size - 1), block_size,
-                     rounding_mode="floor").clamp(max=max_blocks)
-    count = nblk.view(num_seqs, 1).expand(num_seqs, num_kv_heads).contiguous().to(torch.int32)
-    return sel, count
+    return sel, _block_counts(seq_lens, block_size, max_blocks, num_kv_heads)
 
 
 def dense_physical_selection(block_table: torch.Tensor, seq_lens: torch.Tensor, block_size: int,
@@ -492,7 +496,7 @@ def dense_physical_selection(block_table: torch.Tensor, seq_lens: torch.Tensor, 
     sel_count int32 [R, Hkv]).  No host sync."""
     num_seqs, max_blocks = seq_lens.shape[0], block_table.shape[1]
     sel = block_table[:num_seqs].unsqueeze(1).expand(num_seqs, num_kv_heads, max_blocks)
-    return sel, dense_selection(seq_lens, block_size, max_blocks, num_kv_heads)[1]
+    return sel, _block_counts(seq_lens, block_size, max_blocks, num_kv_heads)
 
 
 def selection_mask_from_patterns(patterns: PatternBatch, seq_lens: torch.Tensor,

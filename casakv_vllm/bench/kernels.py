@@ -414,9 +414,10 @@ def bench_decode(n: int, batch: int, flex, gen, copy_bps: float, rep_ms: int, vl
                                                sel_physical=True)
 
         # block ids translated once per batch (every layer reuses them), outside the timing
-        casakv_ms = bench_graph([call(physical_selection(s_, table), c_) for s_, c_ in sels])
+        given = [(physical_selection(s_, table), c_) for s_, c_ in sels]
+        casakv_ms = bench_graph([call(*g) for g in given])
         sel, cnt = sels[0]
-        call(physical_selection(sel, table), cnt)()
+        call(*given[0])()
         sub = slice(0, min(batch, 2))
         ref = sparse_paged_decode_ref(q[sub], kv, table[sub], seq_lens[sub], sel[sub], cnt[sub], scale)
         err = rel_err(out[sub], ref)
