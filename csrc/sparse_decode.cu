@@ -20,15 +20,15 @@
 // of ``stages`` shared-memory buffers filled by cp.async, so each warp keeps
 // stages - 1 chunks in flight while it computes on one.
 //
-// Work layout (CTA = kWarps warps, grid (num_splits, Hkv, R)): warp w takes
-// chunks w, w + kWarps, ... of the slice (chunk = 16 tokens of one page;
-// block_size must be a multiple of 16).  Per chunk:
-//   * scores: lane (tq = lane / 8, dc = lane % 8) owns tokens 4i + tq and the
-//     16-byte column groups dc, dc + 8, ... of the head; partial dot
-//     products are summed over the 8 lanes of a token (3 shuffles);
-//   * softmax: running max / sum per query head, base 2, fp32;
-//   * P @ V: lane owns D / 32 output columns, P goes through shared memory.
-// The warps' partial results are combined through shared memory at the end.
+// Work layout (CTA = `warps` warps, grid (num_splits, Hkv, R)): warp w takes
+// chunks w, w + warps, ... of the slice (chunk = 16 tokens of one page;
+// block_size must be a multiple of 16).  Per chunk, on tensor cores
+// (mma.m16n8k16, bf16/fp16 in, fp32 accumulate; fragments as in
+// FlashAttention-2): the A operand of Q K^T holds the GQA group's query heads
+// in rows 0..group-1 (the other rows are zero), K^T and V come from shared
+// memory through ldmatrix (V transposed), and the S accumulators become the A
+// operand of P V in registers.  Online softmax per row, base 2, fp32.  The
+// warps' partial results are combined through shared memory at the end.
 //
 // Registration: TORCH_LIBRARY_FRAGMENT (compaction.cu owns TORCH_LIBRARY).
 
@@ -48,7 +48,7 @@ namespace casakv {
 namespace {
 
 constexpr int kWarp = 32;
-constexpr int kWarps = 4;        // warps per CTA
+constexpr int kMaxWarps = 8;     // warps per CTA: 1 .. kMaxWarps (runtime)
 constexpr int kChunk = 16;       // tokens per pipeline stage
 constexpr int kMaxStages = 6;
 
@@ -75,33 +75,53 @@ struct SplitArgs {
   int64_t lse_s0, lse_s1;
   float qk_scale;                       // softmax scale * log2(e)
   int num_splits;
-  int group;                            // query heads per KV head (<= GP)
+  int group;                            // query heads per KV head (<= 8)
   int block_size;                       // multiple of kChunk
   int stages;                           // 2 .. kMaxStages
+  int warps;                            // 1 .. kMaxWarps
 };
 
 template <typename T>
-struct Vec;
+struct Mma;
 template <>
-struct Vec<__nv_bfloat16> {
-  static __device__ __forceinline__ float2 f2(uint32_t u) {
-    return __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&u));
+struct Mma<__nv_bfloat16> {
+  // c += a (16x16, row) * b (16x8, col), fp32 accumulate
+  static __device__ __forceinline__ void run(float (&c)[4], uint32_t a0, uint32_t a2, uint32_t b0,
+                                             uint32_t b1) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+        "{%8,%9}, {%0,%1,%2,%3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a0), "r"(0u), "r"(a2), "r"(0u), "r"(b0), "r"(b1));
+  }
+  static __device__ __forceinline__ uint32_t pack(float x, float y) {
+    __nv_bfloat162 h = __floats2bfloat162_rn(x, y);
+    return *reinterpret_cast<uint32_t*>(&h);
   }
   static __device__ __forceinline__ __nv_bfloat16 from(float x) { return __float2bfloat16(x); }
-  static __device__ __forceinline__ float f(__nv_bfloat16 x) { return __bfloat162float(x); }
 };
 template <>
-struct Vec<__half> {
-  static __device__ __forceinline__ float2 f2(uint32_t u) {
-    return __half22float2(*reinterpret_cast<const __half2*>(&u));
+struct Mma<__half> {
+  static __device__ __forceinline__ void run(float (&c)[4], uint32_t a0, uint32_t a2, uint32_t b0,
+                                             uint32_t b1) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+        "{%8,%9}, {%0,%1,%2,%3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a0), "r"(0u), "r"(a2), "r"(0u), "r"(b0), "r"(b1));
+  }
+  static __device__ __forceinline__ uint32_t pack(float x, float y) {
+    __half2 h = __floats2half2_rn(x, y);
+    return *reinterpret_cast<uint32_t*>(&h);
   }
   static __device__ __forceinline__ __half from(float x) { return __float2half(x); }
-  static __device__ __forceinline__ float f(__half x) { return __half2float(x); }
 };
 
+__device__ __forceinline__ uint32_t smem_addr(const void* p) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
 __device__ __forceinline__ void cp_async16(void* smem, const void* gmem) {
-  const uint32_t s = static_cast<uint32_t>(__cvta_generic_to_shared(smem));
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(s), "l"(gmem) : "memory");
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(smem_addr(smem)), "l"(gmem) : "memory");
 }
 __device__ __forceinline__ void cp_async_commit() {
   asm volatile("cp.async.commit_group;\n" ::: "memory");
@@ -121,6 +141,15 @@ __device__ __forceinline__ void cp_async_wait_dyn(int n) {
     default: cp_async_wait<5>(); break;
   }
 }
+template <bool kTrans>
+__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], const void* p) {
+  if constexpr (kTrans)
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(smem_addr(p)));
+  else
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(smem_addr(p)));
+}
 
 // Lets a programmatic dependent launch (the merge kernel) start now; it
 // still waits for this grid to finish before reading the workspaces.
@@ -130,16 +159,23 @@ __device__ __forceinline__ void allow_dependents() {
 #endif
 }
 
-template <typename T, int D, int GP>
-__global__ void __launch_bounds__(kWarps* kWarp)
+// Shared-memory chunk layout: token rows of kRowU4 16-byte units (K then V);
+// unit c of row t sits at c ^ (t & 7), so the 8 rows an ldmatrix reads (and
+// the 8 units a quarter-warp's cp.async writes) fall in 8 different banks.
+template <int kRowU4>
+__device__ __forceinline__ int swz(int t, int c) {
+  return t * kRowU4 + (c ^ (t & 7));
+}
+
+template <typename T, int D>
+__global__ void __launch_bounds__(kMaxWarps* kWarp)
     sparse_decode_split_kernel(const SplitArgs a) {
   static_assert(D == 64 || D == 128, "head size 64 or 128");
-  constexpr int kRow = 2 * D;                         // elements per token row (K | V)
-  constexpr int kChunkU4 = kChunk * kRow * 2 / 16;    // 16-byte units per chunk
-  constexpr int kRowU4 = kRow * 2 / 16;
-  constexpr int kNch = D / 64;                        // K column groups per lane
-  constexpr int kVpl = D / kWarp;                     // output columns per lane
-  using V = Vec<T>;
+  constexpr int kRowU4 = 2 * D * 2 / 16;  // 16-byte units per token row (K | V)
+  constexpr int kChunkU4 = kChunk * kRowU4;
+  constexpr int kKs = D / 16;             // k-steps of Q K^T
+  constexpr int kNt = D / 8;              // n-tiles of P V
+  using M = Mma<T>;
 
   allow_dependents();
   const int split = blockIdx.x;
@@ -147,14 +183,11 @@ __global__ void __launch_bounds__(kWarps* kWarp)
   const int64_t seq = blockIdx.z;
   const int warp = threadIdx.x / kWarp;
   const int lane = threadIdx.x % kWarp;
-  const int tq = lane >> 3;
-  const int dc = lane & 7;
+  const int row = lane >> 2;   // fragment row: query head of the GQA group
+  const int quad = lane & 3;   // fragment column pair
 
   extern __shared__ __align__(16) unsigned char smem_raw[];
   uint4* ring = reinterpret_cast<uint4*>(smem_raw) + warp * a.stages * kChunkU4;
-  float* pbuf = reinterpret_cast<float*>(reinterpret_cast<uint4*>(smem_raw) +
-                                         kWarps * a.stages * kChunkU4) +
-                warp * GP * kChunk;
 
   const int seq_len = a.seq_lens[seq];
   const int count = a.sel_count[seq * a.sc_s0 + kvh * a.sc_s1];
@@ -173,46 +206,39 @@ __global__ void __launch_bounds__(kWarps* kWarp)
       valid -= (last_blk + 1) * a.block_size - seq_len;
   }
 
-  // query rows of this KV head, pre-scaled (base 2), lane's column groups
-  float q[GP][kNch * 8];
-  const T* qbase = static_cast<const T*>(a.query) + seq * a.q_s0;
+  // A fragments of Q (rows = the group's query heads; rows >= group and
+  // 8..15 are zero): qa[ks][0] = cols 16ks + 2quad.., qa[ks][1] = +8
+  uint32_t qa[kKs][2];
+  {
+    const bool live = row < a.group;
+    const T* qrow = static_cast<const T*>(a.query) + seq * a.q_s0 +
+                    static_cast<int64_t>(kvh * a.group + (live ? row : 0)) * a.q_s1;
 #pragma unroll
-  for (int g = 0; g < GP; ++g) {
-    const bool live = g < a.group;
-    const T* qrow = qbase + static_cast<int64_t>(kvh * a.group + (live ? g : 0)) * a.q_s1;
-#pragma unroll
-    for (int j = 0; j < kNch; ++j) {
-      const uint4 u = *reinterpret_cast<const uint4*>(qrow + (dc + 8 * j) * 8);
-      const uint32_t w[4] = {u.x, u.y, u.z, u.w};
-#pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const float2 f = V::f2(w[e]);
-        q[g][j * 8 + 2 * e] = live ? f.x * a.qk_scale : 0.f;
-        q[g][j * 8 + 2 * e + 1] = live ? f.y * a.qk_scale : 0.f;
-      }
+    for (int ks = 0; ks < kKs; ++ks) {
+      qa[ks][0] = live ? *reinterpret_cast<const uint32_t*>(qrow + 16 * ks + 2 * quad) : 0u;
+      qa[ks][1] = live ? *reinterpret_cast<const uint32_t*>(qrow + 16 * ks + 8 + 2 * quad) : 0u;
     }
   }
 
-  float acc[GP][kVpl];
-  float m[GP], l[GP];
+  float acc[kNt][4];
 #pragma unroll
-  for (int g = 0; g < GP; ++g) {
-    m[g] = -INFINITY;
-    l[g] = 0.f;
-#pragma unroll
-    for (int e = 0; e < kVpl; ++e) acc[g][e] = 0.f;
-  }
+  for (int j = 0; j < kNt; ++j) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.f;
+  float m = -INFINITY, lsum = 0.f;  // row `row`: running max (base 2), lane's share of the sum
 
   const T* kv_head = static_cast<const T*>(a.kv) + kvh * a.c_head;
-  const int my_n = warp < nchunks ? (nchunks - warp + kWarps - 1) / kWarps : 0;
+  const int nw = a.warps;
+  const int my_n = warp < nchunks ? (nchunks - warp + nw - 1) / nw : 0;
   auto issue = [&](int i, int slot) {
-    const int c = warp + i * kWarps;
+    const int c = warp + i * nw;
     const int64_t phys = sel_row[(s0 + c / cpp) * a.sel_s2];
     const uint4* src = reinterpret_cast<const uint4*>(kv_head + phys * a.c_blk +
-                                                      static_cast<int64_t>(c % cpp) * kChunk * kRow);
+                                                      static_cast<int64_t>(c % cpp) * kChunk * 2 * D);
     uint4* dst = ring + slot * kChunkU4;
 #pragma unroll
-    for (int j = 0; j < kChunkU4 / kWarp; ++j) cp_async16(dst + j * kWarp + lane, src + j * kWarp + lane);
+    for (int j = 0; j < kChunkU4 / kWarp; ++j) {
+      const int u = j * kWarp + lane;
+      cp_async16(dst + swz<kRowU4>(u / kRowU4, u % kRowU4), src + u);
+    }
   };
   const int ahead = a.stages - 1;
   for (int i = 0; i < ahead; ++i) {
@@ -227,133 +253,108 @@ __global__ void __launch_bounds__(kWarps* kWarp)
     cp_async_commit();
     cp_async_wait_dyn(ahead);  // chunk i has landed (this lane's copies)
     __syncwarp();              // ... and every lane's
-    const uint4* buf = ring + slot * kChunkU4;
-    const int tok0 = (warp + i * kWarps) * kChunk;  // position in the slice's stream
-    const int nvalid = min(kChunk, valid - tok0);
+    uint4* buf = ring + slot * kChunkU4;
+    const int nvalid = min(kChunk, valid - (warp + i * nw) * kChunk);
+    if (nvalid < kChunk) {  // a sequence's last chunk: rows past it may hold NaN
+      const int first = max(nvalid, 0);
+      for (int u = lane; u < (kChunk - first) * (kRowU4 / 2); u += kWarp) {
+        const int t = first + u / (kRowU4 / 2);
+        buf[swz<kRowU4>(t, kRowU4 / 2 + u % (kRowU4 / 2))] = make_uint4(0u, 0u, 0u, 0u);
+      }
+      __syncwarp();
+    }
 
-    // scores s[g][r] for tokens 4r + tq
-    float s[GP][4];
+    // S = Q K^T for tokens 0..7 (s[0]) and 8..15 (s[1])
+    float s[2][4] = {{0.f, 0.f, 0.f, 0.f}, {0.f, 0.f, 0.f, 0.f}};
 #pragma unroll
-    for (int r = 0; r < 4; ++r) {
-      float kf[kNch * 8];
+    for (int nt = 0; nt < 2; ++nt) {
 #pragma unroll
-      for (int j = 0; j < kNch; ++j) {
-        const uint4 u = buf[(4 * r + tq) * kRowU4 + dc + 8 * j];
-        const uint32_t w[4] = {u.x, u.y, u.z, u.w};
-#pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          const float2 f = V::f2(w[e]);
-          kf[j * 8 + 2 * e] = f.x;
-          kf[j * 8 + 2 * e + 1] = f.y;
-        }
-      }
-#pragma unroll
-      for (int g = 0; g < GP; ++g) {
-        float t = 0.f;
-#pragma unroll
-        for (int e = 0; e < kNch * 8; ++e) t = fmaf(q[g][e], kf[e], t);
-        s[g][r] = t;
+      for (int k2 = 0; k2 < kKs / 2; ++k2) {
+        uint32_t b[4];
+        const int t = nt * 8 + (lane & 7);
+        ldmatrix_x4<false>(b, buf + swz<kRowU4>(t, 4 * k2 + (lane >> 3)));
+        M::run(s[nt], qa[2 * k2][0], qa[2 * k2][1], b[0], b[1]);
+        M::run(s[nt], qa[2 * k2 + 1][0], qa[2 * k2 + 1][1], b[2], b[3]);
       }
     }
-#pragma unroll
-    for (int g = 0; g < GP; ++g)
-#pragma unroll
-      for (int r = 0; r < 4; ++r) {
-        float t = s[g][r];
-        t += __shfl_xor_sync(0xffffffffu, t, 1);
-        t += __shfl_xor_sync(0xffffffffu, t, 2);
-        t += __shfl_xor_sync(0xffffffffu, t, 4);
-        s[g][r] = (4 * r + tq < nvalid) ? t : -INFINITY;
-      }
 
-    // online softmax; lane dc == g writes the probabilities of head g
-    float alpha[GP], m_use[GP];
+    // online softmax of row `row` over this chunk's 16 tokens (4 per lane)
+    float x[4];
 #pragma unroll
-    for (int g = 0; g < GP; ++g) {
-      float cm = fmaxf(fmaxf(s[g][0], s[g][1]), fmaxf(s[g][2], s[g][3]));
-      cm = fmaxf(cm, __shfl_xor_sync(0xffffffffu, cm, 8));
-      cm = fmaxf(cm, __shfl_xor_sync(0xffffffffu, cm, 16));
-      const float m_new = fmaxf(m[g], cm);
-      m_use[g] = m_new == -INFINITY ? 0.f : m_new;
-      alpha[g] = exp2f(m[g] - m_use[g]);
-      m[g] = m_new;
-      if (dc == g) {
+    for (int nt = 0; nt < 2; ++nt)
 #pragma unroll
-        for (int r = 0; r < 4; ++r) pbuf[g * kChunk + 4 * r + tq] = exp2f(s[g][r] - m_use[g]);
-      }
+      for (int e = 0; e < 2; ++e)
+        x[2 * nt + e] = (nt * 8 + 2 * quad + e < nvalid) ? s[nt][e] * a.qk_scale : -INFINITY;
+    float cm = fmaxf(fmaxf(x[0], x[1]), fmaxf(x[2], x[3]));
+    cm = fmaxf(cm, __shfl_xor_sync(0xffffffffu, cm, 1));
+    cm = fmaxf(cm, __shfl_xor_sync(0xffffffffu, cm, 2));
+    const float m_new = fmaxf(m, cm);
+    const float mu = m_new == -INFINITY ? 0.f : m_new;
+    const float alpha = exp2f(m - mu);
+    m = m_new;
+    float p[4];
+#pragma unroll
+    for (int e = 0; e < 4; ++e) p[e] = exp2f(x[e] - mu);
+    lsum = lsum * alpha + (p[0] + p[1]) + (p[2] + p[3]);
+#pragma unroll
+    for (int j = 0; j < kNt; ++j) {
+      acc[j][0] *= alpha;
+      acc[j][1] *= alpha;
     }
-    __syncwarp();
+    const uint32_t pa0 = M::pack(p[0], p[1]);  // tokens 2quad.. of 0..7
+    const uint32_t pa2 = M::pack(p[2], p[3]);  // tokens 8 + 2quad..
 
-    // P @ V: lane owns columns lane * kVpl ..
+    // O += P V
 #pragma unroll
-    for (int g = 0; g < GP; ++g) {
-      l[g] *= alpha[g];
-#pragma unroll
-      for (int e = 0; e < kVpl; ++e) acc[g][e] *= alpha[g];
+    for (int j2 = 0; j2 < kNt / 2; ++j2) {
+      uint32_t b[4];
+      const int mi = lane >> 3;
+      const int t = (mi & 1) * 8 + (lane & 7);
+      ldmatrix_x4<true>(b, buf + swz<kRowU4>(t, kRowU4 / 2 + 2 * j2 + (mi >> 1)));
+      M::run(acc[2 * j2], pa0, pa2, b[0], b[1]);
+      M::run(acc[2 * j2 + 1], pa0, pa2, b[2], b[3]);
     }
-    const T* vrow = reinterpret_cast<const T*>(buf) + D + lane * kVpl;
-#pragma unroll
-    for (int t = 0; t < kChunk; ++t) {
-      if (t < nvalid) {  // tokens past the sequence may hold anything (NaN)
-        float vf[kVpl];
-        if constexpr (kVpl == 4) {
-          const uint2 u = *reinterpret_cast<const uint2*>(vrow + t * kRow);
-          const float2 f0 = V::f2(u.x), f1 = V::f2(u.y);
-          vf[0] = f0.x; vf[1] = f0.y; vf[2] = f1.x; vf[3] = f1.y;
-        } else {
-          const float2 f0 = V::f2(*reinterpret_cast<const uint32_t*>(vrow + t * kRow));
-          vf[0] = f0.x; vf[1] = f0.y;
-        }
-#pragma unroll
-        for (int g = 0; g < GP; ++g) {
-          const float p = pbuf[g * kChunk + t];
-          l[g] += p;
-#pragma unroll
-          for (int e = 0; e < kVpl; ++e) acc[g][e] = fmaf(p, vf[e], acc[g][e]);
-        }
-      }
-    }
-    __syncwarp();  // every lane is done with this slot and pbuf
+    __syncwarp();  // every lane is done with this slot
     slot = slot + 1 == a.stages ? 0 : slot + 1;
   }
   cp_async_wait<0>();
+  lsum += __shfl_xor_sync(0xffffffffu, lsum, 1);
+  lsum += __shfl_xor_sync(0xffffffffu, lsum, 2);
 
-  // combine the warps: [kWarps][GP] max / sum, [kWarps][GP][D] accumulators
+  // combine the warps: [warps][8] max / sum, [warps][8][D] accumulators
   __syncthreads();  // the ring is free
   float* wm = reinterpret_cast<float*>(smem_raw);
-  float* wl = wm + kWarps * GP;
-  float* wacc = wl + kWarps * GP;
-  if (lane == 0) {
-#pragma unroll
-    for (int g = 0; g < GP; ++g) {
-      wm[warp * GP + g] = m[g];
-      wl[warp * GP + g] = l[g];
-    }
+  float* wl = wm + nw * 8;
+  float* wacc = wl + nw * 8;
+  if (quad == 0) {
+    wm[warp * 8 + row] = m;
+    wl[warp * 8 + row] = lsum;
   }
 #pragma unroll
-  for (int g = 0; g < GP; ++g)
-#pragma unroll
-    for (int e = 0; e < kVpl; ++e) wacc[(warp * GP + g) * D + lane * kVpl + e] = acc[g][e];
+  for (int j = 0; j < kNt; ++j) {
+    wacc[(warp * 8 + row) * D + 8 * j + 2 * quad] = acc[j][0];
+    wacc[(warp * 8 + row) * D + 8 * j + 2 * quad + 1] = acc[j][1];
+  }
   __syncthreads();
 
   const bool single = a.num_splits == 1;
-  for (int idx = threadIdx.x; idx < a.group * D; idx += kWarps * kWarp) {
+  for (int idx = threadIdx.x; idx < a.group * D; idx += nw * kWarp) {
     const int g = idx / D, d = idx % D;
     float mx = -INFINITY;
 #pragma unroll
-    for (int w = 0; w < kWarps; ++w) mx = fmaxf(mx, wm[w * GP + g]);
+    for (int w = 0; w < nw; ++w) mx = fmaxf(mx, wm[w * 8 + g]);
     const float mu = mx == -INFINITY ? 0.f : mx;
     float sum_l = 0.f, sum_a = 0.f;
 #pragma unroll
-    for (int w = 0; w < kWarps; ++w) {
-      const float f = exp2f(wm[w * GP + g] - mu);
-      sum_l += wl[w * GP + g] * f;
-      sum_a += wacc[(w * GP + g) * D + d] * f;
+    for (int w = 0; w < nw; ++w) {
+      const float f = exp2f(wm[w * 8 + g] - mu);
+      sum_l += wl[w * 8 + g] * f;
+      sum_a += wacc[(w * 8 + g) * D + d] * f;
     }
     const int64_t head = static_cast<int64_t>(kvh) * a.group + g;
     if (single) {
       const float inv = sum_l == 0.f ? 0.f : 1.f / sum_l;
-      static_cast<T*>(a.out)[seq * a.o_s0 + head * a.o_s1 + d] = V::from(sum_a * inv);
+      static_cast<T*>(a.out)[seq * a.o_s0 + head * a.o_s1 + d] = M::from(sum_a * inv);
       if (a.lse != nullptr && d == 0)
         a.lse[seq * a.lse_s0 + head * a.lse_s1] =
             sum_l == 0.f ? -INFINITY : (mu + log2f(sum_l)) * 0.6931471805599453f;
@@ -368,47 +369,43 @@ __global__ void __launch_bounds__(kWarps* kWarp)
   }
 }
 
-size_t smem_bytes(int d, int gp, int stages) {
-  const size_t ring = static_cast<size_t>(kWarps) * stages * kChunk * 2 * d * 2;
-  const size_t pbuf = static_cast<size_t>(kWarps) * gp * kChunk * sizeof(float);
-  const size_t combine = static_cast<size_t>(kWarps) * gp * (d + 2) * sizeof(float);
-  return std::max(ring + pbuf, combine);
+size_t smem_bytes(int64_t d, int64_t stages, int64_t warps) {
+  const size_t ring = static_cast<size_t>(warps * stages * kChunk * 2 * d * 2);
+  const size_t combine = static_cast<size_t>(warps * 8 * (d + 2)) * sizeof(float);
+  return std::max(ring, combine);
 }
 
-template <typename T, int D, int GP>
+int max_smem_optin(int dev) {
+  int v = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&v, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev));
+  return v;
+}
+
+template <typename T, int D>
 void launch(const SplitArgs& a, dim3 grid, cudaStream_t stream) {
-  const size_t smem = smem_bytes(D, GP, a.stages);
-  auto kernel = sparse_decode_split_kernel<T, D, GP>;
+  auto kernel = sparse_decode_split_kernel<T, D>;
   // once per device (not a stream operation, but kept out of graph captures)
   static bool opted_in[64] = {};
   int dev = 0;
   C10_CUDA_CHECK(cudaGetDevice(&dev));
   if (dev < 64 && !opted_in[dev]) {
     C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                        static_cast<int>(smem_bytes(D, GP, kMaxStages))));
+                                        max_smem_optin(dev)));
     opted_in[dev] = true;
   }
-  kernel<<<grid, kWarps * kWarp, smem, stream>>>(a);
+  kernel<<<grid, a.warps * kWarp, smem_bytes(D, a.stages, a.warps), stream>>>(a);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-}
-
-template <typename T, int D>
-void dispatch_group(const SplitArgs& a, dim3 grid, cudaStream_t stream) {
-  if (a.group <= 1) return launch<T, D, 1>(a, grid, stream);
-  if (a.group <= 2) return launch<T, D, 2>(a, grid, stream);
-  if (a.group <= 4) return launch<T, D, 4>(a, grid, stream);
-  return launch<T, D, 8>(a, grid, stream);
 }
 
 template <typename T>
 void dispatch_head(const SplitArgs& a, int64_t d, dim3 grid, cudaStream_t stream) {
-  if (d == 64) return dispatch_group<T, 64>(a, grid, stream);
-  return dispatch_group<T, 128>(a, grid, stream);
+  if (d == 64) return launch<T, 64>(a, grid, stream);
+  return launch<T, 128>(a, grid, stream);
 }
 
 void check_args(const at::Tensor& query, const at::Tensor& kv_cache, const at::Tensor& block_table,
                 const at::Tensor& seq_lens, const at::Tensor& sel, const at::Tensor& sel_count,
-                int64_t num_splits, int64_t stages, const at::Tensor& out,
+                int64_t num_splits, int64_t stages, int64_t warps, const at::Tensor& out,
                 const c10::optional<at::Tensor>& lse, const at::Tensor& ws_acc,
                 const at::Tensor& ws_m, const at::Tensor& ws_l) {
   TORCH_CHECK(query.dim() == 3, "sparse_decode_split: query must be [R, num_heads, head_size]");
@@ -439,6 +436,7 @@ void check_args(const at::Tensor& query, const at::Tensor& kv_cache, const at::T
     TORCH_CHECK(t->scalar_type() == at::kInt, "sparse_decode_split: index tensors must be int32");
   TORCH_CHECK(num_splits >= 1 && num_splits <= 65535, "sparse_decode_split: num_splits must be in [1, 65535]");
   TORCH_CHECK(stages >= 2 && stages <= kMaxStages, "sparse_decode_split: stages must be in [2, ", kMaxStages, "]");
+  TORCH_CHECK(warps >= 1 && warps <= kMaxWarps, "sparse_decode_split: warps must be in [1, ", kMaxWarps, "]");
   if (lse.has_value())
     TORCH_CHECK(lse->scalar_type() == at::kFloat && lse->dim() == 2 && lse->size(1) == H,
                 "sparse_decode_split: lse must be fp32 [>=R, num_heads]");
@@ -457,10 +455,10 @@ void check_args(const at::Tensor& query, const at::Tensor& kv_cache, const at::T
 
 void sparse_decode_split_cuda(at::Tensor query, at::Tensor kv_cache, at::Tensor block_table,
                               at::Tensor seq_lens, at::Tensor sel, at::Tensor sel_count,
-                              double qk_scale, int64_t num_splits, int64_t stages, at::Tensor out,
+                              double qk_scale, int64_t num_splits, int64_t stages, int64_t warps, at::Tensor out,
                               c10::optional<at::Tensor> lse, at::Tensor ws_acc, at::Tensor ws_m,
                               at::Tensor ws_l) {
-  check_args(query, kv_cache, block_table, seq_lens, sel, sel_count, num_splits, stages, out, lse,
+  check_args(query, kv_cache, block_table, seq_lens, sel, sel_count, num_splits, stages, warps, out, lse,
              ws_acc, ws_m, ws_l);
   const int64_t R = query.size(0), D = query.size(2), Hkv = kv_cache.size(1);
   if (R == 0) return;
@@ -515,6 +513,10 @@ void sparse_decode_split_cuda(at::Tensor query, at::Tensor kv_cache, at::Tensor 
   a.group = static_cast<int>(query.size(1) / Hkv);
   a.block_size = static_cast<int>(kv_cache.size(2));
   a.stages = static_cast<int>(stages);
+  a.warps = static_cast<int>(warps);
+  const int64_t smem = static_cast<int64_t>(smem_bytes(D, stages, warps));
+  TORCH_CHECK(smem <= max_smem_optin(query.get_device()), "sparse_decode_split: ", warps, " warps x ", stages,
+              " stages need ", smem, " bytes of shared memory, more than this GPU has per block");
 
   const dim3 grid(static_cast<unsigned>(num_splits), static_cast<unsigned>(Hkv), static_cast<unsigned>(R));
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
@@ -526,10 +528,10 @@ void sparse_decode_split_cuda(at::Tensor query, at::Tensor kv_cache, at::Tensor 
 
 void sparse_decode_split_meta(at::Tensor query, at::Tensor kv_cache, at::Tensor block_table,
                               at::Tensor seq_lens, at::Tensor sel, at::Tensor sel_count,
-                              double qk_scale, int64_t num_splits, int64_t stages, at::Tensor out,
+                              double qk_scale, int64_t num_splits, int64_t stages, int64_t warps, at::Tensor out,
                               c10::optional<at::Tensor> lse, at::Tensor ws_acc, at::Tensor ws_m,
                               at::Tensor ws_l) {
-  check_args(query, kv_cache, block_table, seq_lens, sel, sel_count, num_splits, stages, out, lse,
+  check_args(query, kv_cache, block_table, seq_lens, sel, sel_count, num_splits, stages, warps, out, lse,
              ws_acc, ws_m, ws_l);
 }
 
@@ -539,7 +541,7 @@ void sparse_decode_split_meta(at::Tensor query, at::Tensor kv_cache, at::Tensor 
 TORCH_LIBRARY_FRAGMENT(casakv, m) {
   m.def(
       "sparse_decode_split(Tensor query, Tensor kv_cache, Tensor block_table, Tensor seq_lens, "
-      "Tensor sel, Tensor sel_count, float qk_scale, int num_splits, int stages, "
+      "Tensor sel, Tensor sel_count, float qk_scale, int num_splits, int stages, int warps, "
       "Tensor(a!) out, Tensor(b!)? lse, Tensor(c!) ws_acc, Tensor(d!) ws_m, Tensor(e!) ws_l) -> ()");
 }
 

@@ -398,23 +398,33 @@ def sweep_decode_cuda(gen, rows, copy_bps):
                 print(f"decode {n} B={batch} {name}: read-only {rms * 1e3:.1f} us "
                       f"(hbm {byts / (rms / 1e3) / copy_bps:.2f})", flush=True)
             wide = batch == 1 and frac < 1.0
-            cfgs = [("triton", None, None)]
-            cfgs += [("cuda", sp, st) for sp in ((None, 8, 17, 33, 66) if wide else (None,))
-                     for st in ((2, 3, 4, 6) if wide else (3, 4))]
+            cfgs = [("triton", None, None, 4)]
+            cfgs += ([("cuda", sp, st, w) for sp in (None, 12, 17, 25, 33) for st in (2, 3) for w in (4, 8)]
+                     if wide else [("cuda", None, 3, 4), ("cuda", None, 4, 4), ("cuda", None, 2, 8)])
             best = None
-            for impl, sp, st in cfgs:
+            for impl, sp, st, w in cfgs:
                 out = torch.full_like(q, float("nan"))
 
-                def call(sel, impl=impl, sp=sp, st=st, out=out):
+                def call(sel, impl=impl, sp=sp, st=st, w=w, out=out):
                     return lambda: sparse_paged_decode(q, kv, table, sl, sel, cnt, D ** -0.5, out, workspace=ws,
-                                                       num_splits=sp, num_stages=st, sel_physical=True, impl=impl)
+                                                       num_splits=sp, num_stages=st, num_warps=w, sel_physical=True,
+                                                       impl=impl)
                 call(phys[0])()
                 err = rel(out[sub], ref)
                 ms = bench_graph([call(x) for x in phys], reps=10)
                 hbm = byts / (ms / 1e3) / copy_bps
-                tag = f"{impl} splits {sp or 'heur'} stages {st or 'default'}"
+                tag = f"{impl} splits {sp or 'heur'} stages {st or 'default'} warps {w}"
                 rows.append(dict(part="decode-cuda", n=n, batch=batch, mask=name, impl=impl,
-                                 splits=sp or (heur if impl == "cuda" else None), stages=st, ms=ms, hbm=hbm, err=err))
+                                 splits=sp or (heur if impl == "cuda" else None), stages=st, warps=w, ms=ms, hbm=hbm,
+                                 err=err))
+                if wide and impl == "cuda" and sp in (17, 33):  # the split stage alone (no merge kernel)
+                    op = torch.ops.casakv.sparse_decode_split
+                    sms = bench_graph([lambda x=x, sp=sp, st=st, w=w, out=out: op(
+                        q, kv, table, sl, x, cnt, D ** -0.5 * 1.4426950408889634, sp, st, w, out, None,
+                        ws.acc, ws.m, ws.l) for x in phys], reps=10)
+                    rows.append(dict(part="decode-cuda-split-only", n=n, batch=batch, mask=name, splits=sp,
+                                     stages=st, warps=w, ms=sms))
+                    tag += f" (split stage alone {sms * 1e3:.1f} us)"
                 if impl == "cuda" and (best is None or ms < best[0]):
                     best = (ms, tag, hbm)
                 print(f"decode {n} B={batch} {name} {tag}: {ms * 1e3:.1f} us hbm {hbm:.2f} err {err:.1e}",

@@ -445,7 +445,7 @@ def sparse_paged_decode(
     if workspace is not None:
         num_splits = min(num_splits, workspace.max_splits)
     single = num_splits == 1
-    if workspace is None and not single:
+    if workspace is None and (not single or use_cuda):  # (the CUDA op takes real buffers)
         workspace = SparseDecodeWorkspace.allocate(num_seqs, num_heads, head_size,
                                                    num_splits, query.device)
     if workspace is not None:
@@ -473,7 +473,7 @@ def sparse_paged_decode(
         stages = num_stages if num_stages is not None else _CUDA_STAGES[head_size]
         cuda_op("sparse_decode_split")(
             query, kv_cache, block_table, seq_lens, sel_blocks, sel_count,
-            scale * math.log2(math.e), num_splits, stages, out, lse, ws_acc, ws_m, ws_l)
+            scale * math.log2(math.e), num_splits, stages, num_warps, out, lse, ws_acc, ws_m, ws_l)
     else:
         _sparse_decode_split_kernel[(num_seqs, num_kv_heads, num_splits)](
             out, lse_arg, ws_acc, ws_m, ws_l,

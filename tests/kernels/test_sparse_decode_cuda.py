@@ -175,7 +175,7 @@ def test_cuda_split_op_meta_and_bad_input():
         a = {k: v.to(device) for k, v in dict(args, **over).items()}
         out = torch.empty(R, H, d, dtype=a["query"].dtype, device=device)
         op(a["query"], a["kv_cache"], a["block_table"], a["seq_lens"], a["sel"], a["sel_count"],
-           1.0, S, 3, out, None, ws.acc.to(device), ws.m.to(device), ws.l.to(device))
+           1.0, S, 3, 4, out, None, ws.acc.to(device), ws.m.to(device), ws.l.to(device))
 
     call("meta")
     with pytest.raises(RuntimeError, match="head_size must be 64 or 128"):
