@@ -64,6 +64,7 @@ struct SplitArgs {
   float* ws_l;
   void* out;
   float* lse;  // nullptr: not written
+  int* counters;  // [B, >= Hkv] int32, zero between calls; nullptr: no merge here
   int64_t q_s0, q_s1;                   // elements
   int64_t c_blk, c_head;                // elements (token stride 2D, d stride 1)
   int64_t bt_s0, bt_s1;
@@ -73,6 +74,7 @@ struct SplitArgs {
   int64_t wm_s0, wm_s1;                 // ws_m / ws_l (split stride 1)
   int64_t o_s0, o_s1;                   // out (d stride 1)
   int64_t lse_s0, lse_s1;
+  int64_t ctr_s0;
   float qk_scale;                       // softmax scale * log2(e)
   int num_splits;
   int group;                            // query heads per KV head (<= 8)
@@ -198,14 +200,6 @@ __global__ void __launch_bounds__(kMaxWarps* kWarp)
   const int cpp = a.block_size / kChunk;  // chunks per page
   const int nchunks = npages * cpp;
   const int32_t* sel_row = a.sel + seq * a.sel_s0 + kvh * a.sel_s1;
-  int valid = npages * a.block_size;  // valid tokens of the slice's stream
-  if (npages > 0 && s1 == count && seq_len > 0) {
-    const int last_blk = (seq_len - 1) / a.block_size;
-    const int last_phys = a.block_table[seq * a.bt_s0 + last_blk * a.bt_s1];
-    if (sel_row[(count - 1) * a.sel_s2] == last_phys)
-      valid -= (last_blk + 1) * a.block_size - seq_len;
-  }
-
   // A fragments of Q (rows = the group's query heads; rows >= group and
   // 8..15 are zero): qa[ks][0] = cols 16ks + 2quad.., qa[ks][1] = +8
   uint32_t qa[kKs][2];
@@ -245,6 +239,18 @@ __global__ void __launch_bounds__(kMaxWarps* kWarp)
     if (i < my_n) issue(i, i);
     cp_async_commit();
   }
+
+  // Tokens of the slice's stream that exist (computed after the first copies
+  // are in flight: two dependent loads).  The sequence's partial last block
+  // can only be the row's last entry.
+  int valid = npages * a.block_size;
+  if (npages > 0 && s1 == count && seq_len > 0) {
+    const int last_blk = (seq_len - 1) / a.block_size;
+    const int last_phys = a.block_table[seq * a.bt_s0 + last_blk * a.bt_s1];
+    if (sel_row[(count - 1) * a.sel_s2] == last_phys)
+      valid -= (last_blk + 1) * a.block_size - seq_len;
+  }
+
 
   int slot = 0;
   for (int i = 0; i < my_n; ++i) {
@@ -367,12 +373,65 @@ __global__ void __launch_bounds__(kMaxWarps* kWarp)
       }
     }
   }
+  if (single || a.counters == nullptr) return;
+
+  // The last split of (request, KV head) to finish merges all of them
+  // (saves the merge kernel).  Classic fence / counter hand-off; the counter
+  // is reset for the next call, so CUDA-graph replays work.
+  __shared__ int is_last;
+  __threadfence();
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    int* ctr = a.counters + seq * a.ctr_s0 + kvh;
+    is_last = atomicAdd(ctr, 1) == a.num_splits - 1;
+    if (is_last) *ctr = 0;
+  }
+  __syncthreads();
+  if (!is_last) return;
+  __threadfence();
+  const int S = a.num_splits;
+  float* wgt = reinterpret_cast<float*>(smem_raw);  // [group][S]: exp2(m_s - max)
+  __shared__ float row_mu[8], row_l[8];
+  for (int i = threadIdx.x; i < a.group * S; i += nw * kWarp) {
+    const int64_t head = static_cast<int64_t>(kvh) * a.group + i / S;
+    wgt[i] = __ldcg(a.ws_m + seq * a.wm_s0 + head * a.wm_s1 + i % S);
+  }
+  __syncthreads();
+  if (threadIdx.x < a.group) {
+    const int g = threadIdx.x;
+    const int64_t base = seq * a.wm_s0 + (static_cast<int64_t>(kvh) * a.group + g) * a.wm_s1;
+    float mx = -INFINITY;
+    for (int j = 0; j < S; ++j) mx = fmaxf(mx, wgt[g * S + j]);
+    const float mu = mx == -INFINITY ? 0.f : mx;
+    float tot = 0.f;
+    for (int j = 0; j < S; ++j) {
+      const float f = exp2f(wgt[g * S + j] - mu);
+      wgt[g * S + j] = f;
+      tot += __ldcg(a.ws_l + base + j) * f;
+    }
+    row_mu[g] = mu;
+    row_l[g] = tot;
+  }
+  __syncthreads();
+  for (int idx = threadIdx.x; idx < a.group * D; idx += nw * kWarp) {
+    const int g = idx / D, d = idx % D;
+    const int64_t head = static_cast<int64_t>(kvh) * a.group + g;
+    const float* src = a.ws_acc + seq * a.wa_s0 + head * a.wa_s1 + d;
+    float o = 0.f;
+    for (int j = 0; j < S; ++j) o += __ldcg(src + j * a.wa_s2) * wgt[g * S + j];
+    const float tot = row_l[g];
+    static_cast<T*>(a.out)[seq * a.o_s0 + head * a.o_s1 + d] = M::from(tot == 0.f ? 0.f : o / tot);
+    if (a.lse != nullptr && d == 0)
+      a.lse[seq * a.lse_s0 + head * a.lse_s1] =
+          tot == 0.f ? -INFINITY : (row_mu[g] + log2f(tot)) * 0.6931471805599453f;
+  }
 }
 
-size_t smem_bytes(int64_t d, int64_t stages, int64_t warps) {
+size_t smem_bytes(int64_t d, int64_t stages, int64_t warps, int64_t splits) {
   const size_t ring = static_cast<size_t>(warps * stages * kChunk * 2 * d * 2);
   const size_t combine = static_cast<size_t>(warps * 8 * (d + 2)) * sizeof(float);
-  return std::max(ring, combine);
+  const size_t merge = static_cast<size_t>(8 * splits) * sizeof(float);
+  return std::max(std::max(ring, combine), merge);
 }
 
 int max_smem_optin(int dev) {
@@ -393,7 +452,7 @@ void launch(const SplitArgs& a, dim3 grid, cudaStream_t stream) {
                                         max_smem_optin(dev)));
     opted_in[dev] = true;
   }
-  kernel<<<grid, a.warps * kWarp, smem_bytes(D, a.stages, a.warps), stream>>>(a);
+  kernel<<<grid, a.warps * kWarp, smem_bytes(D, a.stages, a.warps, a.num_splits), stream>>>(a);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
@@ -407,12 +466,13 @@ void check_args(const at::Tensor& query, const at::Tensor& kv_cache, const at::T
                 const at::Tensor& seq_lens, const at::Tensor& sel, const at::Tensor& sel_count,
                 int64_t num_splits, int64_t stages, int64_t warps, const at::Tensor& out,
                 const c10::optional<at::Tensor>& lse, const at::Tensor& ws_acc,
-                const at::Tensor& ws_m, const at::Tensor& ws_l) {
+                const at::Tensor& ws_m, const at::Tensor& ws_l,
+                const c10::optional<at::Tensor>& counters) {
   TORCH_CHECK(query.dim() == 3, "sparse_decode_split: query must be [R, num_heads, head_size]");
   TORCH_CHECK(kv_cache.dim() == 4, "sparse_decode_split: kv_cache must be [blocks, Hkv, block_size, 2*D]");
   const int64_t R = query.size(0), H = query.size(1), D = query.size(2);
   const int64_t Hkv = kv_cache.size(1), bs = kv_cache.size(2);
-  TORCH_CHECK(D == 64 || D == 128, "sparse_decode_split: head_size must be 64 or 128, got ", D);
+  TORCH_CHECK(D == 64 || D == 128, "sparse_decode_split: head_size must be 64 or 128");
   TORCH_CHECK(kv_cache.size(3) == 2 * D, "sparse_decode_split: kv_cache last dim must be 2*head_size");
   TORCH_CHECK(query.scalar_type() == kv_cache.scalar_type() &&
                   (query.scalar_type() == at::kBFloat16 || query.scalar_type() == at::kHalf),
@@ -420,7 +480,7 @@ void check_args(const at::Tensor& query, const at::Tensor& kv_cache, const at::T
   TORCH_CHECK(out.scalar_type() == query.scalar_type(), "sparse_decode_split: out dtype must match query");
   TORCH_CHECK(Hkv > 0 && H % Hkv == 0 && H / Hkv <= 8,
               "sparse_decode_split: num_heads must be a multiple of num_kv_heads, at most 8 per KV head");
-  TORCH_CHECK(bs % kChunk == 0, "sparse_decode_split: block_size must be a multiple of 16, got ", bs);
+  TORCH_CHECK(bs % kChunk == 0, "sparse_decode_split: block_size must be a multiple of 16");
   TORCH_CHECK(kv_cache.stride(3) == 1 && kv_cache.stride(2) == 2 * D,
               "sparse_decode_split: each (block, KV head) page must be contiguous");
   TORCH_CHECK(query.stride(2) == 1 && out.stride(2) == 1, "sparse_decode_split: query/out rows must be contiguous");
@@ -435,11 +495,15 @@ void check_args(const at::Tensor& query, const at::Tensor& kv_cache, const at::T
   for (const at::Tensor* t : {&block_table, &seq_lens, &sel, &sel_count})
     TORCH_CHECK(t->scalar_type() == at::kInt, "sparse_decode_split: index tensors must be int32");
   TORCH_CHECK(num_splits >= 1 && num_splits <= 65535, "sparse_decode_split: num_splits must be in [1, 65535]");
-  TORCH_CHECK(stages >= 2 && stages <= kMaxStages, "sparse_decode_split: stages must be in [2, ", kMaxStages, "]");
-  TORCH_CHECK(warps >= 1 && warps <= kMaxWarps, "sparse_decode_split: warps must be in [1, ", kMaxWarps, "]");
+  TORCH_CHECK(stages >= 2 && stages <= kMaxStages, "sparse_decode_split: stages must be in [2, 6]");
+  TORCH_CHECK(warps >= 1 && warps <= kMaxWarps, "sparse_decode_split: warps must be in [1, 8]");
   if (lse.has_value())
     TORCH_CHECK(lse->scalar_type() == at::kFloat && lse->dim() == 2 && lse->size(1) == H,
                 "sparse_decode_split: lse must be fp32 [>=R, num_heads]");
+  if (counters.has_value())
+    TORCH_CHECK(counters->scalar_type() == at::kInt && counters->dim() == 2 && counters->size(0) >= R &&
+                    counters->size(1) >= Hkv && counters->stride(1) == 1,
+                "sparse_decode_split: counters must be int32 [>=R, >=num_kv_heads], zeroed");
   if (num_splits > 1) {
     TORCH_CHECK(ws_acc.scalar_type() == at::kFloat && ws_acc.dim() == 4 && ws_acc.size(0) >= R &&
                     ws_acc.size(1) == H && ws_acc.size(2) >= num_splits && ws_acc.size(3) == D &&
@@ -457,9 +521,9 @@ void sparse_decode_split_cuda(at::Tensor query, at::Tensor kv_cache, at::Tensor 
                               at::Tensor seq_lens, at::Tensor sel, at::Tensor sel_count,
                               double qk_scale, int64_t num_splits, int64_t stages, int64_t warps, at::Tensor out,
                               c10::optional<at::Tensor> lse, at::Tensor ws_acc, at::Tensor ws_m,
-                              at::Tensor ws_l) {
+                              at::Tensor ws_l, c10::optional<at::Tensor> counters) {
   check_args(query, kv_cache, block_table, seq_lens, sel, sel_count, num_splits, stages, warps, out, lse,
-             ws_acc, ws_m, ws_l);
+             ws_acc, ws_m, ws_l, counters);
   const int64_t R = query.size(0), D = query.size(2), Hkv = kv_cache.size(1);
   if (R == 0) return;
   TORCH_CHECK(R <= 65535 && Hkv <= 65535, "sparse_decode_split: too many requests or KV heads");
@@ -481,6 +545,8 @@ void sparse_decode_split_cuda(at::Tensor query, at::Tensor kv_cache, at::Tensor 
   a.sel_count = sel_count.data_ptr<int32_t>();
   a.out = out.data_ptr();
   a.lse = lse.has_value() ? lse->data_ptr<float>() : nullptr;
+  a.counters = counters.has_value() ? counters->data_ptr<int>() : nullptr;
+  if (counters.has_value()) a.ctr_s0 = counters->stride(0);
   a.q_s0 = query.stride(0);
   a.q_s1 = query.stride(1);
   a.c_blk = kv_cache.stride(0);
@@ -514,9 +580,9 @@ void sparse_decode_split_cuda(at::Tensor query, at::Tensor kv_cache, at::Tensor 
   a.block_size = static_cast<int>(kv_cache.size(2));
   a.stages = static_cast<int>(stages);
   a.warps = static_cast<int>(warps);
-  const int64_t smem = static_cast<int64_t>(smem_bytes(D, stages, warps));
-  TORCH_CHECK(smem <= max_smem_optin(query.get_device()), "sparse_decode_split: ", warps, " warps x ", stages,
-              " stages need ", smem, " bytes of shared memory, more than this GPU has per block");
+  const int64_t smem = static_cast<int64_t>(smem_bytes(D, stages, warps, num_splits));
+  TORCH_CHECK(smem <= max_smem_optin(query.get_device()),
+              "sparse_decode_split: warps x stages need more shared memory than this GPU has per block");
 
   const dim3 grid(static_cast<unsigned>(num_splits), static_cast<unsigned>(Hkv), static_cast<unsigned>(R));
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
@@ -530,9 +596,9 @@ void sparse_decode_split_meta(at::Tensor query, at::Tensor kv_cache, at::Tensor 
                               at::Tensor seq_lens, at::Tensor sel, at::Tensor sel_count,
                               double qk_scale, int64_t num_splits, int64_t stages, int64_t warps, at::Tensor out,
                               c10::optional<at::Tensor> lse, at::Tensor ws_acc, at::Tensor ws_m,
-                              at::Tensor ws_l) {
+                              at::Tensor ws_l, c10::optional<at::Tensor> counters) {
   check_args(query, kv_cache, block_table, seq_lens, sel, sel_count, num_splits, stages, warps, out, lse,
-             ws_acc, ws_m, ws_l);
+             ws_acc, ws_m, ws_l, counters);
 }
 
 }  // namespace
@@ -542,7 +608,8 @@ TORCH_LIBRARY_FRAGMENT(casakv, m) {
   m.def(
       "sparse_decode_split(Tensor query, Tensor kv_cache, Tensor block_table, Tensor seq_lens, "
       "Tensor sel, Tensor sel_count, float qk_scale, int num_splits, int stages, int warps, "
-      "Tensor(a!) out, Tensor(b!)? lse, Tensor(c!) ws_acc, Tensor(d!) ws_m, Tensor(e!) ws_l) -> ()");
+      "Tensor(a!) out, Tensor(b!)? lse, Tensor(c!) ws_acc, Tensor(d!) ws_m, Tensor(e!) ws_l, "
+      "Tensor(f!)? counters) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(casakv, CUDA, m) { m.impl("sparse_decode_split", &casakv::sparse_decode_split_cuda); }

@@ -398,30 +398,33 @@ def sweep_decode_cuda(gen, rows, copy_bps):
                 print(f"decode {n} B={batch} {name}: read-only {rms * 1e3:.1f} us "
                       f"(hbm {byts / (rms / 1e3) / copy_bps:.2f})", flush=True)
             wide = batch == 1 and frac < 1.0
-            cfgs = [("triton", None, None, 4)]
-            cfgs += ([("cuda", sp, st, w) for sp in (None, 12, 17, 25, 33) for st in (2, 3) for w in (4, 8)]
-                     if wide else [("cuda", None, 3, 4), ("cuda", None, 4, 4), ("cuda", None, 2, 8)])
+            cfgs = [("triton", None, None, 4, False)]
+            cfgs += ([("cuda", sp, st, w, fm) for sp in (None, 12, 17, 25, 33) for st in (2, 3) for w in (4, 8)
+                      for fm in (False, True)]
+                     if wide else [("cuda", None, st, w, fm) for st, w in ((3, 4), (4, 4), (2, 8))
+                                   for fm in (False, True)])
             best = None
-            for impl, sp, st, w in cfgs:
+            for impl, sp, st, w, fm in cfgs:
                 out = torch.full_like(q, float("nan"))
 
-                def call(sel, impl=impl, sp=sp, st=st, w=w, out=out):
+                def call(sel, impl=impl, sp=sp, st=st, w=w, out=out, fm=fm):
                     return lambda: sparse_paged_decode(q, kv, table, sl, sel, cnt, D ** -0.5, out, workspace=ws,
                                                        num_splits=sp, num_stages=st, num_warps=w, sel_physical=True,
-                                                       impl=impl)
+                                                       impl=impl, fused_merge=fm)
                 call(phys[0])()
                 err = rel(out[sub], ref)
                 ms = bench_graph([call(x) for x in phys], reps=10)
                 hbm = byts / (ms / 1e3) / copy_bps
-                tag = f"{impl} splits {sp or 'heur'} stages {st or 'default'} warps {w}"
+                tag = f"{impl} splits {sp or 'heur'} stages {st or 'default'} warps {w} fused {int(fm)}"
                 rows.append(dict(part="decode-cuda", n=n, batch=batch, mask=name, impl=impl,
-                                 splits=sp or (heur if impl == "cuda" else None), stages=st, warps=w, ms=ms, hbm=hbm,
+                                 splits=sp or (heur if impl == "cuda" else None), stages=st, warps=w, fused=fm,
+                                 ms=ms, hbm=hbm,
                                  err=err))
-                if wide and impl == "cuda" and sp in (17, 33):  # the split stage alone (no merge kernel)
+                if wide and impl == "cuda" and sp in (17, 33) and not fm:  # the split stage alone (no merge)
                     op = torch.ops.casakv.sparse_decode_split
                     sms = bench_graph([lambda x=x, sp=sp, st=st, w=w, out=out: op(
                         q, kv, table, sl, x, cnt, D ** -0.5 * 1.4426950408889634, sp, st, w, out, None,
-                        ws.acc, ws.m, ws.l) for x in phys], reps=10)
+                        ws.acc, ws.m, ws.l, None) for x in phys], reps=10)
                     rows.append(dict(part="decode-cuda-split-only", n=n, batch=batch, mask=name, splits=sp,
                                      stages=st, warps=w, ms=sms))
                     tag += f" (split stage alone {sms * 1e3:.1f} us)"

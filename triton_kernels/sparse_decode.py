@@ -83,6 +83,7 @@ MERGE_PDL = True
 _CUDA_CTAS_PER_SM = 2
 _CUDA_MIN_TOKENS_PER_SPLIT = 128
 _CUDA_STAGES = {64: 4, 128: 3}
+CUDA_FUSED_MERGE = True
 
 
 @triton.jit
@@ -277,6 +278,10 @@ class SparseDecodeWorkspace:
     acc: torch.Tensor
     m: torch.Tensor
     l: torch.Tensor  # noqa: E741
+    # int32 [max_batch, >= num_kv_heads], zero between calls: lets the CUDA
+    # split stage merge in its last program per (request, KV head) instead of
+    # launching the merge kernel (None: the merge kernel runs)
+    counters: torch.Tensor | None = None
 
     @classmethod
     def allocate(cls, max_batch: int, num_heads: int, head_size: int,
@@ -289,6 +294,7 @@ class SparseDecodeWorkspace:
                           device=device),
             l=torch.empty(max_batch, num_heads, max_splits, dtype=torch.float32,
                           device=device),
+            counters=torch.zeros(max_batch, num_heads, dtype=torch.int32, device=device),
         )
 
     @property
@@ -385,6 +391,7 @@ def sparse_paged_decode(
     sel_physical: bool = False,
     pdl: bool | None = None,
     impl: str = "auto",
+    fused_merge: bool | None = None,
 ) -> torch.Tensor:
     """Decode attention of ``query`` over the selected blocks only; writes
     ``out`` (and ``lse``, natural log) rows ``0 .. R-1`` and returns ``out``.
@@ -402,8 +409,11 @@ def sparse_paged_decode(
     needs the built extension, physical ids, bf16/fp16, head size 64 or 128,
     block size a multiple of 16, at most 8 query heads per KV head;
     ValueError otherwise), ``"triton"``, or ``"auto"`` (CUDA where it
-    applies, else Triton).  CUDA-graph capturable when ``workspace`` is
-    given.
+    applies, else Triton).  ``fused_merge``: with the CUDA stage and a
+    workspace carrying ``counters``, the last split program of each
+    (request, KV head) merges the splits itself and no merge kernel runs
+    (default ``CUDA_FUSED_MERGE``).  CUDA-graph capturable when
+    ``workspace`` is given.
     """
     num_seqs, num_heads, head_size = query.shape
     num_blocks, num_kv_heads, block_size, two_hs = kv_cache.shape
@@ -469,11 +479,16 @@ def sparse_paged_decode(
         pdl = MERGE_PDL and num_seqs * num_kv_heads * num_splits <= one_wave
     pdl = bool(pdl) and not single and query.is_cuda and _pdl_supported(query.device.index)
 
+    if fused_merge is None:
+        fused_merge = CUDA_FUSED_MERGE
+    fused = (use_cuda and not single and bool(fused_merge) and workspace is not None
+             and workspace.counters is not None)
     if use_cuda:
         stages = num_stages if num_stages is not None else _CUDA_STAGES[head_size]
         cuda_op("sparse_decode_split")(
             query, kv_cache, block_table, seq_lens, sel_blocks, sel_count,
-            scale * math.log2(math.e), num_splits, stages, num_warps, out, lse, ws_acc, ws_m, ws_l)
+            scale * math.log2(math.e), num_splits, stages, num_warps, out, lse, ws_acc, ws_m, ws_l,
+            workspace.counters if fused else None)
     else:
         _sparse_decode_split_kernel[(num_seqs, num_kv_heads, num_splits)](
             out, lse_arg, ws_acc, ws_m, ws_l,
@@ -494,7 +509,7 @@ def sparse_paged_decode(
             num_warps=num_warps, num_stages=3 if num_stages is None else num_stages,
         )
     pdl_kw = {"launch_pdl": True} if pdl else {}
-    if not single:
+    if not single and not fused:
         _sparse_decode_merge_kernel[(num_seqs, num_heads)](
             out, lse_arg, ws_acc, ws_m, ws_l, num_splits,
             *o_strides, *lse_strides, *wa_strides, *wm_strides,

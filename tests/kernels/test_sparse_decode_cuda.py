@@ -61,16 +61,17 @@ def test_cuda_split_matches_reference(d, group, dtype, bs, num_splits, stages):
     num_splits=st.sampled_from([None, 1, 2, 5, 17]),
     stages=st.integers(2, 6),
     with_lse=st.booleans(),
+    fused=st.booleans(),
     seed=st.integers(0, 2**31 - 1),
 )
 def test_cuda_split_random(seq_lens, hkv, group, d, bs, dtype, kinds, num_splits, stages,
-                           with_lse, seed):
+                           with_lse, fused, seed):
     """Random shapes, block tables, lengths, selections (empty rows too):
     the CUDA split stage matches the fp32 reference and the Triton stage."""
     case = _make_case(seq_lens, hkv, group, d, bs, dtype, "contiguous", kinds, seed)
     ref, ref_lse = sparse_paged_decode_ref(**case, return_lse=True)
     out, lse = _run(case, num_splits=num_splits, physical=True, impl="cuda",
-                    num_stages=stages, with_lse=with_lse)
+                    num_stages=stages, with_lse=with_lse, fused_merge=fused)
     tri, tri_lse = _run(case, num_splits=num_splits, physical=True, impl="triton",
                         with_lse=with_lse)
     empty = (case["sel_count"] == 0).repeat_interleave(group, dim=1)
@@ -103,10 +104,11 @@ def test_auto_picks_cuda_and_falls_back():
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not HAS_OP, reason="needs CUDA and casakv_vllm._C")
-@pytest.mark.parametrize("num_splits", [1, 6])
-def test_cuda_split_graph_replay(num_splits):
+@pytest.mark.parametrize("num_splits,fused", [(1, False), (6, False), (6, True), (16, True)])
+def test_cuda_split_graph_replay(num_splits, fused):
     """Captured once in a CUDA graph, replayed with new queries, lengths and
-    selections (physical ids) written in place."""
+    selections (physical ids) written in place; with the fused merge the
+    per-(request, KV head) counters must be back at zero after every call."""
     R, hkv, group, d, bs, max_len = 3, 2, 4, 128, 16, 900
     case = _physical(_make_case([max_len] * R, hkv, group, d, bs, torch.bfloat16, "contiguous",
                                 ["all"], seed=1, poison_unselected=False))
@@ -118,7 +120,7 @@ def test_cuda_split_graph_replay(num_splits):
 
     def step():
         sparse_paged_decode(**case, out=out, lse=lse, workspace=ws, num_splits=num_splits,
-                            sel_physical=True, impl="cuda")
+                            sel_physical=True, impl="cuda", fused_merge=fused)
 
     step()
     torch.cuda.synchronize()
@@ -154,6 +156,7 @@ def test_cuda_split_graph_replay(num_splits):
         want = dict(case, sel_blocks=logical.cuda())
         ref, ref_lse = sparse_paged_decode_ref(**want, return_lse=True)
         _check(out, ref, torch.bfloat16, lse, ref_lse)
+        assert (ws.counters == 0).all()
 
 
 @pytest.mark.gpu
@@ -175,7 +178,8 @@ def test_cuda_split_op_meta_and_bad_input():
         a = {k: v.to(device) for k, v in dict(args, **over).items()}
         out = torch.empty(R, H, d, dtype=a["query"].dtype, device=device)
         op(a["query"], a["kv_cache"], a["block_table"], a["seq_lens"], a["sel"], a["sel_count"],
-           1.0, S, 3, 4, out, None, ws.acc.to(device), ws.m.to(device), ws.l.to(device))
+           1.0, S, 3, 4, out, None, ws.acc.to(device), ws.m.to(device), ws.l.to(device),
+           ws.counters.to(device))
 
     call("meta")
     with pytest.raises(RuntimeError, match="head_size must be 64 or 128"):
