@@ -443,16 +443,24 @@ int max_smem_optin(int dev) {
 template <typename T, int D>
 void launch(const SplitArgs& a, dim3 grid, cudaStream_t stream) {
   auto kernel = sparse_decode_split_kernel<T, D>;
-  // once per device (not a stream operation, but kept out of graph captures)
-  static bool opted_in[64] = {};
+  // opt in to the GPU's whole shared memory once per device (not a stream
+  // operation, but kept out of graph captures): the optin limit less the
+  // kernel's static shared memory
+  static int limit[64] = {};
   int dev = 0;
   C10_CUDA_CHECK(cudaGetDevice(&dev));
-  if (dev < 64 && !opted_in[dev]) {
-    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                        max_smem_optin(dev)));
-    opted_in[dev] = true;
+  TORCH_CHECK(dev < 64, "sparse_decode_split: device index out of range");
+  if (limit[dev] == 0) {
+    cudaFuncAttributes fa;
+    C10_CUDA_CHECK(cudaFuncGetAttributes(&fa, kernel));
+    const int lim = max_smem_optin(dev) - static_cast<int>(fa.sharedSizeBytes);
+    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, lim));
+    limit[dev] = lim;
   }
-  kernel<<<grid, a.warps * kWarp, smem_bytes(D, a.stages, a.warps, a.num_splits), stream>>>(a);
+  const size_t smem = smem_bytes(D, a.stages, a.warps, a.num_splits);
+  TORCH_CHECK(smem <= static_cast<size_t>(limit[dev]),
+              "sparse_decode_split: warps x stages need more shared memory than this GPU has per block");
+  kernel<<<grid, a.warps * kWarp, smem, stream>>>(a);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
@@ -580,9 +588,7 @@ void sparse_decode_split_cuda(at::Tensor query, at::Tensor kv_cache, at::Tensor 
   a.block_size = static_cast<int>(kv_cache.size(2));
   a.stages = static_cast<int>(stages);
   a.warps = static_cast<int>(warps);
-  const int64_t smem = static_cast<int64_t>(smem_bytes(D, stages, warps, num_splits));
-  TORCH_CHECK(smem <= max_smem_optin(query.get_device()),
-              "sparse_decode_split: warps x stages need more shared memory than this GPU has per block");
+
 
   const dim3 grid(static_cast<unsigned>(num_splits), static_cast<unsigned>(Hkv), static_cast<unsigned>(R));
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
