@@ -3,8 +3,7 @@
 Imports the kernels straight from this checkout (no install, no CUDA op build),
 checks every variant against FlexAttention (prefill) or the fp32 reference
 (decode) and times it with triton.testing.do_bench (median, L2 flushed).
-Usage: python scripts/kernel_sweep.py [--out DIR] [--only prefill|decode|decode-b1|decode-var|decode-cuda|variants|profile]
-(decode-cuda needs casakv-vllm installed with its CUDA extension: pip install .)
+Usage: python scripts/kernel_sweep.py [--out DIR] [--only prefill|decode|decode-b1|decode-var|variants|profile]
 Writes DIR/sweep.json and prints one table per part.
 """
 
@@ -23,18 +22,11 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def _shim():
-    """casakv_vllm.{triton_kernels,bench} from this checkout, plus the CUDA
-    extension (_C) of an installed casakv-vllm when there is one."""
-    import importlib.util
     shim = Path("/tmp/casakv_shim/casakv_vllm")
     shim.mkdir(parents=True, exist_ok=True)
     (shim / "__init__.py").touch()
-    links = [("triton_kernels", REPO / "triton_kernels"), ("bench", REPO / "casakv_vllm" / "bench")]
-    spec = importlib.util.find_spec("casakv_vllm")
-    if spec is not None and spec.submodule_search_locations:
-        for loc in spec.submodule_search_locations:
-            links += [(so.name, so) for so in Path(loc).glob("_C*.so")]
-    for name, target in links:
+    for name, target in (("triton_kernels", REPO / "triton_kernels"),
+                         ("bench", REPO / "casakv_vllm" / "bench")):
         link = shim / name
         if not link.exists():
             link.symlink_to(target)
@@ -375,69 +367,6 @@ def sweep_decode_variants(gen, rows, copy_bps):
         torch.cuda.empty_cache()
 
 
-def sweep_decode_cuda(gen, rows, copy_bps):
-    """The CUDA split stage (impl="cuda") against the Triton one, over split
-    counts and ring depths, physical ids and PDL merge as in the benchmark;
-    graph-timed, checked against the fp32 reference."""
-    from casakv_vllm.triton_kernels.sparse_decode import _CUDA_CTAS_PER_SM, _CUDA_MIN_TOKENS_PER_SPLIT
-    for n, batch in ((131072, 1), (32768, 1), (32768, 16), (131072, 16)):
-        kv, table, q, sl, nb, ws = decode_inputs(gen, n, batch)
-        for name, frac in (("select-10%", 0.1), ("dense", 1.0)):
-            sels = [sel for sel, _ in decode_selections(batch, nb, frac, gen)]
-            keep = sels[0].shape[-1]
-            phys = [physical_selection(x, table) for x in sels]
-            cnt = torch.full((batch, HKV), keep, dtype=torch.int32, device="cuda")
-            sub = slice(0, min(batch, 2))
-            ref = sparse_paged_decode_ref(q[sub], kv, table[sub], sl[sub], sels[0][sub], cnt[sub], D ** -0.5)
-            byts = batch * HKV * keep * PAGE * 2 * D * 2
-            heur = choose_num_splits(batch, HKV, keep, PAGE, 132, 128, _CUDA_CTAS_PER_SM, _CUDA_MIN_TOKENS_PER_SPLIT)
-            if batch == 1:
-                rms = read_same_bytes(byts)
-                rows.append(dict(part="decode-ceiling", n=n, batch=batch, mask=name, read_ms=rms,
-                                 read_hbm=byts / (rms / 1e3) / copy_bps))
-                print(f"decode {n} B={batch} {name}: read-only {rms * 1e3:.1f} us "
-                      f"(hbm {byts / (rms / 1e3) / copy_bps:.2f})", flush=True)
-            wide = batch == 1 and frac < 1.0
-            cfgs = [("triton", None, None, 4, False)]
-            cfgs += ([("cuda", sp, st, w, fm) for sp in (None, 12, 17, 25, 33) for st in (2, 3) for w in (4, 8)
-                      for fm in (False, True)]
-                     if wide else [("cuda", None, st, w, fm) for st, w in ((3, 4), (4, 4), (2, 8))
-                                   for fm in (False, True)])
-            best = None
-            for impl, sp, st, w, fm in cfgs:
-                out = torch.full_like(q, float("nan"))
-
-                def call(sel, impl=impl, sp=sp, st=st, w=w, out=out, fm=fm):
-                    return lambda: sparse_paged_decode(q, kv, table, sl, sel, cnt, D ** -0.5, out, workspace=ws,
-                                                       num_splits=sp, num_stages=st, num_warps=w, sel_physical=True,
-                                                       impl=impl, fused_merge=fm)
-                call(phys[0])()
-                err = rel(out[sub], ref)
-                ms = bench_graph([call(x) for x in phys], reps=10)
-                hbm = byts / (ms / 1e3) / copy_bps
-                tag = f"{impl} splits {sp or 'heur'} stages {st or 'default'} warps {w} fused {int(fm)}"
-                rows.append(dict(part="decode-cuda", n=n, batch=batch, mask=name, impl=impl,
-                                 splits=sp or (heur if impl == "cuda" else None), stages=st, warps=w, fused=fm,
-                                 ms=ms, hbm=hbm,
-                                 err=err))
-                if wide and impl == "cuda" and sp in (17, 33) and not fm:  # the split stage alone (no merge)
-                    op = torch.ops.casakv.sparse_decode_split
-                    sms = bench_graph([lambda x=x, sp=sp, st=st, w=w, out=out: op(
-                        q, kv, table, sl, x, cnt, D ** -0.5 * 1.4426950408889634, sp, st, w, out, None,
-                        ws.acc, ws.m, ws.l, None) for x in phys], reps=10)
-                    rows.append(dict(part="decode-cuda-split-only", n=n, batch=batch, mask=name, splits=sp,
-                                     stages=st, warps=w, ms=sms))
-                    tag += f" (split stage alone {sms * 1e3:.1f} us)"
-                if impl == "cuda" and (best is None or ms < best[0]):
-                    best = (ms, tag, hbm)
-                print(f"decode {n} B={batch} {name} {tag}: {ms * 1e3:.1f} us hbm {hbm:.2f} err {err:.1e}",
-                      flush=True)
-            print(f"  best cuda {best[0] * 1e3:.1f} us {best[1]} hbm {best[2]:.2f} (heuristic splits {heur})",
-                  flush=True)
-        del kv, ws
-        torch.cuda.empty_cache()
-
-
 def sweep_decode_gather(gen, rows, copy_bps):
     """Read-only gather of the selected pages, no attention: the same
     (physical block, KV head) pages a 10% B=1 decode reads, summed by a
@@ -540,9 +469,6 @@ def main():
             dump_decode_ir(gen, a.out)
         if a.only == "decode-gather":
             sweep_decode_gather(gen, rows, copy_bps)
-        if a.only == "decode-cuda":
-            sweep_decode_cuda(gen, rows, copy_bps)
-            print(f"decode-cuda done {time.time() - t0:.0f}s", flush=True)
         if a.only == "decode-var":
             sweep_decode_variants(gen, rows, copy_bps)
             print(f"decode-var done {time.time() - t0:.0f}s", flush=True)

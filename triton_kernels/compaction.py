@@ -38,8 +38,6 @@ import torch
 import triton
 import triton.language as tl
 
-from .cuda_ops import cuda_op
-
 
 @triton.jit
 def _compact_phase_kernel(
@@ -105,6 +103,23 @@ def allocate_scratch(kv_cache: torch.Tensor, keep: torch.Tensor) -> torch.Tensor
                        device=kv_cache.device)
 
 
+_CUDA_OP = None  # None: not probed yet; False: unavailable
+
+
+def _cuda_op():
+    global _CUDA_OP
+    if _CUDA_OP is None:
+        try:
+            import casakv_vllm._C  # noqa: F401  (registers torch.ops.casakv.*)
+        except ImportError:
+            pass
+        try:
+            _CUDA_OP = torch.ops.casakv.compact_kv
+        except (AttributeError, RuntimeError):
+            _CUDA_OP = False
+    return _CUDA_OP
+
+
 def _check(kv_cache, block_table, keep, keep_count, scratch):
     num_seqs, num_kv_heads, max_keep = keep.shape
     assert kv_cache.dim() == 4 and kv_cache.shape[1] == num_kv_heads
@@ -158,7 +173,7 @@ def compact_kv(
     if scratch is None:
         scratch = allocate_scratch(kv_cache, keep)
     if kv_cache.is_cuda:
-        op = cuda_op("compact_kv")
+        op = _cuda_op()
         if op:
             _check(kv_cache, block_table, keep, keep_count, scratch)
             op(kv_cache, block_table, keep, keep_count, scratch)

@@ -55,7 +55,6 @@ import torch
 import triton
 import triton.language as tl
 
-from .cuda_ops import cuda_op
 from .online_softmax import online_softmax_update
 
 from .paged_attention import _interpreting, _load_kv_tile
@@ -76,14 +75,6 @@ _MAX_SPLITS = 128
 # early merge programs take slots from the split programs (32k B=16: +3%),
 # and triggering at the end of the split programs gained nothing.
 MERGE_PDL = True
-# The CUDA split stage (csrc/sparse_decode.cu, ``impl="cuda"``): CTAs of 4
-# warps, each warp streaming 16-token chunks through ``stages`` shared-memory
-# buffers (8 KB each at D=128): 3 stages -> 96 KB, two CTAs per SM.  A split
-# should give each warp at least two chunks.
-_CUDA_CTAS_PER_SM = 2
-_CUDA_MIN_TOKENS_PER_SPLIT = 128
-_CUDA_STAGES = {64: 4, 128: 3}
-CUDA_FUSED_MERGE = True
 
 
 @triton.jit
@@ -278,10 +269,6 @@ class SparseDecodeWorkspace:
     acc: torch.Tensor
     m: torch.Tensor
     l: torch.Tensor  # noqa: E741
-    # int32 [max_batch, >= num_kv_heads], zero between calls: lets the CUDA
-    # split stage merge in its last program per (request, KV head) instead of
-    # launching the merge kernel (None: the merge kernel runs)
-    counters: torch.Tensor | None = None
 
     @classmethod
     def allocate(cls, max_batch: int, num_heads: int, head_size: int,
@@ -294,7 +281,6 @@ class SparseDecodeWorkspace:
                           device=device),
             l=torch.empty(max_batch, num_heads, max_splits, dtype=torch.float32,
                           device=device),
-            counters=torch.zeros(max_batch, num_heads, dtype=torch.int32, device=device),
         )
 
     @property
@@ -324,45 +310,15 @@ def _num_sms(device_index: int | None) -> int:
 
 def choose_num_splits(num_seqs: int, num_kv_heads: int, max_sel: int,
                       block_size: int, num_sms: int = 132,
-                      max_splits: int = _MAX_SPLITS,
-                      programs_per_sm: int = _PROGRAMS_PER_SM,
-                      min_tokens: int = _MIN_TOKENS_PER_SPLIT) -> int:
-    """Splits per (request, KV head): fill ``programs_per_sm * num_sms``
-    programs, but keep at least ``min_tokens`` tokens of the longest
-    possible selection (``max_sel`` blocks) per split.  Host ints only."""
+                      max_splits: int = _MAX_SPLITS) -> int:
+    """Splits per (request, KV head): fill ``_PROGRAMS_PER_SM * num_sms``
+    programs, but keep at least ``_MIN_TOKENS_PER_SPLIT`` tokens of the
+    longest possible selection (``max_sel`` blocks) per split.  Host ints
+    only."""
     base = max(1, num_seqs * num_kv_heads)
-    want = triton.cdiv(programs_per_sm * num_sms, base)
-    useful = max(1, (max_sel * block_size) // min_tokens)
+    want = triton.cdiv(_PROGRAMS_PER_SM * num_sms, base)
+    useful = max(1, (max_sel * block_size) // _MIN_TOKENS_PER_SPLIT)
     return max(1, min(want, useful, max_splits, _MAX_SPLITS))
-
-
-def cuda_split_unsupported(query: torch.Tensor, kv_cache: torch.Tensor, out: torch.Tensor,
-                           sel_physical: bool) -> str | None:
-    """Why the CUDA split stage cannot take this call (None: it can)."""
-    if not sel_physical:
-        return "it reads physical block ids only (sel_physical=True)"
-    if not (query.is_cuda and kv_cache.is_cuda):
-        return "tensors are not on CUDA"
-    if query.dtype not in (torch.bfloat16, torch.float16) or kv_cache.dtype != query.dtype:
-        return f"dtype {query.dtype} / {kv_cache.dtype} (bf16 or fp16 only)"
-    d = query.shape[2]
-    _, hkv, bs, _ = kv_cache.shape
-    if d not in _CUDA_STAGES:
-        return f"head_size {d} (64 or 128 only)"
-    if bs % 16:
-        return f"block_size {bs} (multiples of 16 only)"
-    if query.shape[1] // hkv > 8:
-        return "more than 8 query heads per KV head"
-    if kv_cache.stride(3) != 1 or kv_cache.stride(2) != 2 * d:
-        return "a (block, KV head) page is not contiguous"
-    esz = query.element_size()
-    addr = (kv_cache.data_ptr() | query.data_ptr() | kv_cache.stride(0) * esz
-            | kv_cache.stride(1) * esz | query.stride(0) * esz | query.stride(1) * esz)
-    if query.stride(2) != 1 or out.stride(2) != 1 or addr % 16:
-        return "query, out or kv_cache rows not contiguous and 16-byte aligned"
-    if cuda_op("sparse_decode_split") is None:
-        return "the CUDA extension (casakv_vllm._C) is not built"
-    return None
 
 
 def _pick_tiles(group: int, head_size: int, block_size: int):
@@ -387,11 +343,9 @@ def sparse_paged_decode(
     num_splits: int | None = None,
     block_n: int | None = None,
     num_warps: int = 4,
-    num_stages: int | None = None,
+    num_stages: int = 3,
     sel_physical: bool = False,
     pdl: bool | None = None,
-    impl: str = "auto",
-    fused_merge: bool | None = None,
 ) -> torch.Tensor:
     """Decode attention of ``query`` over the selected blocks only; writes
     ``out`` (and ``lse``, natural log) rows ``0 .. R-1`` and returns ``out``.
@@ -399,21 +353,12 @@ def sparse_paged_decode(
     ``num_splits`` overrides the shape-based heuristic (tests, tuning); it
     is clamped to ``workspace.max_splits`` when a workspace is given.
     ``block_n`` / ``num_warps`` / ``num_stages``: tuning knobs (defaults from
-    an H100 sweep at D=128 bf16: BLOCK_N 32, 4 warps, 3 stages; for the CUDA
-    split stage ``num_stages`` is its shared-memory ring depth, 2..6).
+    an H100 sweep at D=128 bf16: BLOCK_N 32, 4 warps, 3 stages).
     ``sel_physical``: ``sel_blocks`` already holds physical block ids
     (:func:`physical_selection`), which saves the kernel one dependent load
     per tile.  ``pdl``: launch the merge as a programmatic dependent launch
     (default: ``MERGE_PDL`` on Hopper and newer, for one-wave split grids).
-    ``impl``: which split stage runs: ``"cuda"`` (csrc/sparse_decode.cu;
-    needs the built extension, physical ids, bf16/fp16, head size 64 or 128,
-    block size a multiple of 16, at most 8 query heads per KV head;
-    ValueError otherwise), ``"triton"``, or ``"auto"`` (CUDA where it
-    applies, else Triton).  ``fused_merge``: with the CUDA stage and a
-    workspace carrying ``counters``, the last split program of each
-    (request, KV head) merges the splits itself and no merge kernel runs
-    (default ``CUDA_FUSED_MERGE``).  CUDA-graph capturable when
-    ``workspace`` is given.
+    CUDA-graph capturable when ``workspace`` is given.
     """
     num_seqs, num_heads, head_size = query.shape
     num_blocks, num_kv_heads, block_size, two_hs = kv_cache.shape
@@ -425,14 +370,6 @@ def sparse_paged_decode(
     assert out.shape[1:] == query.shape[1:] and out.shape[0] >= num_seqs
     if lse is not None:
         assert lse.dtype == torch.float32 and lse.shape[1] == num_heads
-    if impl not in ("auto", "cuda", "triton"):
-        raise ValueError(f"impl must be 'auto', 'cuda' or 'triton', not {impl!r}")
-    use_cuda = False
-    if impl != "triton":
-        why = cuda_split_unsupported(query, kv_cache, out, sel_physical)
-        if why is not None and impl == "cuda":
-            raise ValueError(f"impl='cuda' cannot run this call: {why}")
-        use_cuda = why is None
     if num_seqs == 0:
         return out
     max_sel = sel_blocks.shape[2]
@@ -445,17 +382,13 @@ def sparse_paged_decode(
     sms = _num_sms(dev.index) if dev.type == "cuda" else 132
     if num_splits is None:
         cap = workspace.max_splits if workspace is not None else _MAX_SPLITS
-        if use_cuda:
-            num_splits = choose_num_splits(num_seqs, num_kv_heads, max_sel, block_size, sms, cap,
-                                           _CUDA_CTAS_PER_SM, _CUDA_MIN_TOKENS_PER_SPLIT)
-        else:
-            num_splits = choose_num_splits(num_seqs, num_kv_heads, max_sel,
-                                           block_size, sms, cap)
+        num_splits = choose_num_splits(num_seqs, num_kv_heads, max_sel,
+                                       block_size, sms, cap)
     num_splits = max(1, int(num_splits))
     if workspace is not None:
         num_splits = min(num_splits, workspace.max_splits)
     single = num_splits == 1
-    if workspace is None and (not single or use_cuda):  # (the CUDA op takes real buffers)
+    if workspace is None and not single:
         workspace = SparseDecodeWorkspace.allocate(num_seqs, num_heads, head_size,
                                                    num_splits, query.device)
     if workspace is not None:
@@ -475,41 +408,29 @@ def sparse_paged_decode(
     lse_strides = (lse.stride(0), lse.stride(1)) if lse is not None else (0, 0)
     o_strides = (out.stride(0), out.stride(1), out.stride(2))
     if pdl is None:
-        one_wave = (_CUDA_CTAS_PER_SM if use_cuda else _PROGRAMS_PER_SM) * sms
-        pdl = MERGE_PDL and num_seqs * num_kv_heads * num_splits <= one_wave
+        pdl = MERGE_PDL and num_seqs * num_kv_heads * num_splits <= _PROGRAMS_PER_SM * sms
     pdl = bool(pdl) and not single and query.is_cuda and _pdl_supported(query.device.index)
 
-    if fused_merge is None:
-        fused_merge = CUDA_FUSED_MERGE
-    fused = (use_cuda and not single and bool(fused_merge) and workspace is not None
-             and workspace.counters is not None)
-    if use_cuda:
-        stages = num_stages if num_stages is not None else _CUDA_STAGES[head_size]
-        cuda_op("sparse_decode_split")(
-            query, kv_cache, block_table, seq_lens, sel_blocks, sel_count,
-            scale * math.log2(math.e), num_splits, stages, num_warps, out, lse, ws_acc, ws_m, ws_l,
-            workspace.counters if fused else None)
-    else:
-        _sparse_decode_split_kernel[(num_seqs, num_kv_heads, num_splits)](
-            out, lse_arg, ws_acc, ws_m, ws_l,
-            query, kv_cache, block_table, seq_lens, sel_blocks, sel_count,
-            scale * math.log2(math.e), num_splits,
-            query.stride(0), query.stride(1), query.stride(2),
-            *o_strides, *lse_strides,
-            block_table.stride(0), block_table.stride(1),
-            kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2), kv_cache.stride(3),
-            sel_blocks.stride(0), sel_blocks.stride(1), sel_blocks.stride(2),
-            sel_count.stride(0), sel_count.stride(1),
-            *wa_strides, *wm_strides,
-            HEAD_SIZE=head_size, GROUP=group, BLOCK_SIZE=block_size,
-            BLOCK_M=block_m, BLOCK_N=bn, BLOCK_D=block_d,
-            SINGLE_SPLIT=single, WRITE_LSE=lse is not None, FP32_DOT=fp32_dot,
-            PHYS_SEL=bool(sel_physical), PDL=pdl,
-            PAGE_LOADS=bool(block_size & (block_size - 1) == 0 and bn % block_size == 0),
-            num_warps=num_warps, num_stages=3 if num_stages is None else num_stages,
-        )
+    _sparse_decode_split_kernel[(num_seqs, num_kv_heads, num_splits)](
+        out, lse_arg, ws_acc, ws_m, ws_l,
+        query, kv_cache, block_table, seq_lens, sel_blocks, sel_count,
+        scale * math.log2(math.e), num_splits,
+        query.stride(0), query.stride(1), query.stride(2),
+        *o_strides, *lse_strides,
+        block_table.stride(0), block_table.stride(1),
+        kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2), kv_cache.stride(3),
+        sel_blocks.stride(0), sel_blocks.stride(1), sel_blocks.stride(2),
+        sel_count.stride(0), sel_count.stride(1),
+        *wa_strides, *wm_strides,
+        HEAD_SIZE=head_size, GROUP=group, BLOCK_SIZE=block_size,
+        BLOCK_M=block_m, BLOCK_N=bn, BLOCK_D=block_d,
+        SINGLE_SPLIT=single, WRITE_LSE=lse is not None, FP32_DOT=fp32_dot,
+        PHYS_SEL=bool(sel_physical), PDL=pdl,
+        PAGE_LOADS=bool(block_size & (block_size - 1) == 0 and bn % block_size == 0),
+        num_warps=num_warps, num_stages=num_stages,
+    )
     pdl_kw = {"launch_pdl": True} if pdl else {}
-    if not single and not fused:
+    if not single:
         _sparse_decode_merge_kernel[(num_seqs, num_heads)](
             out, lse_arg, ws_acc, ws_m, ws_l, num_splits,
             *o_strides, *lse_strides, *wa_strides, *wm_strides,
