@@ -81,7 +81,11 @@ struct SplitArgs {
   int stages;                           // 2 .. kMaxStages
   int warps;                            // 1 .. kMaxWarps
   long long* tl;                        // [CTAs, 5] globaltimer stamps (ns)
-  int mode;                             // 0: attention, 1: loads only
+  int mode;                             // bits: 1 loads only, 2 fast start, 4 fused merge
+  int* ctr;                             // [B, Hkv] int32 zeros (mode & 4)
+  int64_t ctr_s0;
+  int maxsel;                           // sel.size(2)
+  int64_t num_blocks;                   // kv_cache.size(0)
 };
 __device__ __forceinline__ long long gtimer() {
   long long t;
@@ -199,22 +203,30 @@ __global__ void __launch_bounds__(kMaxWarps* kWarp)
   extern __shared__ __align__(16) unsigned char smem_raw[];
   uint4* ring = reinterpret_cast<uint4*>(smem_raw) + warp * a.stages * kChunkU4;
 
+  const bool fast = (a.mode & 2) != 0;
   const int seq_len = a.seq_lens[seq];
   const int count = a.sel_count[seq * a.sc_s0 + kvh * a.sc_s1];
-  const int per = (count + a.num_splits - 1) / a.num_splits;
+  // fast start: split bounds from MAXSEL, so the first page ids load alongside
+  // the count instead of after it
+  const int per = ((fast ? a.maxsel : count) + a.num_splits - 1) / a.num_splits;
   const int s0 = split * per;
-  const int s1 = min(s0 + per, count);
-  const int npages = max(s1 - s0, 0);
   const int cpp = a.block_size / kChunk;  // chunks per page
-  const int nchunks = npages * cpp;
   const int32_t* sel_row = a.sel + seq * a.sel_s0 + kvh * a.sel_s1;
-  int valid = npages * a.block_size;  // valid tokens of the slice's stream
-  if (npages > 0 && s1 == count && seq_len > 0) {
-    const int last_blk = (seq_len - 1) / a.block_size;
-    const int last_phys = a.block_table[seq * a.bt_s0 + last_blk * a.bt_s1];
-    if (sel_row[(count - 1) * a.sel_s2] == last_phys)
-      valid -= (last_blk + 1) * a.block_size - seq_len;
-  }
+  const int spec_chunks = max(min(s0 + per, a.maxsel) - s0, 0) * cpp;
+  int valid = 0, nchunks = 0;
+  auto finish_bounds = [&]() {
+    const int s1 = min(s0 + per, count);
+    const int npages = max(s1 - s0, 0);
+    nchunks = npages * cpp;
+    valid = npages * a.block_size;  // valid tokens of the slice's stream
+    if (npages > 0 && s1 == count && seq_len > 0) {
+      const int last_blk = (seq_len - 1) / a.block_size;
+      const int last_phys = a.block_table[seq * a.bt_s0 + last_blk * a.bt_s1];
+      if (sel_row[(count - 1) * a.sel_s2] == last_phys)
+        valid -= (last_blk + 1) * a.block_size - seq_len;
+    }
+  };
+  if (!fast) finish_bounds();
 
   // A fragments of Q (rows = the group's query heads; rows >= group and
   // 8..15 are zero): qa[ks][0] = cols 16ks + 2quad.., qa[ks][1] = +8
@@ -237,10 +249,12 @@ __global__ void __launch_bounds__(kMaxWarps* kWarp)
 
   const T* kv_head = static_cast<const T*>(a.kv) + kvh * a.c_head;
   const int nw = a.warps;
-  const int my_n = warp < nchunks ? (nchunks - warp + nw - 1) / nw : 0;
+  auto chunks_of_warp = [&](int n) { return warp < n ? (n - warp + nw - 1) / nw : 0; };
+  int my_n = chunks_of_warp(fast ? spec_chunks : nchunks);
   auto issue = [&](int i, int slot) {
     const int c = warp + i * nw;
-    const int64_t phys = sel_row[(s0 + c / cpp) * a.sel_s2];
+    int64_t phys = sel_row[(s0 + c / cpp) * a.sel_s2];
+    if (fast) phys = min(max(phys, int64_t{0}), a.num_blocks - 1);  // maybe past the count
     const uint4* src = reinterpret_cast<const uint4*>(kv_head + phys * a.c_blk +
                                                       static_cast<int64_t>(c % cpp) * kChunk * 2 * D);
     uint4* dst = ring + slot * kChunkU4;
@@ -256,6 +270,10 @@ __global__ void __launch_bounds__(kMaxWarps* kWarp)
     cp_async_commit();
   }
 
+  if (fast) {
+    finish_bounds();
+    my_n = chunks_of_warp(nchunks);
+  }
   int slot = 0;
   if (threadIdx.x == 0) { a.tl[cta * 5 + 0] = t_start; a.tl[cta * 5 + 1] = gtimer(); }
   for (int i = 0; i < my_n; ++i) {
@@ -265,7 +283,7 @@ __global__ void __launch_bounds__(kMaxWarps* kWarp)
     cp_async_wait_dyn(ahead);  // chunk i has landed (this lane's copies)
     __syncwarp();              // ... and every lane's
     if (i == 0 && threadIdx.x == 0) a.tl[cta * 5 + 2] = gtimer();
-    if (a.mode == 1) { __syncwarp(); slot = slot + 1 == a.stages ? 0 : slot + 1; continue; }
+    if (a.mode & 1) { __syncwarp(); slot = slot + 1 == a.stages ? 0 : slot + 1; continue; }
     uint4* buf = ring + slot * kChunkU4;
     const int nvalid = min(kChunk, valid - (warp + i * nw) * kChunk);
     if (nvalid < kChunk) {  // a sequence's last chunk: rows past it may hold NaN
@@ -383,12 +401,67 @@ __global__ void __launch_bounds__(kMaxWarps* kWarp)
   }
   __syncthreads();
   if (threadIdx.x == 0) a.tl[cta * 5 + 4] = gtimer();
+  if (single || !(a.mode & 4)) return;
+
+  // fused merge: the last split of (request, KV head) combines all of them
+  __shared__ int is_last;
+  __shared__ float mu_s[8], tot_s[8];
+  __threadfence();
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    int* c = a.ctr + seq * a.ctr_s0 + kvh;
+    is_last = atomicAdd(c, 1) == a.num_splits - 1;
+    if (is_last) *c = 0;
+  }
+  __syncthreads();
+  if (!is_last) return;
+  __threadfence();
+  const int S = a.num_splits, G = a.group, nt = nw * kWarp;
+  float* wv = reinterpret_cast<float*>(smem_raw);  // [G*S]: m, then weights
+  float* lv = wv + G * S;                         // [G*S]: l
+  for (int i = threadIdx.x; i < G * S; i += nt) {
+    const int64_t o = seq * a.wm_s0 + (static_cast<int64_t>(kvh) * G + i / S) * a.wm_s1 + i % S;
+    wv[i] = __ldcg(a.ws_m + o);
+    lv[i] = __ldcg(a.ws_l + o);
+  }
+  __syncthreads();
+  if (threadIdx.x < G) {
+    float mx = -INFINITY;
+    for (int j = 0; j < S; ++j) mx = fmaxf(mx, wv[threadIdx.x * S + j]);
+    mu_s[threadIdx.x] = mx == -INFINITY ? 0.f : mx;
+  }
+  __syncthreads();
+  for (int i = threadIdx.x; i < G * S; i += nt) wv[i] = exp2f(wv[i] - mu_s[i / S]);
+  __syncthreads();
+  if (threadIdx.x < G) {
+    float t = 0.f;
+    for (int j = 0; j < S; ++j) t += lv[threadIdx.x * S + j] * wv[threadIdx.x * S + j];
+    tot_s[threadIdx.x] = t;
+  }
+  __syncthreads();
+  for (int idx = threadIdx.x; idx < G * D; idx += nt) {
+    const int g = idx / D, d = idx % D;
+    const int64_t head = static_cast<int64_t>(kvh) * G + g;
+    const float* src = a.ws_acc + seq * a.wa_s0 + head * a.wa_s1 + d;
+    float o = 0.f;
+    for (int j0 = 0; j0 < S; j0 += 16) {  // 16 independent loads in flight
+      float v[16];
+#pragma unroll
+      for (int j = 0; j < 16; ++j) v[j] = j0 + j < S ? __ldcg(src + (j0 + j) * a.wa_s2) : 0.f;
+#pragma unroll
+      for (int j = 0; j < 16; ++j) o += j0 + j < S ? v[j] * wv[g * S + j0 + j] : 0.f;
+    }
+    const float t = tot_s[g];
+    static_cast<T*>(a.out)[seq * a.o_s0 + head * a.o_s1 + d] = M::from(t == 0.f ? 0.f : o / t);
+    if (a.lse != nullptr && d == 0)
+      a.lse[seq * a.lse_s0 + head * a.lse_s1] = t == 0.f ? -INFINITY : (mu_s[g] + log2f(t)) * 0.6931471805599453f;
+  }
 }
 
 size_t smem_bytes(int64_t d, int64_t stages, int64_t warps) {
   const size_t ring = static_cast<size_t>(warps * stages * kChunk * 2 * d * 2);
   const size_t combine = static_cast<size_t>(warps * 8 * (d + 2)) * sizeof(float);
-  return std::max(ring, combine);
+  return std::max(std::max(ring, combine), static_cast<size_t>(2 * 8 * 128 * sizeof(float)));
 }
 
 int max_smem_optin(int dev) {
@@ -405,8 +478,10 @@ void launch(const SplitArgs& a, dim3 grid, cudaStream_t stream) {
   int dev = 0;
   C10_CUDA_CHECK(cudaGetDevice(&dev));
   if (dev < 64 && !opted_in[dev]) {
+    cudaFuncAttributes fa;
+    C10_CUDA_CHECK(cudaFuncGetAttributes(&fa, kernel));
     C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                        max_smem_optin(dev)));
+                                        max_smem_optin(dev) - static_cast<int>(fa.sharedSizeBytes)));
     opted_in[dev] = true;
   }
   kernel<<<grid, a.warps * kWarp, smem_bytes(D, a.stages, a.warps), stream>>>(a);
@@ -473,7 +548,7 @@ void sparse_decode_split_cuda(at::Tensor query, at::Tensor kv_cache, at::Tensor 
                               at::Tensor seq_lens, at::Tensor sel, at::Tensor sel_count,
                               double qk_scale, int64_t num_splits, int64_t stages, int64_t warps, at::Tensor out,
                               c10::optional<at::Tensor> lse, at::Tensor ws_acc, at::Tensor ws_m,
-                              at::Tensor ws_l, at::Tensor tl, int64_t mode) {
+                              at::Tensor ws_l, at::Tensor tl, int64_t mode, at::Tensor ctr) {
   check_args(query, kv_cache, block_table, seq_lens, sel, sel_count, num_splits, stages, warps, out, lse,
              ws_acc, ws_m, ws_l);
   const int64_t R = query.size(0), D = query.size(2), Hkv = kv_cache.size(1);
@@ -532,6 +607,10 @@ void sparse_decode_split_cuda(at::Tensor query, at::Tensor kv_cache, at::Tensor 
   a.warps = static_cast<int>(warps);
   a.tl = reinterpret_cast<long long*>(tl.data_ptr<int64_t>());
   a.mode = static_cast<int>(mode);
+  a.ctr = ctr.data_ptr<int>();
+  a.ctr_s0 = ctr.stride(0);
+  a.maxsel = static_cast<int>(sel.size(2));
+  a.num_blocks = kv_cache.size(0);
   const int64_t smem = static_cast<int64_t>(smem_bytes(D, stages, warps));
   TORCH_CHECK(smem <= max_smem_optin(query.get_device()), "sparse_decode_split: ", warps, " warps x ", stages,
               " stages need ", smem, " bytes of shared memory, more than this GPU has per block");
@@ -548,7 +627,7 @@ void sparse_decode_split_meta(at::Tensor query, at::Tensor kv_cache, at::Tensor 
                               at::Tensor seq_lens, at::Tensor sel, at::Tensor sel_count,
                               double qk_scale, int64_t num_splits, int64_t stages, int64_t warps, at::Tensor out,
                               c10::optional<at::Tensor> lse, at::Tensor ws_acc, at::Tensor ws_m,
-                              at::Tensor ws_l, at::Tensor tl, int64_t mode) {
+                              at::Tensor ws_l, at::Tensor tl, int64_t mode, at::Tensor ctr) {
   check_args(query, kv_cache, block_table, seq_lens, sel, sel_count, num_splits, stages, warps, out, lse,
              ws_acc, ws_m, ws_l);
 }
@@ -560,7 +639,7 @@ TORCH_LIBRARY(casakv_exp, m) {
   m.def(
       "sparse_decode_split(Tensor query, Tensor kv_cache, Tensor block_table, Tensor seq_lens, "
       "Tensor sel, Tensor sel_count, float qk_scale, int num_splits, int stages, int warps, "
-      "Tensor(a!) out, Tensor(b!)? lse, Tensor(c!) ws_acc, Tensor(d!) ws_m, Tensor(e!) ws_l, Tensor(f!) tl, int mode) -> ()");
+      "Tensor(a!) out, Tensor(b!)? lse, Tensor(c!) ws_acc, Tensor(d!) ws_m, Tensor(e!) ws_l, Tensor(f!) tl, int mode, Tensor(g!) ctr) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(casakv_exp, CUDA, m) { m.impl("sparse_decode_split", &casakv_exp::sparse_decode_split_cuda); }

@@ -43,46 +43,74 @@ def q(xs, p):
     return xs[min(len(xs) - 1, int(p * len(xs)))]
 
 
+import triton  # noqa: E402
+
+from casakv_vllm.triton_kernels.sparse_decode import _sparse_decode_merge_kernel  # noqa: E402
+
+
+def merge(out, ws, splits):
+    """The tree's Triton merge kernel, as a programmatic dependent launch."""
+    _sparse_decode_merge_kernel[(1, ks.HQ)](
+        out, out, ws.acc, ws.m, ws.l, splits, out.stride(0), out.stride(1), out.stride(2), 0, 0,
+        ws.acc.stride(0), ws.acc.stride(1), ws.acc.stride(2), ws.m.stride(0), ws.m.stride(1),
+        HEAD_SIZE=ks.D, BLOCK_S=max(2, triton.next_power_of_2(splits)), BLOCK_D=ks.D, WRITE_LSE=False, PDL=True,
+        num_warps=4, launch_pdl=True)
+
+
+def timeline(tl, run, sels):
+    """Per-CTA phases (us, medians over the selections) of single launches."""
+    first, loop, tail, total, spread = [], [], [], [], []
+    for x in sels:
+        torch.cuda.synchronize()
+        run(x)
+        torch.cuda.synchronize()
+        t = tl.double().cpu()
+        ok = t[:, 2] > 0  # warp 0 had a chunk
+        first += (t[ok, 2] - t[ok, 0]).tolist()
+        loop += (t[ok, 3] - t[ok, 2]).tolist()
+        tail += (t[:, 4] - t[:, 3]).tolist()
+        total.append(float(t[:, 4].max() - t[:, 0].min()))
+        spread.append(float(t[:, 4].max() - t[:, 4].min()))
+    us = 1e-3
+    return (f"to 1st chunk {statistics.median(first) * us:.2f} (p90 {q(first, .9) * us:.2f}), loop "
+            f"{statistics.median(loop) * us:.2f} (p90 {q(loop, .9) * us:.2f}), CTA end {statistics.median(tail) * us:.2f},"
+            f" first start->last end {statistics.median(total) * us:.2f}, end spread {statistics.median(spread) * us:.2f}")
+
+
 for n in (131072, 32768):
     kv, table, qq, sl, nb, ws = ks.decode_inputs(gen, n, 1)
-    sels = [ks.physical_selection(s, table) for s, _ in ks.decode_selections(1, nb, 0.1, gen)]
+    logical = ks.decode_selections(1, nb, 0.1, gen)
+    sels = [ks.physical_selection(s, table) for s, _ in logical]
     keep = sels[0].shape[-1]
     cnt = torch.full((1, ks.HKV), keep, dtype=torch.int32, device="cuda")
+    ctr = torch.zeros(1, ks.HKV, dtype=torch.int32, device="cuda")
     out = torch.empty_like(qq)
     byts = ks.HKV * keep * ks.PAGE * 2 * ks.D * 2
+    ref = ks.sparse_paged_decode_ref(qq, kv, table, sl, logical[0][0], cnt, ks.D ** -0.5)
     print(f"== N={n} B=1 10%: {keep} pages per KV head, {byts / 1e6:.1f} MB", flush=True)
-    for splits, stages, warps in ((17, 2, 4), (33, 2, 4), (17, 3, 4), (66, 2, 4)):
+    tri = ks.bench_graph([lambda x=x: ks.sparse_paged_decode(qq, kv, table, sl, x, cnt, ks.D ** -0.5, out, workspace=ws,
+                                                             sel_physical=True) for x in sels], reps=10)
+    print(f"tree's Triton decode (split + merge): {tri * 1e3:.1f} us (hbm {byts / (tri / 1e3) / 3.0e12:.2f})",
+          flush=True)
+    for splits, stages, warps in ((12, 2, 4), (17, 2, 4), (25, 2, 4), (33, 2, 4)):
         tl = torch.zeros(splits * ks.HKV, 5, dtype=torch.int64, device="cuda")
-        times = {}
-        for mode in (0, 1):
-            def call(x, mode=mode):
-                return lambda: op(qq, kv, table, sl, x, cnt, QK, splits, stages, warps, out, None,
-                                  ws.acc, ws.m, ws.l, tl, mode)
-            times[mode] = ks.bench_graph([call(x) for x in sels], reps=10)
-        # timeline of single launches (not in a graph), over the rotated selections
-        starts, first, loop, tail, total, spread_s, spread_e = [], [], [], [], [], [], []
-        for x in sels:
-            torch.cuda.synchronize()
-            op(qq, kv, table, sl, x, cnt, QK, splits, stages, warps, out, None, ws.acc, ws.m, ws.l, tl, 0)
-            torch.cuda.synchronize()
-            t = tl.double().cpu()
-            t0 = t[:, 0].min()
-            starts += (t[:, 0] - t0).tolist()
-            first += (t[:, 2] - t[:, 0]).tolist()
-            loop += (t[:, 3] - t[:, 2]).tolist()
-            tail += (t[:, 4] - t[:, 3]).tolist()
-            total.append(float(t[:, 4].max() - t0))
-            spread_e.append(float(t[:, 4].max() - t[:, 4].min()))
-        us = 1e-3
-        print(f"splits {splits} stages {stages} warps {warps}: graph-timed split stage {times[0] * 1e3:.1f} us "
-              f"(loads only {times[1] * 1e3:.1f} us; hbm {byts / (times[0] / 1e3) / 3.0e12:.2f} / "
-              f"{byts / (times[1] / 1e3) / 3.0e12:.2f} of 3.0 TB/s)", flush=True)
-        print(f"   CTA start offset  median {statistics.median(starts) * us:.2f} p90 {q(starts, .9) * us:.2f} "
-              f"max {max(starts) * us:.2f} us", flush=True)
-        print(f"   start->1st chunk  median {statistics.median(first) * us:.2f} p90 {q(first, .9) * us:.2f} us; "
-              f"chunk loop median {statistics.median(loop) * us:.2f} p90 {q(loop, .9) * us:.2f} max "
-              f"{max(loop) * us:.2f} us; epilogue median {statistics.median(tail) * us:.2f} us", flush=True)
-        print(f"   first CTA start -> last CTA end: median {statistics.median(total) * us:.2f} us; "
-              f"CTA end spread median {statistics.median(spread_e) * us:.2f} us", flush=True)
+        for mode, name in ((0, "split"), (1, "split, loads only"), (2, "fast-start split"), (0, "split + merge"),
+                           (2, "fast-start split + merge"), (4, "split, fused merge"), (6, "fast-start split, fused merge")):
+            with_merge = name.endswith("+ merge")
+
+            def run(x, mode=mode, with_merge=with_merge):
+                op(qq, kv, table, sl, x, cnt, QK, splits, stages, warps, out, None, ws.acc, ws.m, ws.l, tl, mode, ctr)
+                if with_merge:
+                    merge(out, ws, splits)
+            ms = ks.bench_graph([lambda x=x: run(x) for x in sels], reps=10)
+            line = f"splits {splits} stages {stages} warps {warps} {name}: {ms * 1e3:.1f} us (hbm {byts / (ms / 1e3) / 3.0e12:.2f})"
+            if with_merge or mode & 4:
+                out.fill_(float("nan"))
+                run(sels[0])
+                line += f" err {ks.rel(out, ref):.1e}"
+                assert int(ctr.abs().sum()) == 0
+            if name in ("split", "fast-start split"):
+                line += "\n     " + timeline(tl, run, sels)
+            print(line, flush=True)
     del kv, ws
     torch.cuda.empty_cache()
