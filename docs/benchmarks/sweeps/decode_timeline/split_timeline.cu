@@ -81,8 +81,9 @@ struct SplitArgs {
   int stages;                           // 2 .. kMaxStages
   int warps;                            // 1 .. kMaxWarps
   long long* tl;                        // [CTAs, 5] globaltimer stamps (ns)
-  int mode;                             // bits: 1 loads only, 2 fast start, 4 fused merge
-  int* ctr;                             // [B, Hkv] int32 zeros (mode & 4)
+  int mode;                             // bits: 1 loads only, 2 fast start, 4 fused merge, 8 dynamic
+                                        // chunks (bits 4..7: chunks per grab, 0 -> 2)
+  int* ctr;                             // [B, 3 * Hkv] int32 zeros: dynamic work / done, fused merge
   int64_t ctr_s0;
   int maxsel;                           // sel.size(2)
   int64_t num_blocks;                   // kv_cache.size(0)
@@ -251,8 +252,39 @@ __global__ void __launch_bounds__(kMaxWarps* kWarp)
   const int nw = a.warps;
   auto chunks_of_warp = [&](int n) { return warp < n ? (n - warp + nw - 1) / nw : 0; };
   int my_n = chunks_of_warp(fast ? spec_chunks : nchunks);
+
+  // dynamic mode: every warp of every split of this (request, KV head) takes
+  // the next `batch` chunks of the whole row from one counter
+  const bool dyn = (a.mode & 8) != 0;
+  const int batch = ((a.mode >> 4) & 15) ? ((a.mode >> 4) & 15) : 2;
+  int* work = a.ctr + seq * a.ctr_s0 + kvh;
+  const int n_row = count * cpp;
+  __shared__ int chunk_of[kMaxWarps * kMaxStages];
+  int b_cur = 0, b_end = 0, pend = 0;
+  if (dyn) {
+    if (lane == 0) {
+      b_cur = atomicAdd(work, batch);
+      pend = atomicAdd(work, batch);
+    }
+    b_cur = __shfl_sync(0xffffffffu, b_cur, 0);
+    b_end = b_cur + batch;
+  }
+  auto next_chunk = [&]() {
+    if (b_cur == b_end) {
+      b_cur = __shfl_sync(0xffffffffu, pend, 0);
+      b_end = b_cur + batch;
+      if (lane == 0) pend = atomicAdd(work, batch);
+    }
+    return b_cur++;
+  };
   auto issue = [&](int i, int slot) {
-    const int c = warp + i * nw;
+    int c = warp + i * nw;
+    if (dyn) {
+      c = next_chunk();
+      if (lane == 0) chunk_of[warp * kMaxStages + slot] = c;
+      if (c >= n_row) return;
+      c -= s0 * cpp;  // (s0 = 0 below: whole row)
+    }
     int64_t phys = sel_row[(s0 + c / cpp) * a.sel_s2];
     if (fast) phys = min(max(phys, int64_t{0}), a.num_blocks - 1);  // maybe past the count
     const uint4* src = reinterpret_cast<const uint4*>(kv_head + phys * a.c_blk +
@@ -266,8 +298,18 @@ __global__ void __launch_bounds__(kMaxWarps* kWarp)
   };
   const int ahead = a.stages - 1;
   for (int i = 0; i < ahead; ++i) {
-    if (i < my_n) issue(i, i);
+    if (dyn || i < my_n) issue(i, i);
     cp_async_commit();
+  }
+  int valid_row = 0;
+  if (dyn) {
+    valid_row = count * a.block_size;
+    if (count > 0 && seq_len > 0) {
+      const int last_blk = (seq_len - 1) / a.block_size;
+      const int last_phys = a.block_table[seq * a.bt_s0 + last_blk * a.bt_s1];
+      if (sel_row[(count - 1) * a.sel_s2] == last_phys) valid_row -= (last_blk + 1) * a.block_size - seq_len;
+    }
+    my_n = 1 << 30;  // until the row runs out
   }
 
   if (fast) {
@@ -278,14 +320,20 @@ __global__ void __launch_bounds__(kMaxWarps* kWarp)
   if (threadIdx.x == 0) { a.tl[cta * 5 + 0] = t_start; a.tl[cta * 5 + 1] = gtimer(); }
   for (int i = 0; i < my_n; ++i) {
     const int nxt = i + ahead;
-    if (nxt < my_n) issue(nxt, nxt % a.stages);  // the slot chunk i - 1 used
+    if (dyn || nxt < my_n) issue(nxt, nxt % a.stages);  // the slot chunk i - 1 used
     cp_async_commit();
     cp_async_wait_dyn(ahead);  // chunk i has landed (this lane's copies)
     __syncwarp();              // ... and every lane's
+    int cdyn = 0;
+    if (dyn) {
+      cdyn = chunk_of[warp * kMaxStages + slot];
+      if (cdyn >= n_row) break;
+    }
     if (i == 0 && threadIdx.x == 0) a.tl[cta * 5 + 2] = gtimer();
     if (a.mode & 1) { __syncwarp(); slot = slot + 1 == a.stages ? 0 : slot + 1; continue; }
     uint4* buf = ring + slot * kChunkU4;
-    const int nvalid = min(kChunk, valid - (warp + i * nw) * kChunk);
+    const int nvalid = dyn ? min(kChunk, valid_row - cdyn * kChunk)
+                           : min(kChunk, valid - (warp + i * nw) * kChunk);
     if (nvalid < kChunk) {  // a sequence's last chunk: rows past it may hold NaN
       const int first = max(nvalid, 0);
       for (int u = lane; u < (kChunk - first) * (kRowU4 / 2); u += kWarp) {
@@ -401,6 +449,17 @@ __global__ void __launch_bounds__(kMaxWarps* kWarp)
   }
   __syncthreads();
   if (threadIdx.x == 0) a.tl[cta * 5 + 4] = gtimer();
+  if (dyn) {  // the last split to finish resets the row's work counter
+    __threadfence();
+    __syncthreads();
+    if (threadIdx.x == 0) {
+      int* done = a.ctr + seq * a.ctr_s0 + gridDim.y + kvh;
+      if (atomicAdd(done, 1) == a.num_splits - 1) {
+        *done = 0;
+        *work = 0;
+      }
+    }
+  }
   if (single || !(a.mode & 4)) return;
 
   // fused merge: the last split of (request, KV head) combines all of them
@@ -409,7 +468,7 @@ __global__ void __launch_bounds__(kMaxWarps* kWarp)
   __threadfence();
   __syncthreads();
   if (threadIdx.x == 0) {
-    int* c = a.ctr + seq * a.ctr_s0 + kvh;
+    int* c = a.ctr + seq * a.ctr_s0 + 2 * gridDim.y + kvh;
     is_last = atomicAdd(c, 1) == a.num_splits - 1;
     if (is_last) *c = 0;
   }

@@ -15,25 +15,26 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parents[3] / "scripts"))
 import kernel_sweep as ks  # noqa: E402  (the sweep's inputs and graph timer, from this checkout)
 
-def build() -> str:
+def build(src: str = "split_timeline.cu", so: str = "/tmp/casakv_exp.so") -> str:
     """nvcc straight to a shared library (no ninja needed), loaded as torch ops."""
     import subprocess
     import sysconfig
     from torch.utils import cpp_extension as ce
-    so = "/tmp/casakv_exp.so"
     inc = [f"-I{p}" for p in ce.include_paths(device_type="cuda")] + [f"-I{sysconfig.get_paths()['include']}"]
     lib = [f"-L{p}" for p in ce.library_paths(device_type="cuda")]
     cmd = [ce._join_cuda_home("bin", "nvcc"), "-O3", "-std=c++17", "--use_fast_math", "-shared",
            "-Xcompiler", "-fPIC", "-gencode=arch=compute_90a,code=sm_90a",
            f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}", *inc,
-           str(HERE / "split_timeline.cu"), "-o", so, *lib, "-lc10", "-lc10_cuda", "-ltorch", "-ltorch_cpu",
+           str(HERE / src), "-o", so, *lib, "-lc10", "-lc10_cuda", "-ltorch", "-ltorch_cpu",
            "-ltorch_cuda"]
     subprocess.run(cmd, check=True)
     return so
 
 
 torch.ops.load_library(build())
+torch.ops.load_library(build("split_timeline_v1.cu", "/tmp/casakv_exp1.so"))  # the first timeline's kernel
 op = torch.ops.casakv_exp.sparse_decode_split
+op_v1 = torch.ops.casakv_exp1.sparse_decode_split
 gen = torch.Generator(device="cuda").manual_seed(0)
 QK = ks.D ** -0.5 * 1.4426950408889634
 
@@ -83,7 +84,7 @@ for n in (131072, 32768):
     sels = [ks.physical_selection(s, table) for s, _ in logical]
     keep = sels[0].shape[-1]
     cnt = torch.full((1, ks.HKV), keep, dtype=torch.int32, device="cuda")
-    ctr = torch.zeros(1, ks.HKV, dtype=torch.int32, device="cuda")
+    ctr = torch.zeros(1, 3 * ks.HKV, dtype=torch.int32, device="cuda")
     out = torch.empty_like(qq)
     byts = ks.HKV * keep * ks.PAGE * 2 * ks.D * 2
     ref = ks.sparse_paged_decode_ref(qq, kv, table, sl, logical[0][0], cnt, ks.D ** -0.5)
@@ -92,24 +93,27 @@ for n in (131072, 32768):
                                                              sel_physical=True) for x in sels], reps=10)
     print(f"tree's Triton decode (split + merge): {tri * 1e3:.1f} us (hbm {byts / (tri / 1e3) / 3.0e12:.2f})",
           flush=True)
-    for splits, stages, warps in ((12, 2, 4), (17, 2, 4), (25, 2, 4), (33, 2, 4)):
+    for splits, stages in ((17, 2), (33, 2), (17, 3), (33, 3), (66, 2)):
         tl = torch.zeros(splits * ks.HKV, 5, dtype=torch.int64, device="cuda")
-        for mode, name in ((0, "split"), (1, "split, loads only"), (2, "fast-start split"), (0, "split + merge"),
-                           (2, "fast-start split + merge"), (4, "split, fused merge"), (6, "fast-start split, fused merge")):
-            with_merge = name.endswith("+ merge")
-
-            def run(x, mode=mode, with_merge=with_merge):
-                op(qq, kv, table, sl, x, cnt, QK, splits, stages, warps, out, None, ws.acc, ws.m, ws.l, tl, mode, ctr)
+        runs = [("first timeline's kernel: split", 0, False, True), ("split", 0, False, False)]
+        runs += [(f"dynamic chunks, {k} per grab: split", 8 | (k << 4), False, False) for k in (1, 2, 4)]
+        runs += [(f"dynamic chunks, {k} per grab: split + merge", 8 | (k << 4), True, False) for k in (1, 2, 4)]
+        for name, mode, with_merge, v1 in runs:
+            def run(x, mode=mode, with_merge=with_merge, v1=v1):
+                if v1:
+                    op_v1(qq, kv, table, sl, x, cnt, QK, splits, stages, 4, out, None, ws.acc, ws.m, ws.l, tl, mode)
+                else:
+                    op(qq, kv, table, sl, x, cnt, QK, splits, stages, 4, out, None, ws.acc, ws.m, ws.l, tl, mode, ctr)
                 if with_merge:
                     merge(out, ws, splits)
             ms = ks.bench_graph([lambda x=x: run(x) for x in sels], reps=10)
-            line = f"splits {splits} stages {stages} warps {warps} {name}: {ms * 1e3:.1f} us (hbm {byts / (ms / 1e3) / 3.0e12:.2f})"
-            if with_merge or mode & 4:
+            assert int(ctr.abs().sum()) == 0, "counters not reset"
+            line = f"splits {splits} stages {stages} {name}: {ms * 1e3:.1f} us (hbm {byts / (ms / 1e3) / 3.0e12:.2f})"
+            if with_merge:
                 out.fill_(float("nan"))
                 run(sels[0])
                 line += f" err {ks.rel(out, ref):.1e}"
-                assert int(ctr.abs().sum()) == 0
-            if name in ("split", "fast-start split"):
+            elif stages == 2 and splits in (17, 33) and "4 per" not in name:
                 line += "\n     " + timeline(tl, run, sels)
             print(line, flush=True)
     del kv, ws

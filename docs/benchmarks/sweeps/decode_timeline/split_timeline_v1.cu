@@ -1,0 +1,568 @@
+// EXPERIMENT (not built by setup.py): the tensor-core CUDA split stage of
+// decode-cuda-split-mma.patch with per-CTA globaltimer stamps and a loads-only
+// mode, as casakv_exp1::sparse_decode_split.  Driver: timeline.py.
+//
+// Semantics: the split stage of triton_kernels/sparse_decode.py with physical
+// block ids (``sel_physical=True``).  For request r, KV head h and split s,
+// the slice [s * per, min((s + 1) * per, count)) of the row's selected pages
+// (per = cdiv(count, num_splits)) is attended to by the GROUP query heads of
+// h.  Results, in base 2 like the Triton kernel:
+//   * num_splits > 1: the unnormalised fp32 accumulator, running max and sum
+//     of exponentials go to the split workspaces (ws_acc [B, Hq, S, D],
+//     ws_m / ws_l [B, Hq, S]); the Triton merge kernel combines them;
+//   * num_splits == 1: ``out`` (and ``lse``, natural log) directly.
+// The sequence's partial last block can only be a row's last entry
+// (selections are ascending); its tail is masked.
+//
+// Why CUDA: Triton 3.6 compiles the split loop with one buffer per operand
+// and waits for every copy at the top of each iteration, so a program has a
+// single tile in flight; a 10% selection gives each program only a handful
+// of tiles.  Here every warp streams its own 16-token chunks through a ring
+// of ``stages`` shared-memory buffers filled by cp.async, so each warp keeps
+// stages - 1 chunks in flight while it computes on one.
+//
+// Work layout (CTA = `warps` warps, grid (num_splits, Hkv, R)): warp w takes
+// chunks w, w + warps, ... of the slice (chunk = 16 tokens of one page;
+// block_size must be a multiple of 16).  Per chunk, on tensor cores
+// (mma.m16n8k16, bf16/fp16 in, fp32 accumulate; fragments as in
+// FlashAttention-2): the A operand of Q K^T holds the GQA group's query heads
+// in rows 0..group-1 (the other rows are zero), K^T and V come from shared
+// memory through ldmatrix (V transposed), and the S accumulators become the A
+// operand of P V in registers.  Online softmax per row, base 2, fp32.  The
+// warps' partial results are combined through shared memory at the end.
+//
+// Registration: TORCH_LIBRARY_FRAGMENT (compaction.cu owns TORCH_LIBRARY).
+
+#include <ATen/ATen.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+
+namespace casakv_exp1 {
+namespace {
+
+constexpr int kWarp = 32;
+constexpr int kMaxWarps = 8;     // warps per CTA: 1 .. kMaxWarps (runtime)
+constexpr int kChunk = 16;       // tokens per pipeline stage
+constexpr int kMaxStages = 6;
+
+struct SplitArgs {
+  const void* query;
+  const void* kv;
+  const int32_t* block_table;
+  const int32_t* seq_lens;
+  const int32_t* sel;
+  const int32_t* sel_count;
+  float* ws_acc;
+  float* ws_m;
+  float* ws_l;
+  void* out;
+  float* lse;  // nullptr: not written
+  int64_t q_s0, q_s1;                   // elements
+  int64_t c_blk, c_head;                // elements (token stride 2D, d stride 1)
+  int64_t bt_s0, bt_s1;
+  int64_t sel_s0, sel_s1, sel_s2;
+  int64_t sc_s0, sc_s1;
+  int64_t wa_s0, wa_s1, wa_s2;          // ws_acc (d stride 1)
+  int64_t wm_s0, wm_s1;                 // ws_m / ws_l (split stride 1)
+  int64_t o_s0, o_s1;                   // out (d stride 1)
+  int64_t lse_s0, lse_s1;
+  float qk_scale;                       // softmax scale * log2(e)
+  int num_splits;
+  int group;                            // query heads per KV head (<= 8)
+  int block_size;                       // multiple of kChunk
+  int stages;                           // 2 .. kMaxStages
+  int warps;                            // 1 .. kMaxWarps
+  long long* tl;                        // [CTAs, 5] globaltimer stamps (ns)
+  int mode;                             // 0: attention, 1: loads only
+};
+__device__ __forceinline__ long long gtimer() {
+  long long t;
+  asm volatile("mov.u64 %0, %globaltimer;" : "=l"(t));
+  return t;
+}
+
+template <typename T>
+struct Mma;
+template <>
+struct Mma<__nv_bfloat16> {
+  // c += a (16x16, row) * b (16x8, col), fp32 accumulate
+  static __device__ __forceinline__ void run(float (&c)[4], uint32_t a0, uint32_t a2, uint32_t b0,
+                                             uint32_t b1) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+        "{%8,%9}, {%0,%1,%2,%3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a0), "r"(0u), "r"(a2), "r"(0u), "r"(b0), "r"(b1));
+  }
+  static __device__ __forceinline__ uint32_t pack(float x, float y) {
+    __nv_bfloat162 h = __floats2bfloat162_rn(x, y);
+    return *reinterpret_cast<uint32_t*>(&h);
+  }
+  static __device__ __forceinline__ __nv_bfloat16 from(float x) { return __float2bfloat16(x); }
+};
+template <>
+struct Mma<__half> {
+  static __device__ __forceinline__ void run(float (&c)[4], uint32_t a0, uint32_t a2, uint32_t b0,
+                                             uint32_t b1) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+        "{%8,%9}, {%0,%1,%2,%3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a0), "r"(0u), "r"(a2), "r"(0u), "r"(b0), "r"(b1));
+  }
+  static __device__ __forceinline__ uint32_t pack(float x, float y) {
+    __half2 h = __floats2half2_rn(x, y);
+    return *reinterpret_cast<uint32_t*>(&h);
+  }
+  static __device__ __forceinline__ __half from(float x) { return __float2half(x); }
+};
+
+__device__ __forceinline__ uint32_t smem_addr(const void* p) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+__device__ __forceinline__ void cp_async16(void* smem, const void* gmem) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(smem_addr(smem)), "l"(gmem) : "memory");
+}
+__device__ __forceinline__ void cp_async_commit() {
+  asm volatile("cp.async.commit_group;\n" ::: "memory");
+}
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
+}
+// wait until at most n groups are pending (n is warp-uniform, < kMaxStages)
+__device__ __forceinline__ void cp_async_wait_dyn(int n) {
+  switch (n) {
+    case 0: cp_async_wait<0>(); break;
+    case 1: cp_async_wait<1>(); break;
+    case 2: cp_async_wait<2>(); break;
+    case 3: cp_async_wait<3>(); break;
+    case 4: cp_async_wait<4>(); break;
+    default: cp_async_wait<5>(); break;
+  }
+}
+template <bool kTrans>
+__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], const void* p) {
+  if constexpr (kTrans)
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(smem_addr(p)));
+  else
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(smem_addr(p)));
+}
+
+// Lets a programmatic dependent launch (the merge kernel) start now; it
+// still waits for this grid to finish before reading the workspaces.
+__device__ __forceinline__ void allow_dependents() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
+#endif
+}
+
+// Shared-memory chunk layout: token rows of kRowU4 16-byte units (K then V);
+// unit c of row t sits at c ^ (t & 7), so the 8 rows an ldmatrix reads (and
+// the 8 units a quarter-warp's cp.async writes) fall in 8 different banks.
+template <int kRowU4>
+__device__ __forceinline__ int swz(int t, int c) {
+  return t * kRowU4 + (c ^ (t & 7));
+}
+
+template <typename T, int D>
+__global__ void __launch_bounds__(kMaxWarps* kWarp)
+    sparse_decode_split_kernel(const SplitArgs a) {
+  static_assert(D == 64 || D == 128, "head size 64 or 128");
+  constexpr int kRowU4 = 2 * D * 2 / 16;  // 16-byte units per token row (K | V)
+  constexpr int kChunkU4 = kChunk * kRowU4;
+  constexpr int kKs = D / 16;             // k-steps of Q K^T
+  constexpr int kNt = D / 8;              // n-tiles of P V
+  using M = Mma<T>;
+
+  allow_dependents();
+  const long long t_start = gtimer();
+  const int64_t cta = (static_cast<int64_t>(blockIdx.z) * gridDim.y + blockIdx.y) * gridDim.x + blockIdx.x;
+  const int split = blockIdx.x;
+  const int kvh = blockIdx.y;
+  const int64_t seq = blockIdx.z;
+  const int warp = threadIdx.x / kWarp;
+  const int lane = threadIdx.x % kWarp;
+  const int row = lane >> 2;   // fragment row: query head of the GQA group
+  const int quad = lane & 3;   // fragment column pair
+
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  uint4* ring = reinterpret_cast<uint4*>(smem_raw) + warp * a.stages * kChunkU4;
+
+  const int seq_len = a.seq_lens[seq];
+  const int count = a.sel_count[seq * a.sc_s0 + kvh * a.sc_s1];
+  const int per = (count + a.num_splits - 1) / a.num_splits;
+  const int s0 = split * per;
+  const int s1 = min(s0 + per, count);
+  const int npages = max(s1 - s0, 0);
+  const int cpp = a.block_size / kChunk;  // chunks per page
+  const int nchunks = npages * cpp;
+  const int32_t* sel_row = a.sel + seq * a.sel_s0 + kvh * a.sel_s1;
+  int valid = npages * a.block_size;  // valid tokens of the slice's stream
+  if (npages > 0 && s1 == count && seq_len > 0) {
+    const int last_blk = (seq_len - 1) / a.block_size;
+    const int last_phys = a.block_table[seq * a.bt_s0 + last_blk * a.bt_s1];
+    if (sel_row[(count - 1) * a.sel_s2] == last_phys)
+      valid -= (last_blk + 1) * a.block_size - seq_len;
+  }
+
+  // A fragments of Q (rows = the group's query heads; rows >= group and
+  // 8..15 are zero): qa[ks][0] = cols 16ks + 2quad.., qa[ks][1] = +8
+  uint32_t qa[kKs][2];
+  {
+    const bool live = row < a.group;
+    const T* qrow = static_cast<const T*>(a.query) + seq * a.q_s0 +
+                    static_cast<int64_t>(kvh * a.group + (live ? row : 0)) * a.q_s1;
+#pragma unroll
+    for (int ks = 0; ks < kKs; ++ks) {
+      qa[ks][0] = live ? *reinterpret_cast<const uint32_t*>(qrow + 16 * ks + 2 * quad) : 0u;
+      qa[ks][1] = live ? *reinterpret_cast<const uint32_t*>(qrow + 16 * ks + 8 + 2 * quad) : 0u;
+    }
+  }
+
+  float acc[kNt][4];
+#pragma unroll
+  for (int j = 0; j < kNt; ++j) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.f;
+  float m = -INFINITY, lsum = 0.f;  // row `row`: running max (base 2), lane's share of the sum
+
+  const T* kv_head = static_cast<const T*>(a.kv) + kvh * a.c_head;
+  const int nw = a.warps;
+  const int my_n = warp < nchunks ? (nchunks - warp + nw - 1) / nw : 0;
+  auto issue = [&](int i, int slot) {
+    const int c = warp + i * nw;
+    const int64_t phys = sel_row[(s0 + c / cpp) * a.sel_s2];
+    const uint4* src = reinterpret_cast<const uint4*>(kv_head + phys * a.c_blk +
+                                                      static_cast<int64_t>(c % cpp) * kChunk * 2 * D);
+    uint4* dst = ring + slot * kChunkU4;
+#pragma unroll
+    for (int j = 0; j < kChunkU4 / kWarp; ++j) {
+      const int u = j * kWarp + lane;
+      cp_async16(dst + swz<kRowU4>(u / kRowU4, u % kRowU4), src + u);
+    }
+  };
+  const int ahead = a.stages - 1;
+  for (int i = 0; i < ahead; ++i) {
+    if (i < my_n) issue(i, i);
+    cp_async_commit();
+  }
+
+  int slot = 0;
+  if (threadIdx.x == 0) { a.tl[cta * 5 + 0] = t_start; a.tl[cta * 5 + 1] = gtimer(); }
+  for (int i = 0; i < my_n; ++i) {
+    const int nxt = i + ahead;
+    if (nxt < my_n) issue(nxt, nxt % a.stages);  // the slot chunk i - 1 used
+    cp_async_commit();
+    cp_async_wait_dyn(ahead);  // chunk i has landed (this lane's copies)
+    __syncwarp();              // ... and every lane's
+    if (i == 0 && threadIdx.x == 0) a.tl[cta * 5 + 2] = gtimer();
+    if (a.mode == 1) { __syncwarp(); slot = slot + 1 == a.stages ? 0 : slot + 1; continue; }
+    uint4* buf = ring + slot * kChunkU4;
+    const int nvalid = min(kChunk, valid - (warp + i * nw) * kChunk);
+    if (nvalid < kChunk) {  // a sequence's last chunk: rows past it may hold NaN
+      const int first = max(nvalid, 0);
+      for (int u = lane; u < (kChunk - first) * (kRowU4 / 2); u += kWarp) {
+        const int t = first + u / (kRowU4 / 2);
+        buf[swz<kRowU4>(t, kRowU4 / 2 + u % (kRowU4 / 2))] = make_uint4(0u, 0u, 0u, 0u);
+      }
+      __syncwarp();
+    }
+
+    // S = Q K^T for tokens 0..7 (s[0]) and 8..15 (s[1])
+    float s[2][4] = {{0.f, 0.f, 0.f, 0.f}, {0.f, 0.f, 0.f, 0.f}};
+#pragma unroll
+    for (int nt = 0; nt < 2; ++nt) {
+#pragma unroll
+      for (int k2 = 0; k2 < kKs / 2; ++k2) {
+        uint32_t b[4];
+        const int t = nt * 8 + (lane & 7);
+        ldmatrix_x4<false>(b, buf + swz<kRowU4>(t, 4 * k2 + (lane >> 3)));
+        M::run(s[nt], qa[2 * k2][0], qa[2 * k2][1], b[0], b[1]);
+        M::run(s[nt], qa[2 * k2 + 1][0], qa[2 * k2 + 1][1], b[2], b[3]);
+      }
+    }
+
+    // online softmax of row `row` over this chunk's 16 tokens (4 per lane)
+    float x[4];
+#pragma unroll
+    for (int nt = 0; nt < 2; ++nt)
+#pragma unroll
+      for (int e = 0; e < 2; ++e)
+        x[2 * nt + e] = (nt * 8 + 2 * quad + e < nvalid) ? s[nt][e] * a.qk_scale : -INFINITY;
+    float cm = fmaxf(fmaxf(x[0], x[1]), fmaxf(x[2], x[3]));
+    cm = fmaxf(cm, __shfl_xor_sync(0xffffffffu, cm, 1));
+    cm = fmaxf(cm, __shfl_xor_sync(0xffffffffu, cm, 2));
+    const float m_new = fmaxf(m, cm);
+    const float mu = m_new == -INFINITY ? 0.f : m_new;
+    const float alpha = exp2f(m - mu);
+    m = m_new;
+    float p[4];
+#pragma unroll
+    for (int e = 0; e < 4; ++e) p[e] = exp2f(x[e] - mu);
+    lsum = lsum * alpha + (p[0] + p[1]) + (p[2] + p[3]);
+#pragma unroll
+    for (int j = 0; j < kNt; ++j) {
+      acc[j][0] *= alpha;
+      acc[j][1] *= alpha;
+    }
+    const uint32_t pa0 = M::pack(p[0], p[1]);  // tokens 2quad.. of 0..7
+    const uint32_t pa2 = M::pack(p[2], p[3]);  // tokens 8 + 2quad..
+
+    // O += P V
+#pragma unroll
+    for (int j2 = 0; j2 < kNt / 2; ++j2) {
+      uint32_t b[4];
+      const int mi = lane >> 3;
+      const int t = (mi & 1) * 8 + (lane & 7);
+      ldmatrix_x4<true>(b, buf + swz<kRowU4>(t, kRowU4 / 2 + 2 * j2 + (mi >> 1)));
+      M::run(acc[2 * j2], pa0, pa2, b[0], b[1]);
+      M::run(acc[2 * j2 + 1], pa0, pa2, b[2], b[3]);
+    }
+    __syncwarp();  // every lane is done with this slot
+    slot = slot + 1 == a.stages ? 0 : slot + 1;
+  }
+  cp_async_wait<0>();
+  if (threadIdx.x == 0) a.tl[cta * 5 + 3] = gtimer();
+  lsum += __shfl_xor_sync(0xffffffffu, lsum, 1);
+  lsum += __shfl_xor_sync(0xffffffffu, lsum, 2);
+
+  // combine the warps: [warps][8] max / sum, [warps][8][D] accumulators
+  __syncthreads();  // the ring is free
+  float* wm = reinterpret_cast<float*>(smem_raw);
+  float* wl = wm + nw * 8;
+  float* wacc = wl + nw * 8;
+  if (quad == 0) {
+    wm[warp * 8 + row] = m;
+    wl[warp * 8 + row] = lsum;
+  }
+#pragma unroll
+  for (int j = 0; j < kNt; ++j) {
+    wacc[(warp * 8 + row) * D + 8 * j + 2 * quad] = acc[j][0];
+    wacc[(warp * 8 + row) * D + 8 * j + 2 * quad + 1] = acc[j][1];
+  }
+  __syncthreads();
+
+  const bool single = a.num_splits == 1;
+  for (int idx = threadIdx.x; idx < a.group * D; idx += nw * kWarp) {
+    const int g = idx / D, d = idx % D;
+    float mx = -INFINITY;
+#pragma unroll
+    for (int w = 0; w < nw; ++w) mx = fmaxf(mx, wm[w * 8 + g]);
+    const float mu = mx == -INFINITY ? 0.f : mx;
+    float sum_l = 0.f, sum_a = 0.f;
+#pragma unroll
+    for (int w = 0; w < nw; ++w) {
+      const float f = exp2f(wm[w * 8 + g] - mu);
+      sum_l += wl[w * 8 + g] * f;
+      sum_a += wacc[(w * 8 + g) * D + d] * f;
+    }
+    const int64_t head = static_cast<int64_t>(kvh) * a.group + g;
+    if (single) {
+      const float inv = sum_l == 0.f ? 0.f : 1.f / sum_l;
+      static_cast<T*>(a.out)[seq * a.o_s0 + head * a.o_s1 + d] = M::from(sum_a * inv);
+      if (a.lse != nullptr && d == 0)
+        a.lse[seq * a.lse_s0 + head * a.lse_s1] =
+            sum_l == 0.f ? -INFINITY : (mu + log2f(sum_l)) * 0.6931471805599453f;
+    } else {
+      a.ws_acc[seq * a.wa_s0 + head * a.wa_s1 + split * a.wa_s2 + d] = sum_a;
+      if (d == 0) {
+        const int64_t o = seq * a.wm_s0 + head * a.wm_s1 + split;
+        a.ws_m[o] = mx;
+        a.ws_l[o] = sum_l;
+      }
+    }
+  }
+  __syncthreads();
+  if (threadIdx.x == 0) a.tl[cta * 5 + 4] = gtimer();
+}
+
+size_t smem_bytes(int64_t d, int64_t stages, int64_t warps) {
+  const size_t ring = static_cast<size_t>(warps * stages * kChunk * 2 * d * 2);
+  const size_t combine = static_cast<size_t>(warps * 8 * (d + 2)) * sizeof(float);
+  return std::max(ring, combine);
+}
+
+int max_smem_optin(int dev) {
+  int v = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&v, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev));
+  return v;
+}
+
+template <typename T, int D>
+void launch(const SplitArgs& a, dim3 grid, cudaStream_t stream) {
+  auto kernel = sparse_decode_split_kernel<T, D>;
+  // once per device (not a stream operation, but kept out of graph captures)
+  static bool opted_in[64] = {};
+  int dev = 0;
+  C10_CUDA_CHECK(cudaGetDevice(&dev));
+  if (dev < 64 && !opted_in[dev]) {
+    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                        max_smem_optin(dev)));
+    opted_in[dev] = true;
+  }
+  kernel<<<grid, a.warps * kWarp, smem_bytes(D, a.stages, a.warps), stream>>>(a);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+template <typename T>
+void dispatch_head(const SplitArgs& a, int64_t d, dim3 grid, cudaStream_t stream) {
+  if (d == 64) return launch<T, 64>(a, grid, stream);
+  return launch<T, 128>(a, grid, stream);
+}
+
+void check_args(const at::Tensor& query, const at::Tensor& kv_cache, const at::Tensor& block_table,
+                const at::Tensor& seq_lens, const at::Tensor& sel, const at::Tensor& sel_count,
+                int64_t num_splits, int64_t stages, int64_t warps, const at::Tensor& out,
+                const c10::optional<at::Tensor>& lse, const at::Tensor& ws_acc,
+                const at::Tensor& ws_m, const at::Tensor& ws_l) {
+  TORCH_CHECK(query.dim() == 3, "sparse_decode_split: query must be [R, num_heads, head_size]");
+  TORCH_CHECK(kv_cache.dim() == 4, "sparse_decode_split: kv_cache must be [blocks, Hkv, block_size, 2*D]");
+  const int64_t R = query.size(0), H = query.size(1), D = query.size(2);
+  const int64_t Hkv = kv_cache.size(1), bs = kv_cache.size(2);
+  TORCH_CHECK(D == 64 || D == 128, "sparse_decode_split: head_size must be 64 or 128, got ", D);
+  TORCH_CHECK(kv_cache.size(3) == 2 * D, "sparse_decode_split: kv_cache last dim must be 2*head_size");
+  TORCH_CHECK(query.scalar_type() == kv_cache.scalar_type() &&
+                  (query.scalar_type() == at::kBFloat16 || query.scalar_type() == at::kHalf),
+              "sparse_decode_split: query and kv_cache must both be bf16 or fp16");
+  TORCH_CHECK(out.scalar_type() == query.scalar_type(), "sparse_decode_split: out dtype must match query");
+  TORCH_CHECK(Hkv > 0 && H % Hkv == 0 && H / Hkv <= 8,
+              "sparse_decode_split: num_heads must be a multiple of num_kv_heads, at most 8 per KV head");
+  TORCH_CHECK(bs % kChunk == 0, "sparse_decode_split: block_size must be a multiple of 16, got ", bs);
+  TORCH_CHECK(kv_cache.stride(3) == 1 && kv_cache.stride(2) == 2 * D,
+              "sparse_decode_split: each (block, KV head) page must be contiguous");
+  TORCH_CHECK(query.stride(2) == 1 && out.stride(2) == 1, "sparse_decode_split: query/out rows must be contiguous");
+  TORCH_CHECK(out.dim() == 3 && out.size(0) >= R && out.size(1) == H && out.size(2) == D,
+              "sparse_decode_split: out must be [>=R, num_heads, head_size]");
+  TORCH_CHECK(sel.dim() == 3 && sel.size(0) == R && sel.size(1) == Hkv,
+              "sparse_decode_split: sel must be [R, num_kv_heads, MAXSEL]");
+  TORCH_CHECK(sel_count.dim() == 2 && sel_count.size(0) == R && sel_count.size(1) == Hkv,
+              "sparse_decode_split: sel_count must be [R, num_kv_heads]");
+  TORCH_CHECK(block_table.dim() == 2 && block_table.size(0) >= R, "sparse_decode_split: block_table must be [>=R, max_blocks]");
+  TORCH_CHECK(seq_lens.dim() == 1 && seq_lens.size(0) == R, "sparse_decode_split: seq_lens must be [R]");
+  for (const at::Tensor* t : {&block_table, &seq_lens, &sel, &sel_count})
+    TORCH_CHECK(t->scalar_type() == at::kInt, "sparse_decode_split: index tensors must be int32");
+  TORCH_CHECK(num_splits >= 1 && num_splits <= 65535, "sparse_decode_split: num_splits must be in [1, 65535]");
+  TORCH_CHECK(stages >= 2 && stages <= kMaxStages, "sparse_decode_split: stages must be in [2, ", kMaxStages, "]");
+  TORCH_CHECK(warps >= 1 && warps <= kMaxWarps, "sparse_decode_split: warps must be in [1, ", kMaxWarps, "]");
+  if (lse.has_value())
+    TORCH_CHECK(lse->scalar_type() == at::kFloat && lse->dim() == 2 && lse->size(1) == H,
+                "sparse_decode_split: lse must be fp32 [>=R, num_heads]");
+  if (num_splits > 1) {
+    TORCH_CHECK(ws_acc.scalar_type() == at::kFloat && ws_acc.dim() == 4 && ws_acc.size(0) >= R &&
+                    ws_acc.size(1) == H && ws_acc.size(2) >= num_splits && ws_acc.size(3) == D &&
+                    ws_acc.stride(3) == 1,
+                "sparse_decode_split: ws_acc must be fp32 [>=R, num_heads, >=num_splits, head_size]");
+    TORCH_CHECK(ws_m.scalar_type() == at::kFloat && ws_l.scalar_type() == at::kFloat && ws_m.dim() == 3 &&
+                    ws_m.sizes() == ws_l.sizes() && ws_m.strides() == ws_l.strides() &&
+                    ws_m.size(0) >= R && ws_m.size(1) == H && ws_m.size(2) >= num_splits &&
+                    ws_m.stride(2) == 1,
+                "sparse_decode_split: ws_m / ws_l must be fp32 [>=R, num_heads, >=num_splits]");
+  }
+}
+
+void sparse_decode_split_cuda(at::Tensor query, at::Tensor kv_cache, at::Tensor block_table,
+                              at::Tensor seq_lens, at::Tensor sel, at::Tensor sel_count,
+                              double qk_scale, int64_t num_splits, int64_t stages, int64_t warps, at::Tensor out,
+                              c10::optional<at::Tensor> lse, at::Tensor ws_acc, at::Tensor ws_m,
+                              at::Tensor ws_l, at::Tensor tl, int64_t mode) {
+  check_args(query, kv_cache, block_table, seq_lens, sel, sel_count, num_splits, stages, warps, out, lse,
+             ws_acc, ws_m, ws_l);
+  const int64_t R = query.size(0), D = query.size(2), Hkv = kv_cache.size(1);
+  if (R == 0) return;
+  TORCH_CHECK(R <= 65535 && Hkv <= 65535, "sparse_decode_split: too many requests or KV heads");
+  const c10::cuda::CUDAGuard guard(query.device());
+  const uintptr_t align = reinterpret_cast<uintptr_t>(kv_cache.data_ptr()) |
+                          reinterpret_cast<uintptr_t>(query.data_ptr()) |
+                          static_cast<uintptr_t>(kv_cache.stride(0) * 2) |
+                          static_cast<uintptr_t>(kv_cache.stride(1) * 2) |
+                          static_cast<uintptr_t>(query.stride(0) * 2) |
+                          static_cast<uintptr_t>(query.stride(1) * 2);
+  TORCH_CHECK((align & 15) == 0, "sparse_decode_split: kv_cache / query must be 16-byte aligned");
+
+  SplitArgs a{};
+  a.query = query.data_ptr();
+  a.kv = kv_cache.data_ptr();
+  a.block_table = block_table.data_ptr<int32_t>();
+  a.seq_lens = seq_lens.data_ptr<int32_t>();
+  a.sel = sel.data_ptr<int32_t>();
+  a.sel_count = sel_count.data_ptr<int32_t>();
+  a.out = out.data_ptr();
+  a.lse = lse.has_value() ? lse->data_ptr<float>() : nullptr;
+  a.q_s0 = query.stride(0);
+  a.q_s1 = query.stride(1);
+  a.c_blk = kv_cache.stride(0);
+  a.c_head = kv_cache.stride(1);
+  a.bt_s0 = block_table.stride(0);
+  a.bt_s1 = block_table.stride(1);
+  a.sel_s0 = sel.stride(0);
+  a.sel_s1 = sel.stride(1);
+  a.sel_s2 = sel.stride(2);
+  a.sc_s0 = sel_count.stride(0);
+  a.sc_s1 = sel_count.stride(1);
+  a.o_s0 = out.stride(0);
+  a.o_s1 = out.stride(1);
+  if (lse.has_value()) {
+    a.lse_s0 = lse->stride(0);
+    a.lse_s1 = lse->stride(1);
+  }
+  if (num_splits > 1) {
+    a.ws_acc = ws_acc.data_ptr<float>();
+    a.ws_m = ws_m.data_ptr<float>();
+    a.ws_l = ws_l.data_ptr<float>();
+    a.wa_s0 = ws_acc.stride(0);
+    a.wa_s1 = ws_acc.stride(1);
+    a.wa_s2 = ws_acc.stride(2);
+    a.wm_s0 = ws_m.stride(0);
+    a.wm_s1 = ws_m.stride(1);
+  }
+  a.qk_scale = static_cast<float>(qk_scale);
+  a.num_splits = static_cast<int>(num_splits);
+  a.group = static_cast<int>(query.size(1) / Hkv);
+  a.block_size = static_cast<int>(kv_cache.size(2));
+  a.stages = static_cast<int>(stages);
+  a.warps = static_cast<int>(warps);
+  a.tl = reinterpret_cast<long long*>(tl.data_ptr<int64_t>());
+  a.mode = static_cast<int>(mode);
+  const int64_t smem = static_cast<int64_t>(smem_bytes(D, stages, warps));
+  TORCH_CHECK(smem <= max_smem_optin(query.get_device()), "sparse_decode_split: ", warps, " warps x ", stages,
+              " stages need ", smem, " bytes of shared memory, more than this GPU has per block");
+
+  const dim3 grid(static_cast<unsigned>(num_splits), static_cast<unsigned>(Hkv), static_cast<unsigned>(R));
+  cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  if (query.scalar_type() == at::kBFloat16)
+    dispatch_head<__nv_bfloat16>(a, D, grid, stream);
+  else
+    dispatch_head<__half>(a, D, grid, stream);
+}
+
+void sparse_decode_split_meta(at::Tensor query, at::Tensor kv_cache, at::Tensor block_table,
+                              at::Tensor seq_lens, at::Tensor sel, at::Tensor sel_count,
+                              double qk_scale, int64_t num_splits, int64_t stages, int64_t warps, at::Tensor out,
+                              c10::optional<at::Tensor> lse, at::Tensor ws_acc, at::Tensor ws_m,
+                              at::Tensor ws_l, at::Tensor tl, int64_t mode) {
+  check_args(query, kv_cache, block_table, seq_lens, sel, sel_count, num_splits, stages, warps, out, lse,
+             ws_acc, ws_m, ws_l);
+}
+
+}  // namespace
+}  // namespace casakv_exp1
+
+TORCH_LIBRARY(casakv_exp1, m) {
+  m.def(
+      "sparse_decode_split(Tensor query, Tensor kv_cache, Tensor block_table, Tensor seq_lens, "
+      "Tensor sel, Tensor sel_count, float qk_scale, int num_splits, int stages, int warps, "
+      "Tensor(a!) out, Tensor(b!)? lse, Tensor(c!) ws_acc, Tensor(d!) ws_m, Tensor(e!) ws_l, Tensor(f!) tl, int mode) -> ()");
+}
+
+TORCH_LIBRARY_IMPL(casakv_exp1, CUDA, m) { m.impl("sparse_decode_split", &casakv_exp1::sparse_decode_split_cuda); }
+
+TORCH_LIBRARY_IMPL(casakv_exp1, Meta, m) { m.impl("sparse_decode_split", &casakv_exp1::sparse_decode_split_meta); }
