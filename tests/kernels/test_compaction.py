@@ -236,3 +236,29 @@ def test_compaction_cuda_op_meta_and_graph():
     g.replay()
     torch.cuda.synchronize()
     _check(case, before, case["kv_cache"])
+
+
+@pytest.mark.gpu
+def test_compaction_cuda_op_rejects_bad_input():
+    """Called directly, the op's own checks are the only guard: each bad
+    input raises RuntimeError naming the problem (and the process lives)."""
+    op = _cuda_op_or_skip()
+    case = _make_case([50, 20], 2, 64, 16, torch.bfloat16, "contiguous",
+                      ["random", "shift_one"], seed=7)
+    scratch = allocate_scratch(case["kv_cache"], case["keep"])
+    bad = [
+        (dict(block_table=case["block_table"].long()), "must be int32"),
+        (dict(keep=case["keep"][:, :1]), "num_kv_heads mismatch"),
+        (dict(keep_count=case["keep_count"][:1]), "keep_count must be"),
+        (dict(kv_cache=case["kv_cache"][..., :-1]), "last dim must be even"),
+        (dict(scratch=scratch[:1]), "scratch too small"),
+        (dict(scratch=scratch.float()), "scratch dtype must match"),
+    ]
+    for over, msg in bad:
+        args = dict(case, scratch=scratch)
+        args.update(over)
+        with pytest.raises(RuntimeError, match=msg):
+            op(**args)
+    before = case["kv_cache"].clone()
+    op(**case, scratch=scratch)  # the good call still works afterwards
+    _check(case, before, case["kv_cache"])
