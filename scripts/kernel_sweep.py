@@ -442,6 +442,8 @@ def main():
     ap.add_argument("--n128", action="store_true")
     ap.add_argument("--mask", default="a-shape")
     ap.add_argument("--n", type=int, default=32768)
+    ap.add_argument("--cfgs", default="", help="prefill: 'BM,BN,warps,stages;...' instead of PREFILL_CFGS")
+    ap.add_argument("--masks", default="causal,a-shape,vertical-slash", help="prefill masks")
     a = ap.parse_args()
     torch._dynamo.config.recompile_limit = 64
     torch._dynamo.config.accumulated_recompile_limit = 1024
@@ -481,8 +483,9 @@ def main():
                          splits_list=[None, 16, 32, 66, 128])
             print(f"decode-b1 done {time.time() - t0:.0f}s", flush=True)
         if a.only in ("", "prefill"):
-            sweep_prefill(gen, rows, 32768, ("causal", "a-shape", "vertical-slash"), PREFILL_CFGS, flex, False)
-            print(f"prefill 32k done {time.time() - t0:.0f}s", flush=True)
+            cfgs = ([tuple(int(x) for x in c.split(",")) for c in a.cfgs.split(";")] if a.cfgs else PREFILL_CFGS)
+            sweep_prefill(gen, rows, a.n, tuple(a.masks.split(",")), cfgs, flex, False)
+            print(f"prefill {a.n} done {time.time() - t0:.0f}s", flush=True)
             if a.n128:
                 sweep_prefill(gen, rows, 131072, ("a-shape", "vertical-slash"),
                               [(128, 64, 8, 3), (128, 128, 8, 2), (128, 64, 8, 2)], flex, False)
