@@ -82,15 +82,16 @@ def _sparse_attention(
     block: int,
     max_query_len: int,
     max_seq_len: int,
+    sparse_only: bool = False,
 ) -> None:
     """Varlen (prefill / extend / mixed) attention restricted to per-KV-head patterns."""
     from casakv_vllm.triton_kernels.patterns import PatternBatch
     from casakv_vllm.triton_kernels.sparse_index import build_prefill_index
     from casakv_vllm.triton_kernels.sparse_prefill import plan_blocks, sparse_paged_attention
 
-    patterns = PatternBatch(full, sink, window, slash, vertical, blocks, block)
+    patterns = PatternBatch(full, sink, window, slash, vertical, blocks, block, sparse_only)
     group = query.shape[1] // kv_cache.shape[1]
-    block_q, block_n = plan_blocks(group, query.shape[2], max_query_len)
+    block_q, block_n = plan_blocks(group, query.shape[2], max_query_len, max_seq_len, query.dtype, sparse_only)
     index = build_prefill_index(patterns, query_start_loc, seq_lens, max_query_len, max_seq_len, block_q, block_n)
     sparse_paged_attention(query, kv_cache, block_table, query_start_loc, seq_lens, scale, out, patterns, index,
                            max_query_len, max_seq_len)
@@ -128,7 +129,7 @@ def sparse_attention(query, kv_cache, block_table, query_start_loc, seq_lens, sc
     p = patterns
     torch.ops.casakv.sparse_attention(query, kv_cache, block_table, query_start_loc, seq_lens, scale, out,
                                       p.full, p.sink, p.window, p.slash, p.vertical, p.blocks, int(p.block),
-                                      max_query_len, max_seq_len)
+                                      max_query_len, max_seq_len, bool(p.sparse_only))
 
 
 def sparse_decode(query, kv_cache, block_table, seq_lens, sel_blocks, sel_count, scale, out, workspace,

@@ -3,7 +3,7 @@
 Imports the kernels straight from this checkout (no install, no CUDA op build),
 checks every variant against FlexAttention (prefill) or the fp32 reference
 (decode) and times it with triton.testing.do_bench (median, L2 flushed).
-Usage: python scripts/kernel_sweep.py [--out DIR] [--only prefill|decode|decode-b1|decode-var|variants|profile]
+Usage: python scripts/kernel_sweep.py [--out DIR] [--only prefill|wide|decode|decode-b1|decode-var|variants|profile]
 Writes DIR/sweep.json and prints one table per part.
 """
 
@@ -142,6 +142,47 @@ def sweep_prefill(gen, rows, n, masks, cfgs, flex, do_dense):
         del indexes, bm
         torch.cuda.empty_cache()
     del kv, k, v
+
+
+def sweep_wide(gen, rows, n, masks, flex, reps):
+    """The sparse prefill kernel at the prefill table's tiles ("table") and at
+    WIDE_TILES ("wide"), one launch each, both against Flex on the same mask,
+    timed alternately ``reps`` times (medians)."""
+    from torch.nn.attention.flex_attention import create_block_mask
+    from casakv_vllm.triton_kernels.sparse_prefill import WIDE_TILES, plan_blocks
+    kv, table, q, qsl, sl, k, v, qb, scale = prefill_inputs(gen, n)
+    plans = {"table": plan_blocks(HQ // HKV, D, n), "wide": (WIDE_TILES[0] // (HQ // HKV), WIDE_TILES[1])}
+    for name in masks:
+        t0 = time.time()
+        pat = patterns(name, n)
+        bm = create_block_mask(MODS[name], None, None, n, n, device="cuda", BLOCK_SIZE=128, _compile=True)
+        ref = flex(qb, k, v, block_mask=bm, enable_gqa=True, scale=scale)[0].transpose(0, 1)
+        print(f"  {name}: block mask + Flex reference {time.time() - t0:.0f}s", flush=True)
+        fns, errs = {}, {}
+        for key, plan in plans.items():
+            index = build_prefill_index(pat, qsl, sl, n, n, *plan)
+            out = torch.full_like(q, float("nan"))
+            fns[key] = (lambda index=index, out=out:  # noqa: E731
+                        sparse_paged_attention(q, kv, table, qsl, sl, scale, out, pat, index, n, n))
+            fns[key]()
+            errs[key] = rel(out, ref)
+            print(f"  {key} plan {plan}: first call done {time.time() - t0:.0f}s", flush=True)
+        times = {"flex": [], **{key: [] for key in plans}}
+        for _ in range(reps):
+            times["flex"].append(bench(lambda: flex(qb, k, v, block_mask=bm, enable_gqa=True, scale=scale)))
+            for key in plans:
+                times[key].append(bench(fns[key]))
+        print(f"  timed {time.time() - t0:.0f}s", flush=True)
+        med = {key: sorted(t)[len(t) // 2] for key, t in times.items()}
+        rows.append(dict(part="wide", n=n, mask=name, times=times, median=med, err=errs,
+                         table_flex=med["table"] / med["flex"], wide_flex=med["wide"] / med["flex"]))
+        print(f"wide {n} {name}: flex {med['flex']:.3f}  table {med['table']:.3f} (x{med['table'] / med['flex']:.3f})"
+              f"  wide {med['wide']:.3f} (x{med['wide'] / med['flex']:.3f})  err {errs['table']:.1e} "
+              f"{errs['wide']:.1e}  rounds {times}", flush=True)
+        del fns, bm
+        torch.cuda.empty_cache()
+    del kv, k, v
+    torch.cuda.empty_cache()
 
 
 # Module switches of sparse_prefill swept by --only variants: (name, {switch: value}).
@@ -444,6 +485,8 @@ def main():
     ap.add_argument("--n", type=int, default=32768)
     ap.add_argument("--cfgs", default="", help="prefill: 'BM,BN,warps,stages;...' instead of PREFILL_CFGS")
     ap.add_argument("--masks", default="causal,a-shape,vertical-slash", help="prefill masks")
+    ap.add_argument("--ns", default="32768", help="wide: comma-separated sequence lengths")
+    ap.add_argument("--reps", type=int, default=3, help="wide: alternating timing rounds")
     a = ap.parse_args()
     torch._dynamo.config.recompile_limit = 64
     torch._dynamo.config.accumulated_recompile_limit = 1024
@@ -467,6 +510,10 @@ def main():
             print(f"variants 32k done {time.time() - t0:.0f}s", flush=True)
             sweep_variants(gen, rows, 131072, ("a-shape", "vertical-slash"), flex, reps=2)
             print(f"variants 128k done {time.time() - t0:.0f}s", flush=True)
+        if a.only == "wide":
+            for n in (int(x) for x in a.ns.split(",")):
+                sweep_wide(gen, rows, n, tuple(a.masks.split(",")), flex, a.reps)
+                print(f"wide {n} done {time.time() - t0:.0f}s", flush=True)
         if a.only == "decode-ir":
             dump_decode_ir(gen, a.out)
         if a.only == "decode-gather":

@@ -47,6 +47,11 @@ class PatternBatch:
         blocks: ``[R, H, NQB, NKB]`` bool or None; block-sparse mask at
             ``block`` x ``block`` granularity in absolute positions.
         block: block edge (tokens) of ``blocks``.
+        sparse_only: host-side promise that no head is ``full`` (the
+            tensors live on the device, so the host cannot look).  It lets
+            the prefill kernel plan tiles for sparse heads only (see
+            ``sparse_prefill.WIDE_TILES``).  A wrong promise costs speed,
+            never correctness: full heads are still computed exactly.
     """
 
     full: torch.Tensor
@@ -56,6 +61,7 @@ class PatternBatch:
     vertical: torch.Tensor
     blocks: torch.Tensor | None = None
     block: int = 64
+    sparse_only: bool = False
 
     @property
     def num_requests(self) -> int:
@@ -93,6 +99,7 @@ class PatternBatch:
         p = cls.empty(num_requests, num_heads, device=device)
         p.sink.fill_(sink)
         p.window.fill_(window)
+        p.sparse_only = True
         return p
 
 

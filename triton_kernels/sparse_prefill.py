@@ -77,15 +77,47 @@ PARTIAL_N = 32
 PARTIAL_SKIP = True
 
 
-def plan_blocks(group: int, head_size: int, max_query_len: int) -> tuple[int, int]:
+# Tiles for batches whose patterns promise no full head
+# (``PatternBatch.sparse_only``) and whose longest sequence lies in WIDE_SEQ:
+# 256 rows (64 query tokens x 4 query heads) x 64 KV positions, 16 warps,
+# 3 stages, at head size 128 in 16-bit dtypes.  A sparse head at moderate
+# lengths visits few KV tiles per query tile (about 18 at 32k
+# vertical-slash), so twice the queries per program halves the per-program
+# cost; a full head visits hundreds, and these tiles cost it 5% (32k causal
+# 0.93 -> 0.98x Flex), which is why one launch (every head of the batch)
+# takes them only on the promise.  H100 sweep, casakv / Flex, table tiles ->
+# these (docs/benchmarks/sweeps/prefill-wide-h100.log): vertical-slash
+# 16k-64k 0.99-1.04 -> 0.96-0.97, a-shape 0.98-0.99 -> 0.98; at 8k mixed
+# and at 128k unstable (0.96-1.09 from run to run), hence the range.
+WIDE_TILES = (256, 64, 16, 3)  # (rows, KV positions, warps, stages)
+WIDE_SEQ = (16384, 65536)  # lo <= max_seq_len <= hi
+
+
+def _wide(group: int, head_size: int, max_query_len: int, max_seq_len: int | None,
+          dtype: torch.dtype, sparse_only: bool) -> bool:
+    """True when a batch gets WIDE_TILES."""
+    lo, hi = WIDE_SEQ
+    return (sparse_only and max_seq_len is not None and lo <= max_seq_len <= hi
+            and dtype in (torch.bfloat16, torch.float16) and not _interpreting()
+            and max(triton.next_power_of_2(head_size), 16) == 128
+            and max_query_len * group >= WIDE_TILES[0])
+
+
+def plan_blocks(group: int, head_size: int, max_query_len: int,
+                max_seq_len: int | None = None, dtype: torch.dtype = torch.bfloat16,
+                sparse_only: bool = False) -> tuple[int, int]:
     """(block_q, block_n) for :func:`build_prefill_index` and
     :func:`sparse_paged_attention`.
 
     Rows per program ``BLOCK_M = block_q * group`` (rounded up to a power of
     two) and ``block_n`` come from the prefill config table of
-    :mod:`.paged_attention` (16-bit dtypes; 128 x 64 at head size 128),
-    with fewer rows when the batch's longest query is short.
+    :mod:`.paged_attention` (16-bit dtypes; 128 x 128 at head size 128),
+    with fewer rows when the batch's longest query is short; or from
+    ``WIDE_TILES`` for ``sparse_only`` patterns (``PatternBatch.sparse_only``)
+    when ``max_seq_len`` lies in ``WIDE_SEQ``.
     """
+    if _wide(group, head_size, max_query_len, max_seq_len, dtype, sparse_only):
+        return max(WIDE_TILES[0] // group, 1), WIDE_TILES[1]
     block_d = max(triton.next_power_of_2(head_size), 16)
     min_m = max(16, triton.next_power_of_2(group))
     cap, block_n, _, _ = PREFILL_CONFIGS.get(block_d, _FP32_CONFIG)
@@ -351,7 +383,9 @@ def sparse_paged_attention(
     lse_arg = lse if lse is not None else out
     lse_strides = (lse.stride(0), lse.stride(1)) if lse is not None else (0, 0)
     _, _, warps, stages = prefill_config(head_size, query.dtype)
-    if query.dtype == torch.float32 and block_m * block_n > 64 * 64:
+    if (block_m, block_n) == WIDE_TILES[:2] and query.dtype != torch.float32 and not _interpreting():
+        warps, stages = WIDE_TILES[2:]
+    elif query.dtype == torch.float32 and block_m * block_n > 64 * 64:
         warps, stages = 8, 1  # fp32 tiles of a 16-bit plan: fit shared memory
     part_n = block_n
     if (PARTIAL_N is not None and 16 <= PARTIAL_N < block_n and block_n % PARTIAL_N == 0

@@ -238,6 +238,7 @@ def bench_patterns(name: str, n: int):
     p.sink.fill_(SINK)
     p.window.fill_(VS_WINDOW)
     p.vertical.copy_(cols.view(1, 1, -1).expand_as(p.vertical))
+    p.sparse_only = True  # no full head, as a policy building this pattern would declare
     return p
 
 
@@ -324,12 +325,13 @@ def bench_prefill(n: int, masks, flex, gen, rep_ms: int, vllm_attn=None) -> list
         sdpa_ms = _bench(lambda: F.scaled_dot_product_attention(qb, kk, vv, is_causal=True), rep_ms)
         del kk, vv
     torch.cuda.empty_cache()
-    block_q, block_n = plan_blocks(HQ // HKV, D, n)
-    causal_tiles = sum(min(triton_cdiv((i + 1) * block_q, block_n), triton_cdiv(n, block_n))
-                       for i in range(triton_cdiv(n, block_q)))
     results = []
     for name in masks:
         pat = bench_patterns(name, n)
+        # the tiles the op would plan for this batch (sparse-only patterns may get WIDE_TILES)
+        block_q, block_n = plan_blocks(HQ // HKV, D, n, n, DTYPE, pat.sparse_only)
+        causal_tiles = sum(min(triton_cdiv((i + 1) * block_q, block_n), triton_cdiv(n, block_n))
+                           for i in range(triton_cdiv(n, block_q)))
         index = build_prefill_index(pat, qsl, seq_lens, n, n, block_q, block_n)
         density = float(index.tile_count.sum()) / (HKV * causal_tiles)
         out = torch.empty_like(q)

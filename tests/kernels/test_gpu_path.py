@@ -109,3 +109,41 @@ def test_ops_under_torch_compile_fullgraph():
     got = compiled(q, torch.empty_like(q))
     ref = _reference(q * 2.0, cache, table, qsl, sl, pat, 0.125) + 1.0
     assert (got.float() - ref).norm() / ref.norm() < 1e-2
+
+
+def test_sparse_attention_op_plans_wide_tiles_on_promise(monkeypatch):
+    """The op passes PatternBatch.sparse_only through to the tile plan: a
+    sparse-only batch in WIDE_SEQ at head size 128 gets WIDE_TILES, the same
+    batch without the promise the table's tiles, and both are exact."""
+    import casakv_vllm.ops as ops
+    from casakv_vllm.triton_kernels import sparse_prefill
+    from casakv_vllm.triton_kernels.patterns import PatternBatch
+    from casakv_vllm.triton_kernels.sparse_reference import sparse_paged_attention_ref
+
+    planned = []
+    real = sparse_prefill.plan_blocks
+
+    def spy(*args, **kwargs):
+        planned.append(real(*args, **kwargs))
+        return planned[-1]
+
+    monkeypatch.setattr(sparse_prefill, "plan_blocks", spy)
+    g = torch.Generator(device="cuda").manual_seed(4)
+    hkv, group, d, bs = 2, 4, 128, 16
+    n = sparse_prefill.WIDE_SEQ[0] + 200
+    nb = -(-n // bs)
+    cache = torch.randn(nb + 1, hkv, bs, 2 * d, device="cuda", generator=g).to(torch.bfloat16)
+    table = (torch.randperm(nb, device="cuda", generator=g) + 1).to(torch.int32)[None]
+    q_len = 300
+    q = torch.randn(q_len, hkv * group, d, device="cuda", generator=g).to(torch.bfloat16)
+    qsl = torch.tensor([0, q_len], dtype=torch.int32, device="cuda")
+    sl = torch.tensor([n], dtype=torch.int32, device="cuda")
+    pat = PatternBatch.local(1, hkv, 64, 700, device="cuda")
+    ref = sparse_paged_attention_ref(q, cache, table, qsl, sl, 0.125, pat)[0]
+    for promise in (True, False):
+        pat.sparse_only = promise
+        out = torch.full_like(q, float("nan"))
+        ops.sparse_attention(q, cache, table, qsl, sl, 0.125, out, pat, q_len, n)
+        wide = planned[-1] == (sparse_prefill.WIDE_TILES[0] // group, sparse_prefill.WIDE_TILES[1])
+        assert wide == promise, planned
+        assert (out.float() - ref).norm() / ref.norm() < 1e-2

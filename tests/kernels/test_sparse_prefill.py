@@ -234,3 +234,48 @@ def test_mask_variants(monkeypatch, kinds, early, part_n, skip):
     patterns.slash[:, 1, 0] = 5
     case = _make_case(q_lens, ctx_lens, 3, 2, 32, 16, torch.bfloat16, seed=7)
     _check(case, patterns, (16, 32))
+
+
+def test_wide_plan_only_on_promise_and_in_range(monkeypatch):
+    """plan_blocks gives WIDE_TILES only to sparse-only patterns of 16-bit GPU
+    batches at head size 128 whose longest sequence lies in WIDE_SEQ, and
+    never to short queries; PatternBatch keeps the promise across devices."""
+    from casakv_vllm.triton_kernels import sparse_prefill
+
+    monkeypatch.setattr(sparse_prefill, "_interpreting", lambda: False)
+    lo, hi = sparse_prefill.WIDE_SEQ
+    wide = (sparse_prefill.WIDE_TILES[0] // 4, sparse_prefill.WIDE_TILES[1])
+    table = plan_blocks(4, 128, 32768)
+    assert wide != table
+    assert plan_blocks(4, 128, 32768, hi, torch.bfloat16, True) == wide
+    assert plan_blocks(4, 128, 32768, lo, torch.float16, True) == wide
+    assert plan_blocks(4, 128, 32768, hi, torch.bfloat16, False) == table  # no promise
+    assert plan_blocks(4, 128, 32768, lo - 1, torch.bfloat16, True) == table
+    assert plan_blocks(4, 128, 32768, hi + 1, torch.bfloat16, True) == table
+    assert plan_blocks(4, 128, 32768, hi, torch.float32, True) == table
+    assert plan_blocks(4, 64, 32768, hi, torch.bfloat16, True) == plan_blocks(4, 64, 32768)
+    assert plan_blocks(4, 128, 16, hi, torch.bfloat16, True) == plan_blocks(4, 128, 16)
+    assert PatternBatch.local(1, 2, 4, 64).to(DEVICE).sparse_only
+    assert not PatternBatch.dense(1, 2).sparse_only and not PatternBatch.empty(1, 2).sparse_only
+
+
+@pytest.mark.skipif(DEVICE != "cuda", reason="WIDE_TILES are a GPU plan (16 warps, head size 128)")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("with_full", [False, True])
+def test_wide_tiles_on_gpu(dtype, with_full):
+    """A sparse-only batch in WIDE_SEQ at Llama shapes (group 4, head size
+    128) is planned at WIDE_TILES and matches the reference, chunked request
+    included; a broken promise (full heads present) is still exact."""
+    from casakv_vllm.triton_kernels import sparse_prefill
+
+    q_lens, ctx_lens = [700, 64], [sparse_prefill.WIDE_SEQ[0] + 300, 2000]
+    seq_lens = [q + c for q, c in zip(q_lens, ctx_lens)]
+    patterns = random_patterns(random.Random(11), seq_lens, 4, kinds=("sink_window", "vertical_slash", "hybrid"))
+    if with_full:
+        patterns.full[0, 0] = True
+        patterns.full[1, 3] = True
+    patterns.sparse_only = True
+    case = _make_case(q_lens, ctx_lens, 4, 4, 128, 16, dtype, seed=11)
+    plan = plan_blocks(4, 128, max(q_lens), max(seq_lens), dtype, patterns.sparse_only)
+    assert plan == (sparse_prefill.WIDE_TILES[0] // 4, sparse_prefill.WIDE_TILES[1])
+    _check(case, patterns, plan)
