@@ -31,6 +31,7 @@ def test_dense_has_no_patterns():
 def test_streaming_window_from_params_or_budget(settings, seq_len, window):
     pat = _policy(settings).patterns(0, [seq_len, 60], 2, "cpu")
     assert pat.window[0].tolist() == [window, window]
+    assert pat.sparse_only and not pat.full.any()  # the promise the prefill kernel's tile plan relies on
     mask = pattern_mask(pat, 0, torch.tensor([seq_len - 1]), seq_len)
     sink = settings.get("policy_params", {}).get("sink", 4)
     assert int(mask[0].sum()) == sink + window  # KV kept per head at the last position
