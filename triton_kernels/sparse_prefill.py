@@ -88,9 +88,11 @@ PARTIAL_SKIP = True
 # takes them only on the promise.  H100 sweep, casakv / Flex, table tiles ->
 # these (docs/benchmarks/sweeps/prefill-wide-h100.log): vertical-slash
 # 16k-64k 0.99-1.04 -> 0.96-0.97, a-shape 0.98-0.99 -> 0.98; at 8k mixed
-# and at 128k unstable (0.96-1.09 from run to run), hence the range.
+# and at 128k unstable (0.96-1.09 from run to run), hence the range.  Only
+# the measured GQA group (4 query heads per KV head, Llama-3-8B) takes them.
 WIDE_TILES = (256, 64, 16, 3)  # (rows, KV positions, warps, stages)
 WIDE_SEQ = (16384, 65536)  # lo <= max_seq_len <= hi
+WIDE_GROUPS = (4,)
 
 
 def _wide(group: int, head_size: int, max_query_len: int, max_seq_len: int | None,
@@ -99,7 +101,7 @@ def _wide(group: int, head_size: int, max_query_len: int, max_seq_len: int | Non
     lo, hi = WIDE_SEQ
     return (sparse_only and max_seq_len is not None and lo <= max_seq_len <= hi
             and dtype in (torch.bfloat16, torch.float16) and not _interpreting()
-            and max(triton.next_power_of_2(head_size), 16) == 128
+            and max(triton.next_power_of_2(head_size), 16) == 128 and group in WIDE_GROUPS
             and max_query_len * group >= WIDE_TILES[0])
 
 

@@ -238,8 +238,9 @@ def test_mask_variants(monkeypatch, kinds, early, part_n, skip):
 
 def test_wide_plan_only_on_promise_and_in_range(monkeypatch):
     """plan_blocks gives WIDE_TILES only to sparse-only patterns of 16-bit GPU
-    batches at head size 128 whose longest sequence lies in WIDE_SEQ, and
-    never to short queries; PatternBatch keeps the promise across devices."""
+    batches at head size 128 and GQA group 4 whose longest sequence lies in
+    WIDE_SEQ, and never to short queries; PatternBatch keeps the promise
+    across devices."""
     from casakv_vllm.triton_kernels import sparse_prefill
 
     monkeypatch.setattr(sparse_prefill, "_interpreting", lambda: False)
@@ -254,6 +255,7 @@ def test_wide_plan_only_on_promise_and_in_range(monkeypatch):
     assert plan_blocks(4, 128, 32768, hi + 1, torch.bfloat16, True) == table
     assert plan_blocks(4, 128, 32768, hi, torch.float32, True) == table
     assert plan_blocks(4, 64, 32768, hi, torch.bfloat16, True) == plan_blocks(4, 64, 32768)
+    assert plan_blocks(8, 128, 32768, hi, torch.bfloat16, True) == plan_blocks(8, 128, 32768)  # unmeasured group
     assert plan_blocks(4, 128, 16, hi, torch.bfloat16, True) == plan_blocks(4, 128, 16)
     assert PatternBatch.local(1, 2, 4, 64).to(DEVICE).sparse_only
     assert not PatternBatch.dense(1, 2).sparse_only and not PatternBatch.empty(1, 2).sparse_only
