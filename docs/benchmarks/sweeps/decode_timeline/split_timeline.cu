@@ -32,6 +32,13 @@
 // warps' partial results are combined through shared memory at the end.
 //
 // Registration: TORCH_LIBRARY_FRAGMENT (compaction.cu owns TORCH_LIBRARY).
+//
+// Session 7: the MMA / cp.async helpers, the chunk's attention, the Q
+// fragments and the shared argument fields moved to ../decode_chunk.cuh
+// (shared with decode_cluster/).  Compiled with nvcc 13.0 before and after
+// the move: the same register counts per instance (162 / 128); not re-run on
+// the GPU since (device loans were paused).  split_timeline_v1.cu stays as
+// it was measured.
 
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAException.h>
@@ -41,42 +48,27 @@
 #include <cuda_fp16.h>
 #include <torch/library.h>
 
+#include "../decode_chunk.cuh"
+
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
 
 namespace casakv_exp {
 namespace {
+using namespace casakv_sweep;
 
-constexpr int kWarp = 32;
 constexpr int kMaxWarps = 8;     // warps per CTA: 1 .. kMaxWarps (runtime)
-constexpr int kChunk = 16;       // tokens per pipeline stage
 constexpr int kMaxStages = 6;
 
-struct SplitArgs {
-  const void* query;
-  const void* kv;
-  const int32_t* block_table;
-  const int32_t* seq_lens;
-  const int32_t* sel;
-  const int32_t* sel_count;
+struct SplitArgs : PagedDecodeFields {
   float* ws_acc;
   float* ws_m;
   float* ws_l;
-  void* out;
-  float* lse;  // nullptr: not written
-  int64_t q_s0, q_s1;                   // elements
-  int64_t c_blk, c_head;                // elements (token stride 2D, d stride 1)
-  int64_t bt_s0, bt_s1;
-  int64_t sel_s0, sel_s1, sel_s2;
-  int64_t sc_s0, sc_s1;
   int64_t wa_s0, wa_s1, wa_s2;          // ws_acc (d stride 1)
   int64_t wm_s0, wm_s1;                 // ws_m / ws_l (split stride 1)
-  int64_t o_s0, o_s1;                   // out (d stride 1)
-  int64_t lse_s0, lse_s1;
   float qk_scale;                       // softmax scale * log2(e)
   int num_splits;
-  int group;                            // query heads per KV head (<= 8)
   int block_size;                       // multiple of kChunk
   int stages;                           // 2 .. kMaxStages
   int warps;                            // 1 .. kMaxWarps
@@ -88,81 +80,6 @@ struct SplitArgs {
   int maxsel;                           // sel.size(2)
   int64_t num_blocks;                   // kv_cache.size(0)
 };
-__device__ __forceinline__ long long gtimer() {
-  long long t;
-  asm volatile("mov.u64 %0, %globaltimer;" : "=l"(t));
-  return t;
-}
-
-template <typename T>
-struct Mma;
-template <>
-struct Mma<__nv_bfloat16> {
-  // c += a (16x16, row) * b (16x8, col), fp32 accumulate
-  static __device__ __forceinline__ void run(float (&c)[4], uint32_t a0, uint32_t a2, uint32_t b0,
-                                             uint32_t b1) {
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
-        "{%8,%9}, {%0,%1,%2,%3};\n"
-        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-        : "r"(a0), "r"(0u), "r"(a2), "r"(0u), "r"(b0), "r"(b1));
-  }
-  static __device__ __forceinline__ uint32_t pack(float x, float y) {
-    __nv_bfloat162 h = __floats2bfloat162_rn(x, y);
-    return *reinterpret_cast<uint32_t*>(&h);
-  }
-  static __device__ __forceinline__ __nv_bfloat16 from(float x) { return __float2bfloat16(x); }
-};
-template <>
-struct Mma<__half> {
-  static __device__ __forceinline__ void run(float (&c)[4], uint32_t a0, uint32_t a2, uint32_t b0,
-                                             uint32_t b1) {
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
-        "{%8,%9}, {%0,%1,%2,%3};\n"
-        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-        : "r"(a0), "r"(0u), "r"(a2), "r"(0u), "r"(b0), "r"(b1));
-  }
-  static __device__ __forceinline__ uint32_t pack(float x, float y) {
-    __half2 h = __floats2half2_rn(x, y);
-    return *reinterpret_cast<uint32_t*>(&h);
-  }
-  static __device__ __forceinline__ __half from(float x) { return __float2half(x); }
-};
-
-__device__ __forceinline__ uint32_t smem_addr(const void* p) {
-  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
-}
-__device__ __forceinline__ void cp_async16(void* smem, const void* gmem) {
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(smem_addr(smem)), "l"(gmem) : "memory");
-}
-__device__ __forceinline__ void cp_async_commit() {
-  asm volatile("cp.async.commit_group;\n" ::: "memory");
-}
-template <int N>
-__device__ __forceinline__ void cp_async_wait() {
-  asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
-}
-// wait until at most n groups are pending (n is warp-uniform, < kMaxStages)
-__device__ __forceinline__ void cp_async_wait_dyn(int n) {
-  switch (n) {
-    case 0: cp_async_wait<0>(); break;
-    case 1: cp_async_wait<1>(); break;
-    case 2: cp_async_wait<2>(); break;
-    case 3: cp_async_wait<3>(); break;
-    case 4: cp_async_wait<4>(); break;
-    default: cp_async_wait<5>(); break;
-  }
-}
-template <bool kTrans>
-__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], const void* p) {
-  if constexpr (kTrans)
-    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
-                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(smem_addr(p)));
-  else
-    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
-                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(smem_addr(p)));
-}
 
 // Lets a programmatic dependent launch (the merge kernel) start now; it
 // still waits for this grid to finish before reading the workspaces.
@@ -229,19 +146,8 @@ __global__ void __launch_bounds__(kMaxWarps* kWarp)
   };
   if (!fast) finish_bounds();
 
-  // A fragments of Q (rows = the group's query heads; rows >= group and
-  // 8..15 are zero): qa[ks][0] = cols 16ks + 2quad.., qa[ks][1] = +8
   uint32_t qa[kKs][2];
-  {
-    const bool live = row < a.group;
-    const T* qrow = static_cast<const T*>(a.query) + seq * a.q_s0 +
-                    static_cast<int64_t>(kvh * a.group + (live ? row : 0)) * a.q_s1;
-#pragma unroll
-    for (int ks = 0; ks < kKs; ++ks) {
-      qa[ks][0] = live ? *reinterpret_cast<const uint32_t*>(qrow + 16 * ks + 2 * quad) : 0u;
-      qa[ks][1] = live ? *reinterpret_cast<const uint32_t*>(qrow + 16 * ks + 8 + 2 * quad) : 0u;
-    }
-  }
+  load_q_fragments<T, D>(qa, a, seq, kvh, lane);
 
   float acc[kNt][4];
 #pragma unroll
@@ -316,6 +222,7 @@ __global__ void __launch_bounds__(kMaxWarps* kWarp)
     finish_bounds();
     my_n = chunks_of_warp(nchunks);
   }
+  const auto unit = [](int t, int c) { return swz<kRowU4>(t, c); };
   int slot = 0;
   if (threadIdx.x == 0) { a.tl[cta * 5 + 0] = t_start; a.tl[cta * 5 + 1] = gtimer(); }
   for (int i = 0; i < my_n; ++i) {
@@ -334,65 +241,8 @@ __global__ void __launch_bounds__(kMaxWarps* kWarp)
     uint4* buf = ring + slot * kChunkU4;
     const int nvalid = dyn ? min(kChunk, valid_row - cdyn * kChunk)
                            : min(kChunk, valid - (warp + i * nw) * kChunk);
-    if (nvalid < kChunk) {  // a sequence's last chunk: rows past it may hold NaN
-      const int first = max(nvalid, 0);
-      for (int u = lane; u < (kChunk - first) * (kRowU4 / 2); u += kWarp) {
-        const int t = first + u / (kRowU4 / 2);
-        buf[swz<kRowU4>(t, kRowU4 / 2 + u % (kRowU4 / 2))] = make_uint4(0u, 0u, 0u, 0u);
-      }
-      __syncwarp();
-    }
-
-    // S = Q K^T for tokens 0..7 (s[0]) and 8..15 (s[1])
-    float s[2][4] = {{0.f, 0.f, 0.f, 0.f}, {0.f, 0.f, 0.f, 0.f}};
-#pragma unroll
-    for (int nt = 0; nt < 2; ++nt) {
-#pragma unroll
-      for (int k2 = 0; k2 < kKs / 2; ++k2) {
-        uint32_t b[4];
-        const int t = nt * 8 + (lane & 7);
-        ldmatrix_x4<false>(b, buf + swz<kRowU4>(t, 4 * k2 + (lane >> 3)));
-        M::run(s[nt], qa[2 * k2][0], qa[2 * k2][1], b[0], b[1]);
-        M::run(s[nt], qa[2 * k2 + 1][0], qa[2 * k2 + 1][1], b[2], b[3]);
-      }
-    }
-
-    // online softmax of row `row` over this chunk's 16 tokens (4 per lane)
-    float x[4];
-#pragma unroll
-    for (int nt = 0; nt < 2; ++nt)
-#pragma unroll
-      for (int e = 0; e < 2; ++e)
-        x[2 * nt + e] = (nt * 8 + 2 * quad + e < nvalid) ? s[nt][e] * a.qk_scale : -INFINITY;
-    float cm = fmaxf(fmaxf(x[0], x[1]), fmaxf(x[2], x[3]));
-    cm = fmaxf(cm, __shfl_xor_sync(0xffffffffu, cm, 1));
-    cm = fmaxf(cm, __shfl_xor_sync(0xffffffffu, cm, 2));
-    const float m_new = fmaxf(m, cm);
-    const float mu = m_new == -INFINITY ? 0.f : m_new;
-    const float alpha = exp2f(m - mu);
-    m = m_new;
-    float p[4];
-#pragma unroll
-    for (int e = 0; e < 4; ++e) p[e] = exp2f(x[e] - mu);
-    lsum = lsum * alpha + (p[0] + p[1]) + (p[2] + p[3]);
-#pragma unroll
-    for (int j = 0; j < kNt; ++j) {
-      acc[j][0] *= alpha;
-      acc[j][1] *= alpha;
-    }
-    const uint32_t pa0 = M::pack(p[0], p[1]);  // tokens 2quad.. of 0..7
-    const uint32_t pa2 = M::pack(p[2], p[3]);  // tokens 8 + 2quad..
-
-    // O += P V
-#pragma unroll
-    for (int j2 = 0; j2 < kNt / 2; ++j2) {
-      uint32_t b[4];
-      const int mi = lane >> 3;
-      const int t = (mi & 1) * 8 + (lane & 7);
-      ldmatrix_x4<true>(b, buf + swz<kRowU4>(t, kRowU4 / 2 + 2 * j2 + (mi >> 1)));
-      M::run(acc[2 * j2], pa0, pa2, b[0], b[1]);
-      M::run(acc[2 * j2 + 1], pa0, pa2, b[2], b[3]);
-    }
+    if (nvalid < kChunk) zero_tail_v<kRowU4>(buf, unit, nvalid, lane);
+    attend_chunk<T, D>(buf, unit, qa, acc, m, lsum, nvalid, lane, a.qk_scale);
     __syncwarp();  // every lane is done with this slot
     slot = slot + 1 == a.stages ? 0 : slot + 1;
   }
@@ -614,40 +464,9 @@ void sparse_decode_split_cuda(at::Tensor query, at::Tensor kv_cache, at::Tensor 
   if (R == 0) return;
   TORCH_CHECK(R <= 65535 && Hkv <= 65535, "sparse_decode_split: too many requests or KV heads");
   const c10::cuda::CUDAGuard guard(query.device());
-  const uintptr_t align = reinterpret_cast<uintptr_t>(kv_cache.data_ptr()) |
-                          reinterpret_cast<uintptr_t>(query.data_ptr()) |
-                          static_cast<uintptr_t>(kv_cache.stride(0) * 2) |
-                          static_cast<uintptr_t>(kv_cache.stride(1) * 2) |
-                          static_cast<uintptr_t>(query.stride(0) * 2) |
-                          static_cast<uintptr_t>(query.stride(1) * 2);
-  TORCH_CHECK((align & 15) == 0, "sparse_decode_split: kv_cache / query must be 16-byte aligned");
 
   SplitArgs a{};
-  a.query = query.data_ptr();
-  a.kv = kv_cache.data_ptr();
-  a.block_table = block_table.data_ptr<int32_t>();
-  a.seq_lens = seq_lens.data_ptr<int32_t>();
-  a.sel = sel.data_ptr<int32_t>();
-  a.sel_count = sel_count.data_ptr<int32_t>();
-  a.out = out.data_ptr();
-  a.lse = lse.has_value() ? lse->data_ptr<float>() : nullptr;
-  a.q_s0 = query.stride(0);
-  a.q_s1 = query.stride(1);
-  a.c_blk = kv_cache.stride(0);
-  a.c_head = kv_cache.stride(1);
-  a.bt_s0 = block_table.stride(0);
-  a.bt_s1 = block_table.stride(1);
-  a.sel_s0 = sel.stride(0);
-  a.sel_s1 = sel.stride(1);
-  a.sel_s2 = sel.stride(2);
-  a.sc_s0 = sel_count.stride(0);
-  a.sc_s1 = sel_count.stride(1);
-  a.o_s0 = out.stride(0);
-  a.o_s1 = out.stride(1);
-  if (lse.has_value()) {
-    a.lse_s0 = lse->stride(0);
-    a.lse_s1 = lse->stride(1);
-  }
+  fill_paged_args(a, query, kv_cache, block_table, seq_lens, sel, sel_count, out, lse);
   if (num_splits > 1) {
     a.ws_acc = ws_acc.data_ptr<float>();
     a.ws_m = ws_m.data_ptr<float>();

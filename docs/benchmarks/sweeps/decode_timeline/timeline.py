@@ -15,20 +15,12 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parents[3] / "scripts"))
 import kernel_sweep as ks  # noqa: E402  (the sweep's inputs and graph timer, from this checkout)
 
+sys.path.insert(0, str(HERE.parent))
+from nvcc_build import build as nvcc  # noqa: E402
+
+
 def build(src: str = "split_timeline.cu", so: str = "/tmp/casakv_exp.so") -> str:
-    """nvcc straight to a shared library (no ninja needed), loaded as torch ops."""
-    import subprocess
-    import sysconfig
-    from torch.utils import cpp_extension as ce
-    inc = [f"-I{p}" for p in ce.include_paths(device_type="cuda")] + [f"-I{sysconfig.get_paths()['include']}"]
-    lib = [f"-L{p}" for p in ce.library_paths(device_type="cuda")]
-    cmd = [ce._join_cuda_home("bin", "nvcc"), "-O3", "-std=c++17", "--use_fast_math", "-shared",
-           "-Xcompiler", "-fPIC", "-gencode=arch=compute_90a,code=sm_90a",
-           f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}", *inc,
-           str(HERE / src), "-o", so, *lib, "-lc10", "-lc10_cuda", "-ltorch", "-ltorch_cpu",
-           "-ltorch_cuda"]
-    subprocess.run(cmd, check=True)
-    return so
+    return nvcc(str(HERE / src), so)
 
 
 torch.ops.load_library(build())
