@@ -36,9 +36,9 @@
 // Session 7: the MMA / cp.async helpers, the chunk's attention, the Q
 // fragments and the shared argument fields moved to ../decode_chunk.cuh
 // (shared with decode_cluster/).  Compiled with nvcc 13.0 before and after
-// the move: the same register counts per instance (162 / 128); not re-run on
-// the GPU since (device loans were paused).  split_timeline_v1.cu stays as
-// it was measured.
+// the move: the same register counts per instance (162 / 128).  Not re-run
+// on the GPU after the move (device loans were paused that session).
+// split_timeline_v1.cu stays as it was measured.
 
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAException.h>
