@@ -2,7 +2,7 @@
 VENV ?= .venv
 PYTEST_ARGS ?=
 
-.PHONY: venv demo test test-unit test-e2e test-kernels clean-venv
+.PHONY: venv demo test test-all test-unit test-e2e test-kernels clean-venv
 
 venv:
 	@bash scripts/setup-cpu-venv.sh $(VENV)
@@ -14,6 +14,10 @@ demo: venv
 # end-to-end tests against a real `vllm serve`.  GPU tests skip themselves.
 test: venv
 	$(VENV)/bin/pytest -m "not slow" $(PYTEST_ARGS)
+
+# Everything, the `slow` equivalence checks included.
+test-all: venv
+	$(VENV)/bin/pytest $(PYTEST_ARGS)
 
 test-unit: venv
 	$(VENV)/bin/pytest tests/unit $(PYTEST_ARGS)

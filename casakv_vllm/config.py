@@ -9,14 +9,13 @@ key):
 
 A bad value raises :class:`CasakvConfigError` whose message is one line naming
 the field, the value and what is allowed.  At ``vllm serve`` start-up that
-line is all the user sees (see ``casakv_vllm.vllm_hooks``).
+line is all the user sees (see ``casakv_vllm.integration.platform``).
 """
 
 from __future__ import annotations
 
 import json
 import os
-import re
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -24,8 +23,6 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 ENV_VAR = "CASAKV_CONFIG"
 ADDITIONAL_CONFIG_KEY = "casakv"
-
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
 class CasakvConfigError(ValueError):
@@ -45,10 +42,6 @@ class CasakvConfig(BaseModel):
     policy: str = Field("dense", description="attention/compression policy name")
     kv_budget: int | None = Field(None, ge=1, description="KV tokens kept per request, layer and head")
     kv_ratio: float | None = Field(None, gt=0.0, le=1.0, description="fraction of KV kept (0.25 = 4x)")
-    chunk_size: int = Field(64, ge=1, le=65536, description="tokens per compression chunk")
-    reprofile_interval: int = Field(16, ge=1, description="decode steps between head re-profiling (N)")
-    recall_threshold: float = Field(0.9, gt=0.0, le=1.0, description="attention recall below which heads are re-predicted")
-    predictor: str | None = Field(None, description="predictor checkpoint: local path or hub id 'org/name'")
     policy_params: dict[str, Any] = Field(default_factory=dict, description="parameters of the chosen policy")
     metrics: bool = Field(True, description="export casakv_* Prometheus series")
 
@@ -60,25 +53,6 @@ class CasakvConfig(BaseModel):
         names = available_policies()
         if value not in names:
             raise ValueError(f"must be one of {', '.join(sorted(names))}")
-        return value
-
-    @field_validator("chunk_size")
-    @classmethod
-    def _power_of_two(cls, value: int) -> int:
-        if value & (value - 1):
-            raise ValueError("must be a power of two (e.g. 16, 32, 64, 128)")
-        return value
-
-    @field_validator("predictor")
-    @classmethod
-    def _predictor_ref(cls, value: str | None) -> str | None:
-        if value is None:
-            return None
-        path = Path(value).expanduser()
-        if path.exists():
-            return str(path)
-        if value.startswith(("/", ".", "~")) or not _HUB_ID.match(value):
-            raise ValueError("must be an existing local path or a hub id of the form 'org/name'")
         return value
 
     @model_validator(mode="after")
@@ -166,3 +140,17 @@ def load_config(
         return CasakvConfig(**merged)
     except ValidationError as err:
         raise CasakvConfigError(_one_line(err, " + ".join(sources) or "defaults")) from None
+
+
+def device_support_error(config: CasakvConfig, device_type: str | None) -> str | None:
+    """Why ``config`` cannot be served on ``device_type`` (None when it can).
+
+    Asks the policy *instance*: parameters change capabilities (``streaming``
+    with ``scope: all`` is a pattern policy, with ``scope: decode`` it evicts).
+    """
+    from casakv_vllm.policies import build_policy
+
+    if device_type in (None, "cpu") or not build_policy(config).caps.evicts:
+        return None
+    return (f"policy '{config.policy}' evicts KV per request, which runs on the CPU path only for now; "
+            f"on {device_type} use dense or streaming (scope: all)")

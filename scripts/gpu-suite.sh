@@ -3,10 +3,12 @@
 # CUDA box (this project runs it through the device tool on an H100):
 #   1. installs casakv-vllm from this checkout (builds csrc/ into casakv_vllm._C),
 #   2. runs the kernel tests and GPU-marked tests on the GPU,
-#   3. runs the kernel benchmark (`python -m casakv_vllm.bench.kernels`, the code
+#   3. runs the kernel benchmark (`python -m casakv_vllm.tools.bench.kernels`, the code
 #      behind `casakv bench kernels`) and writes JSON + Markdown; with vLLM's
 #      Triton kernel as a peer when .vllm_kernel/ was staged
-#      (python scripts/stage_vllm_kernel.py, on the machine that has vLLM).
+#      (python scripts/stage_vllm_kernel.py, on the machine that has vLLM);
+#   4. with vLLM's Python layer staged in .vllm_py/ (python scripts/stage_vllm_python.py)
+#      the tests that drive casakv's builder and impl with hand-built vLLM metadata run too.
 # Results go to $OUT (default ./gpu-out).  No vLLM is needed on that box.
 set -uo pipefail
 REPO="$(cd "$(dirname "$0")/.." && pwd)"
@@ -24,6 +26,12 @@ fi
 python3 -c "from torch.utils.cpp_extension import CUDA_HOME; print('CUDA_HOME', CUDA_HOME)"
 (cd /tmp && python3 -c "import torch, casakv_vllm._C; print('CUDA op:', torch.ops.casakv.compact_kv)" 2>&1 | tail -1)
 
+if [ -d "$REPO/.vllm_py" ]; then   # vLLM's pure-Python layer (no compiled ops): "unspecified" platform
+    mkdir -p /tmp/site
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site "$REPO"/.vllm_py/wheels/*.whl \
+        && tar -xJf "$REPO/.vllm_py/vllm-python.tar.xz" -C /tmp/site && export PYTHONPATH=/tmp/site \
+        && echo "vLLM python layer: staged" || echo "vLLM python layer: FAILED to stage"
+fi
 cd /tmp   # never import the checkout's folders by accident
 [ "${SKIP_TESTS:-0}" = "1" ] || python3 -m pytest "$REPO/tests/kernels" "$REPO/tests/unit/test_ops.py" -q -p no:cacheprovider \
     -o addopts="--import-mode=importlib -ra" ${PYTEST_ARGS:-} 2>&1 | tee "$OUT/gpu-tests.log" | tail -15
@@ -34,5 +42,5 @@ if [ "${SKIP_BENCH:-0}" != "1" ]; then
     # scripts/stage_vllm_kernel.py into .vllm_kernel/ (carried with the call)
     VLLM_ARGS=""
     [ -d "$REPO/.vllm_kernel/vllm" ] && VLLM_ARGS="--vllm-kernel $REPO/.vllm_kernel"
-    python3 -m casakv_vllm.bench.kernels --json "$OUT/kernels-h100.json" --md "$OUT/kernels-h100.md" $VLLM_ARGS ${BENCH_ARGS:-} 2>&1 | tee "$OUT/bench.log" | tail -40
+    python3 -m casakv_vllm.tools.bench.kernels --json "$OUT/kernels-${GPU_NAME:-h200}.json" --md "$OUT/kernels-${GPU_NAME:-h200}.md" $VLLM_ARGS ${BENCH_ARGS:-} 2>&1 | tee "$OUT/bench.log" | tail -40
 fi

@@ -34,15 +34,15 @@ def _shim():
 
 
 _shim()
-from casakv_vllm.bench.kernels import (  # noqa: E402  (the benchmark's inputs, masks and checks)
+from casakv_vllm.tools.bench.kernels import (  # noqa: E402  (the benchmark's inputs, masks and checks)
     MASK_MODS as MODS, bench_graph, bench_patterns as patterns, contiguous_kv as contiguous, copy_same_bytes,
     decode_selections, paged_kv, read_same_bytes, rel_err as rel)
-from casakv_vllm.triton_kernels.paged_attention import paged_attention  # noqa: E402
-from casakv_vllm.triton_kernels.sparse_decode import (  # noqa: E402
+from casakv_kernels.paged_attention import paged_attention  # noqa: E402
+from casakv_kernels.sparse_decode import (  # noqa: E402
     SparseDecodeWorkspace, choose_num_splits, physical_selection, sparse_paged_decode)
-from casakv_vllm.triton_kernels.sparse_decode_reference import sparse_paged_decode_ref  # noqa: E402
-from casakv_vllm.triton_kernels.sparse_index import build_prefill_index  # noqa: E402
-from casakv_vllm.triton_kernels.sparse_prefill import sparse_paged_attention  # noqa: E402
+from casakv_kernels.sparse_decode_reference import sparse_paged_decode_ref  # noqa: E402
+from casakv_kernels.sparse_index import build_prefill_index  # noqa: E402
+from casakv_kernels.sparse_prefill import sparse_paged_attention  # noqa: E402
 
 HQ, HKV, D, PAGE = 32, 8, 128, 16
 DT = torch.bfloat16
@@ -149,7 +149,7 @@ def sweep_wide(gen, rows, n, masks, flex, reps):
     WIDE_TILES ("wide"), one launch each, both against Flex on the same mask,
     timed alternately ``reps`` times (medians)."""
     from torch.nn.attention.flex_attention import create_block_mask
-    from casakv_vllm.triton_kernels.sparse_prefill import WIDE_TILES, plan_blocks
+    from casakv_kernels.sparse_prefill import WIDE_TILES, plan_blocks
     kv, table, q, qsl, sl, k, v, qb, scale = prefill_inputs(gen, n)
     plans = {"table": plan_blocks(HQ // HKV, D, n), "wide": (WIDE_TILES[0] // (HQ // HKV), WIDE_TILES[1])}
     for name in masks:
@@ -223,7 +223,7 @@ def profile_target(gen, flex, n, mask, runs=3):
     """Run casakv's sparse prefill and Flex on one mask ``runs`` times each
     (for ``ncu --launch-skip``); prints both times."""
     from torch.nn.attention.flex_attention import create_block_mask
-    from casakv_vllm.triton_kernels.sparse_prefill import plan_blocks
+    from casakv_kernels.sparse_prefill import plan_blocks
     kv, table, q, qsl, sl, k, v, qb, scale = prefill_inputs(gen, n)
     bq, bn = plan_blocks(HQ // HKV, D, n)
     pat = patterns(mask, n)
@@ -242,8 +242,8 @@ def sweep_variants(gen, rows, n, masks, flex, reps=2):
     (the module switches in ``VARIANTS``), each checked against Flex and
     timed ``reps`` times (interleaved, to see the spread)."""
     from torch.nn.attention.flex_attention import create_block_mask
-    from casakv_vllm.triton_kernels import sparse_prefill
-    from casakv_vllm.triton_kernels.sparse_prefill import plan_blocks
+    from casakv_kernels import sparse_prefill
+    from casakv_kernels.sparse_prefill import plan_blocks
     kv, table, q, qsl, sl, k, v, qb, scale = prefill_inputs(gen, n)
     bq, bn = plan_blocks(HQ // HKV, D, n)
     variants = [name for name, _, _ in VARIANTS]
@@ -465,7 +465,7 @@ def dump_decode_ir(gen, out_dir, n=131072):
     """Compile the split kernel as the benchmark runs it (B=1, 10%, physical
     ids), print its statistics and write its TTGIR (pipelining: look at the
     loop's async_wait counts)."""
-    from casakv_vllm.triton_kernels import sparse_decode as sd
+    from casakv_kernels import sparse_decode as sd
     kv, table, q, sl, nb, ws = decode_inputs(gen, n, 1)
     sel, cnt = decode_selections(1, nb, 0.1, gen)[0]
     out = torch.empty_like(q)

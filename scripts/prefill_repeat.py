@@ -25,7 +25,7 @@ def main() -> None:
         raise SystemExit("prefill_repeat.py needs a CUDA GPU")
     from torch.nn.attention.flex_attention import flex_attention
 
-    from casakv_vllm.bench.kernels import bench_prefill
+    from casakv_vllm.tools.bench.kernels import bench_prefill
 
     torch._dynamo.config.recompile_limit = 64
     flex = torch.compile(flex_attention, dynamic=False)

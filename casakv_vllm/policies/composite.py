@@ -7,8 +7,9 @@ from typing import Any
 import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from casakv_vllm.policies.base import get_policy_class, register_policy
 from casakv_vllm.policies.keep import KeepPolicy
+from casakv_vllm.policies.registry import get_policy_class, register_policy
+from casakv_vllm.policies.base import Capabilities
 
 
 class Member(BaseModel):
@@ -43,14 +44,17 @@ class CompositePolicy(KeepPolicy):
     name = "composite"
     Params = CompositeParams
 
-    def __init__(self, params, config=None):
-        super().__init__(params, config)
-        self.members = [self._member(m, config) for m in params.members] if config is not None else []
+    def setup(self) -> None:
+        self.members = [self.member(m, self.config, self.num_layers) for m in self.params.members]
+
+    def capabilities(self) -> Capabilities:
+        return Capabilities(changes_prefill=False, evicts=True,
+                            needs_col_sums=any(m.caps.needs_col_sums for m in self.members))
 
     @staticmethod
-    def _member(m: Member, config) -> KeepPolicy:
+    def member(m: Member, config, num_layers: int = 1) -> KeepPolicy:
         cls = get_policy_class(m.policy)
-        if not issubclass(cls, KeepPolicy) or cls is CompositePolicy or cls.observes_decode:
+        if not issubclass(cls, KeepPolicy) or cls is CompositePolicy:
             raise ValueError(f"member policy '{m.policy}' cannot be composed (needs a select-once evicting policy)")
         budget = {}
         if config.kv_budget is not None:
@@ -58,24 +62,21 @@ class CompositePolicy(KeepPolicy):
         else:
             budget["kv_ratio"] = max(1e-6, m.share * config.kv_ratio)
         sub = config.model_copy(update={"policy": m.policy, "policy_params": m.policy_params, **budget})
-        policy = cls(cls.validate_params(m.policy_params), sub)
-        if not policy.evicts:
+        policy = cls(cls.validate_params(m.policy_params), sub, num_layers)
+        if not policy.caps.evicts:
             raise ValueError(f"member policy '{m.policy}' must evict (e.g. streaming with scope 'decode')")
+        if policy.caps.observes_decode:
+            raise ValueError(f"member policy '{m.policy}' cannot be composed (needs a select-once evicting policy)")
         return policy
 
     @classmethod
     def validate_config(cls, params, config) -> None:
         super().validate_config(params, config)
         for m in params.members:
-            cls._member(m, config)
+            cls.member(m, config)
 
-    @property
-    def needs_col_sums(self) -> bool:  # type: ignore[override]
-        return any(m.needs_col_sums for m in self.members)
-
-    def select(self, layer, prompt_len, k, obs, scale):
-        keep = torch.zeros(k.shape[0], prompt_len, dtype=torch.bool)
+    def select_scored(self, layer, prompt_len, keys, obs, scale):
+        keep = torch.zeros(keys.shape[0], prompt_len, dtype=torch.bool, device=keys.device)
         for member in self.members:
-            member.num_layers = self.num_layers
-            keep |= member.select(layer, prompt_len, k, obs, scale)
-        return keep
+            keep |= member.select(layer, prompt_len, keys, obs, scale)
+        return keep, None

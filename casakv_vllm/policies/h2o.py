@@ -5,9 +5,11 @@ from __future__ import annotations
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from casakv_vllm.observations import group_sum
-from casakv_vllm.policies.base import register_policy
-from casakv_vllm.policies.keep import KeepPolicy, recency_keep, topk_keep, warn_once, window_scores
+from casakv_vllm.ops.probs import group_sum
+from casakv_vllm.policies.keep import KeepPolicy
+from casakv_vllm.policies.keepset import LayerKeep
+from casakv_vllm.policies.registry import register_policy
+from casakv_vllm.policies.scorers import AccumulatedAttention
 
 
 class H2OParams(BaseModel):
@@ -28,62 +30,45 @@ class H2OPolicy(KeepPolicy):
 
     name = "h2o"
     Params = H2OParams
-    needs_col_sums = True
-    observes_decode = True
+
+    def setup(self) -> None:
+        self.scorer = AccumulatedAttention()
 
     def recent(self, budget: int) -> int:
         return max(1, int(round(self.params.recent_ratio * budget)))
 
-    def start(self, layer, state, prompt_len, k, obs, scale):
-        keep, acc = self._select_with_scores(layer, prompt_len, k, obs, scale)
-        full = torch.zeros(k.shape[0], prompt_len + 64)
-        if acc is not None:
-            full[:, :prompt_len] = acc
-        state[("acc", layer)] = full
+    def protect(self, num_kv: int, prompt_len: int, budget: int, device) -> torch.Tensor:
+        keep = torch.zeros(num_kv, prompt_len, dtype=torch.bool, device=device)
+        keep[:, prompt_len - min(self.recent(budget), budget):] = True
         return keep
 
-    def select(self, layer, prompt_len, k, obs, scale):
-        return self._select_with_scores(layer, prompt_len, k, obs, scale)[0]
+    def decode_budget(self, layer: int, prompt_len: int) -> int:
+        return self.prompt_budget(layer, prompt_len) if self.config.kv_budget is None else self.config.kv_budget
 
-    def _select_with_scores(self, layer, prompt_len, k, obs, scale):
-        budget = self.prompt_budget(layer, prompt_len)
-        num_kv = k.shape[0]
-        recent = self.recent(budget)
-        if obs is not None and obs.col_sums is not None and obs.col_rows == prompt_len:
-            acc = obs.col_sums.clone()
-        else:
-            warn_once(self.name, "prompt attention mass not recorded (prefix cache hit?); scoring by the last queries")
-            acc = window_scores(obs, k, 64, scale)
-            if acc is None:
-                return recency_keep(num_kv, prompt_len, budget), None
-        protect = torch.zeros(num_kv, prompt_len, dtype=torch.bool)
-        protect[:, prompt_len - min(recent, budget):] = True
-        return topk_keep(acc, budget, protect), acc
+    def start(self, layer, prompt_len, keys, obs, scale, seq_len) -> LayerKeep:
+        keep, scores = self.select_scored(layer, prompt_len, keys[:, :prompt_len], obs, scale)
+        state = LayerKeep.new(keep, seq_len)
+        state.scores = torch.zeros(state.mask.shape, device=state.mask.device)
+        if scores is not None:
+            state.scores[:, :prompt_len] = scores
+        return state
 
-    def before_decode(self, layer, state, keep, prompt_len, seq_len):
-        budget = self.prompt_budget(layer, prompt_len) if self.config.kv_budget is None else self.config.kv_budget
-        acc = state.get(("acc", layer))
-        if acc is None:
-            return
-        if acc.shape[1] < keep.shape[1]:
-            grown = torch.zeros(acc.shape[0], keep.shape[1])
-            grown[:, : acc.shape[1]] = acc
-            acc = state[("acc", layer)] = grown
-        keep[:, seq_len:] = False  # not yet generated
-        keep[:, seq_len - 1] = True
-        recent = self.recent(budget)
-        over = keep[:, :seq_len].sum(1) - budget
+    def evict(self, keep: LayerKeep, layer: int, prompt_len: int, seq_len: int) -> None:
+        budget = self.decode_budget(layer, prompt_len)
+        mask, acc = keep.mask, keep.scores
+        mask[:, seq_len:] = False  # not yet generated
+        mask[:, seq_len - 1] = True
+        over = mask[:, :seq_len].sum(1) - budget
         if int(over.max()) <= 0:
             return
-        candidates = keep[:, :seq_len].clone()
+        recent = self.recent(budget)
+        candidates = mask[:, :seq_len].clone()
         candidates[:, max(0, seq_len - recent):] = False
         score = acc[:, :seq_len].masked_fill(~candidates, float("inf"))
         for head in torch.nonzero(over > 0).flatten().tolist():
-            n = int(over[head])
-            idx = torch.topk(score[head], n, largest=False).indices
-            keep[head, idx] = False
+            idx = torch.topk(score[head], int(over[head]), largest=False).indices
+            mask[head, idx] = False
 
-    def on_decode(self, layer, state, keep, probs):
-        acc = state.get(("acc", layer))
-        if acc is not None and probs is not None:
-            acc[:, : probs.shape[-1]] += group_sum(probs, acc.shape[0]).reshape(acc.shape[0], -1)
+    def observe(self, keep: LayerKeep, probs: torch.Tensor) -> None:
+        acc = keep.scores
+        acc[:, : probs.shape[-1]] += group_sum(probs, acc.shape[0]).reshape(acc.shape[0], -1)

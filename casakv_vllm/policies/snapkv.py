@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-import torch
-import torch.nn.functional as F
+from typing import Literal
+
 from pydantic import BaseModel, ConfigDict, Field
 
-from casakv_vllm.policies.base import register_policy
-from casakv_vllm.policies.keep import KeepPolicy, recency_keep, topk_keep, warn_once, window_scores
+from casakv_vllm.policies.keep import KeepPolicy
+from casakv_vllm.policies.registry import register_policy
+from casakv_vllm.policies.scorers import AccumulatedAttention, WindowVotes
 
 
 class SnapKVParams(BaseModel):
@@ -16,16 +17,9 @@ class SnapKVParams(BaseModel):
     kernel: int = Field(7, ge=1, le=63, description="max-pool width over key positions (odd)")
 
 
-def pooled_scores(scores: torch.Tensor, kernel: int) -> torch.Tensor:
-    """Max-pool ``[H, L]`` scores along L so neighbours of a hit are kept too.
-
-    A hit's own score breaks the tie with its neighbours (which the pool gave
-    the same value), so a budget smaller than the pool keeps the hit itself.
-    """
-    if kernel <= 1:
-        return scores
-    pooled = F.max_pool1d(scores.unsqueeze(0), kernel, stride=1, padding=kernel // 2).squeeze(0)
-    return pooled[:, : scores.shape[1]] + 1e-3 * scores
+class AdaptiveParams(SnapKVParams):
+    scorer: Literal["snapkv", "h2o"] = Field(
+        "snapkv", description="token scores: SnapKV's window votes, or H2O's accumulated attention")
 
 
 @register_policy
@@ -35,21 +29,11 @@ class SnapKVPolicy(KeepPolicy):
     name = "snapkv"
     Params = SnapKVParams
 
-    def head_scores(self, k: torch.Tensor, obs, scale: float) -> torch.Tensor | None:
-        """Pooled window votes ``[H, L]`` (the window's own rows set to +inf), or None."""
-        plen = k.shape[1]
-        w = min(self.params.window, plen)
-        scores = window_scores(obs, k, w, scale)
-        if scores is None:
-            return None
-        scores = pooled_scores(scores, self.params.kernel)
-        scores[:, plen - w:] = float("inf")
-        return scores
+    def setup(self) -> None:
+        if getattr(self.params, "scorer", "snapkv") == "h2o":
+            self.scorer = AccumulatedAttention()
+        else:
+            self.scorer = WindowVotes(self.params.window, self.params.kernel)
 
-    def select(self, layer, prompt_len, k, obs, scale):
-        budget = self.prompt_budget(layer, prompt_len)
-        scores = self.head_scores(k, obs, scale)
-        if scores is None:
-            warn_once(self.name, "no observations of the prompt; keeping sinks + recent tokens")
-            return recency_keep(k.shape[0], prompt_len, budget)
-        return topk_keep(scores, budget)
+    def pinned(self, prompt_len: int) -> int:
+        return min(self.params.window, prompt_len) if isinstance(self.scorer, WindowVotes) else 0

@@ -7,18 +7,24 @@ last queries, as MInference does.  Types, each filling the same budget:
 - ``a-shape``: 4 sink tokens + the most recent tokens (no scores needed);
 - ``vertical``: the most-attended columns (single tokens) + a short recent window;
 - ``block``: the most-attended 16-token blocks + a short recent window.
+
+Each type is a way of scoring a head's tokens (``AssignedPatterns``); the one
+selection then keeps the budget's best per head.
 """
 
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from casakv_vllm.policies.base import register_policy
-from casakv_vllm.policies.keep import KeepPolicy, recency_keep, topk_keep, warn_once, window_scores
+from casakv_vllm.policies.keep import KeepPolicy
+from casakv_vllm.policies.registry import register_policy
+from casakv_vllm.policies.scorers import ScoreInput, Scorer, recency_scores, window_scores
+from casakv_vllm.policies.selection import warn_once
 
 HEAD_TYPES = ("a-shape", "vertical", "block")
 BLOCK = 16
@@ -47,32 +53,45 @@ def load_assignment(path: str) -> list[list[str]]:
     return heads
 
 
-def keep_for_type(kind: str, scores: torch.Tensor | None, prompt_len: int, budget: int) -> torch.Tensor:
-    """One head's keep-set ``[prompt_len]`` for pattern ``kind`` (scores ``[prompt_len]``)."""
-    if budget >= prompt_len:
-        return torch.ones(prompt_len, dtype=torch.bool)
-    if kind == "a-shape" or scores is None:
-        return recency_keep(1, prompt_len, budget, sink=SINK)[0]
-    recent = min(RECENT, budget // 2)
-    protect = torch.zeros(1, prompt_len, dtype=torch.bool)
-    protect[0, prompt_len - recent:] = True
-    if kind == "vertical":
-        return topk_keep(scores.unsqueeze(0), budget, protect)[0]
-    # block: rank 16-token blocks by their summed score, fill the budget block by block
-    keep = protect[0].clone()
-    nblocks = -(-prompt_len // BLOCK)
-    padded = torch.zeros(nblocks * BLOCK)
-    padded[:prompt_len] = scores.masked_fill(protect[0], 0.0)
+def block_ranks(scores: torch.Tensor, recent: torch.Tensor) -> torch.Tensor:
+    """``-rank`` of each position when 16-token blocks are taken by summed score (best block
+    first, positions in order inside a block); ``recent`` positions (``[L]`` bool) do not count."""
+    length = scores.shape[0]
+    nblocks = -(-length // BLOCK)
+    padded = torch.zeros(nblocks * BLOCK, device=scores.device)
+    padded[:length] = scores.masked_fill(recent, 0.0)
     order = torch.argsort(padded.view(nblocks, BLOCK).sum(1), descending=True)
-    left = budget - recent
-    for b in order.tolist():
-        if left <= 0:
-            break
-        lo, hi = b * BLOCK, min(prompt_len, (b + 1) * BLOCK)
-        free = (~keep[lo:hi]).nonzero().flatten()[:left] + lo
-        keep[free] = True
-        left -= free.numel()
-    return keep
+    place = torch.empty_like(order)
+    place[order] = torch.arange(nblocks, device=scores.device)
+    pos = torch.arange(length, device=scores.device)
+    return -(place[pos // BLOCK] * BLOCK + pos % BLOCK).float()
+
+
+def type_scores(kind: str, votes: torch.Tensor | None, prompt_len: int, budget: int, device=None) -> torch.Tensor:
+    """One head's scores ``[L]`` for pattern ``kind`` (``+inf`` = kept first); ``votes``: window votes or None."""
+    if kind == "a-shape" or votes is None:
+        return recency_scores(1, prompt_len, min(SINK, budget // 2), device)[0]
+    recent = torch.zeros(prompt_len, dtype=torch.bool, device=votes.device)
+    recent[prompt_len - min(RECENT, budget // 2):] = True
+    scores = votes.float() if kind == "vertical" else block_ranks(votes, recent)
+    return scores.masked_fill(recent, float("inf"))
+
+
+@dataclass
+class AssignedPatterns(Scorer):
+    """Scores each head by its assigned type (``heads[layer][kv_head]``) from the window's votes."""
+
+    heads: list[list[str]]
+    window: int = 64
+
+    def score(self, x: ScoreInput) -> torch.Tensor:
+        num_kv, plen, _ = x.keys.shape
+        row = self.heads[x.layer % len(self.heads)]
+        votes = window_scores(x, self.window)
+        if votes is None:
+            warn_once(x.policy, "no observations of the prompt; a-shape for every head")
+        return torch.stack([type_scores(row[h % len(row)], None if votes is None else votes[h], plen, x.budget,
+                                        x.keys.device) for h in range(num_kv)])
 
 
 @register_policy
@@ -80,23 +99,10 @@ class StaticHeadsPolicy(KeepPolicy):
     name = "static-heads"
     Params = StaticHeadsParams
 
-    def __init__(self, params, config=None):
-        super().__init__(params, config)
-        self.heads = load_assignment(params.assignment)
+    def setup(self) -> None:
+        self.scorer = AssignedPatterns(load_assignment(self.params.assignment), self.params.window)
 
     @classmethod
     def validate_config(cls, params, config) -> None:
         super().validate_config(params, config)
         load_assignment(params.assignment)
-
-    def select(self, layer, prompt_len, k, obs, scale):
-        budget = self.prompt_budget(layer, prompt_len)
-        row = self.heads[layer % len(self.heads)]
-        scores = window_scores(obs, k, self.params.window, scale)
-        if scores is None:
-            warn_once(self.name, "no observations of the prompt; a-shape for every head")
-        keep = torch.zeros(k.shape[0], prompt_len, dtype=torch.bool)
-        for h in range(k.shape[0]):
-            kind = row[h % len(row)]
-            keep[h] = keep_for_type(kind, None if scores is None else scores[h], prompt_len, budget)
-        return keep

@@ -7,9 +7,11 @@ from typing import Literal
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from casakv_vllm.policies.base import register_policy
+from casakv_kernels.patterns import PatternBatch
+from casakv_vllm.policies.base import Capabilities
 from casakv_vllm.policies.keep import KeepPolicy
-from casakv_vllm.triton_kernels.patterns import PatternBatch
+from casakv_vllm.policies.keepset import LayerKeep
+from casakv_vllm.policies.registry import register_policy
 
 
 class StreamingParams(BaseModel):
@@ -28,17 +30,17 @@ class StreamingPolicy(KeepPolicy):
     The window comes from ``policy_params.window`` or, failing that, from the
     budget: ``kv_budget - sink`` tokens, or ``kv_ratio * seq_len - sink``
     (with ``scope='decode'``, ``seq_len`` is the prompt length, so the cache
-    size stays fixed while generating).
+    size stays fixed while generating).  ``scope='all'`` is a pattern policy;
+    ``scope='decode'`` evicts.
     """
 
     name = "streaming"
     Params = StreamingParams
-    layer_dependent = False
 
-    def __init__(self, params, config=None):
-        super().__init__(params, config)
-        self.evicts = params.scope == "decode"
-        self.changes_prefill = params.scope == "all"
+    def capabilities(self) -> Capabilities:
+        if self.params.scope == "all":
+            return Capabilities(changes_prefill=True, evicts=False, layer_dependent=False)
+        return Capabilities(changes_prefill=False, evicts=True, layer_dependent=False)
 
     @classmethod
     def validate_config(cls, params: StreamingParams, config) -> None:
@@ -56,23 +58,24 @@ class StreamingPolicy(KeepPolicy):
         return max(1, round(cfg.kv_ratio * seq_len) - p.sink)
 
     def patterns(self, layer, seq_lens, num_kv_heads, device) -> PatternBatch | None:
-        if self.evicts:
+        if self.caps.evicts:
             return None
         pat = PatternBatch.local(len(seq_lens), num_kv_heads, self.params.sink, 1, device=device)
         windows = torch.tensor([self.window_for(n) for n in seq_lens], dtype=torch.int32, device=device)
         pat.window.copy_(windows[:, None].expand_as(pat.window))
         return pat
 
-    def select(self, layer, prompt_len, k, obs, scale):
-        keep = torch.zeros(k.shape[0], prompt_len, dtype=torch.bool)
+    def select_scored(self, layer, prompt_len, keys, obs, scale):
+        keep = torch.zeros(keys.shape[0], prompt_len, dtype=torch.bool, device=keys.device)
         keep[:, : self.params.sink] = True
         keep[:, max(0, prompt_len - self.window_for(prompt_len)):] = True
-        return keep
+        return keep, None
 
-    def start(self, layer, state, prompt_len, k, obs, scale):
-        state[("window", layer)] = self.window_for(prompt_len)
-        return self.select(layer, prompt_len, k, obs, scale)
+    def start(self, layer, prompt_len, keys, obs, scale, seq_len) -> LayerKeep:
+        state = super().start(layer, prompt_len, keys, obs, scale, seq_len)
+        state.window = self.window_for(prompt_len)
+        return state
 
-    def before_decode(self, layer, state, keep, prompt_len, seq_len):
-        window = state[("window", layer)]
-        keep[:, self.params.sink: max(self.params.sink, seq_len - window)] = False
+    def evict(self, keep: LayerKeep, layer: int, prompt_len: int, seq_len: int) -> None:
+        sink = self.params.sink
+        keep.mask[:, sink: max(sink, seq_len - keep.window)] = False

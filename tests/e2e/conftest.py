@@ -2,7 +2,7 @@
 
 import pytest
 
-from casakv_vllm.serving import VllmServer, cpu_env
+from casakv_vllm.tools.serving import VllmServer, cpu_env
 
 # dynamo + eager instead of inductor: the same engine, minutes less start-up.
 FAST_START = {"VLLM_CPU_CI_ENV": "1"}
@@ -42,7 +42,7 @@ def server_factory(demo_model, tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def demo_model():
-    from casakv_vllm.demo_model import ensure_demo_model
+    from casakv_vllm.tools.demo_model import ensure_demo_model
 
     return str(ensure_demo_model())
 

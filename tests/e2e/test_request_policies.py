@@ -7,7 +7,7 @@ import urllib.error
 
 import pytest
 
-from casakv_vllm.greedy import chat_steps, divergence
+from casakv_vllm.tools.greedy import chat_steps, divergence
 
 pytestmark = pytest.mark.e2e
 
@@ -82,7 +82,7 @@ def test_fixed_budget_policy_reads_exactly_its_budget(casakv_server, prompts, po
 def test_quick_quality_suite(casakv_server, tmp_path):
     """`casakv eval quality` end to end against the running server: a few samples, two policies."""
     out = tmp_path / "q.json"
-    cmd = [sys.executable, "-m", "casakv_vllm.cli", "eval", "quality", "--url", casakv_server.url,
+    cmd = [sys.executable, "-m", "casakv_vllm.tools.cli", "eval", "quality", "--url", casakv_server.url,
            "--policies", "full,snapkv", "--budgets", "128", "--tasks", "passkey,longdoc", "--samples", "2",
            "--context", "1024", "--json", str(out), "--md", str(tmp_path / "q.md"), "--plot", str(tmp_path / "q.png")]
     run = subprocess.run(cmd, capture_output=True, text=True, timeout=1200)

@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from casakv_vllm.greedy import chat_steps, divergence
+from casakv_vllm.tools.greedy import chat_steps, divergence
 
 pytestmark = pytest.mark.e2e
 

@@ -6,13 +6,14 @@ import subprocess
 
 import pytest
 
-from casakv_vllm.serving import cpu_env, free_port, vllm_executable
+from casakv_vllm.tools.serving import cpu_env, free_port, vllm_executable
 
 pytestmark = pytest.mark.e2e
 
 
 @pytest.mark.parametrize("bad,expected", [
-    ({"recall_threshold": 2}, "recall_threshold=2"),
+    ({"kv_ratio": 2}, "kv_ratio=2"),
+    ({"policy": "snapkv"}, "needs kv_budget or kv_ratio"),
     ({"policy": "nope"}, 'policy="nope"'),
 ])
 def test_bad_additional_config_fails_fast(demo_model, bad, expected):

@@ -10,7 +10,7 @@
 
 import pytest
 
-from casakv_vllm.greedy import chat_steps, completion_steps, divergence
+from casakv_vllm.tools.greedy import chat_steps, completion_steps, divergence
 
 pytestmark = pytest.mark.e2e
 

@@ -13,12 +13,12 @@ import pytest  # noqa: E402
 from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
-from casakv_vllm.triton_kernels.compaction import (  # noqa: E402
+from casakv_kernels.compaction import (  # noqa: E402
     allocate_scratch,
     compact_kv,
     compact_kv_triton,
 )
-from casakv_vllm.triton_kernels.compaction_reference import compact_kv_ref  # noqa: E402
+from casakv_kernels.compaction_reference import compact_kv_ref  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]

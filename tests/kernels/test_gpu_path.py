@@ -1,17 +1,100 @@
-"""The backend's CUDA path (kernel choice per batch) and its custom ops under
-CUDA graphs and torch.compile.  GPU only: skipped on CPU machines."""
+"""The CUDA path: the real builder's device plan and the impl's launches, driven with hand-built vLLM
+metadata for every policy the GPU path serves, mixed per-request policies in one batch included;
+and the custom ops under CUDA graphs and torch.compile.
+
+On a CUDA machine the batches go through ``CasakvImpl.forward`` at Llama-3-8B attention shapes.
+Without one, the same device plan and launches run on CPU tensors under ``TRITON_INTERPRET=1`` at
+small shapes (the impl would pick its CPU path there, so the test calls the planned GPU layer
+directly)."""
 
 import random
 
 import pytest
 import torch
 
-pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
+from casakv_kernels.patterns import pattern_mask
 
-HKV, GROUP, D, BS = 2, 4, 64, 16
+CUDA = torch.cuda.is_available()
+gpu_only = [pytest.mark.gpu, pytest.mark.skipif(not CUDA, reason="needs CUDA")]
+DEVICE = "cuda" if CUDA else "cpu"
+# (q heads, kv heads, head size): Llama-3-8B on the GPU, small under the interpreter
+SHAPE = (32, 8, 128) if CUDA else (8, 2, 64)
+BS = 16
+
+CASES = {
+    # name: (server config, per-row vllm_xargs, q_lens, ctx_lens)
+    "dense-decode": ({}, [None, None, None], [1, 1, 1], [300, 77, 1000]),
+    "dense-mixed": ({}, [None, None, None], [1, 120, 33], [300, 0, 500]),
+    "dense-request-override": ({}, [{"casakv_policy": "dense"}, None], [1, 1], [90, 400]),
+    "streaming-prefill": ({"policy": "streaming", "policy_params": {"sink": 4, "window": 37}}, [None, None],
+                          [130, 40], [0, 300]),
+    "streaming-decode": ({"policy": "streaming", "kv_budget": 64}, [None, None], [1, 1], [500, 90]),
+    "mixed-policies": ({"policy": "streaming", "policy_params": {"sink": 4, "window": 37}},
+                       [None, {"casakv_policy": "dense"}, None, {"casakv_policy": "dense"}], [1, 70, 64, 1],
+                       [400, 100, 0, 260]),
+}
 
 
-def _batch(q_lens, ctx_lens, dtype=torch.bfloat16, seed=0):
+def _gpu_forward(harness, builder, impl, batch):
+    if CUDA:
+        return harness.forward(builder, impl, batch)
+    from casakv_vllm.attention.gpu import run_layer_gpu
+
+    md = builder.build(0, batch.cm)  # a CPU builder: plan the batch for the GPU path as a CUDA one would
+    builder._plan_gpu(md.plan, batch.cm, md.seq_lens, md.block_table)
+    out = torch.full_like(batch.query, float("nan"))
+    run_layer_gpu(batch.query, batch.kv_cache, md, 0, impl.scale, out)
+    return out
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_gpu_layer_matches_reference(harness, case):
+    import casakv_vllm.ops.custom  # noqa: F401
+    from casakv_vllm.config import CasakvConfig
+    from casakv_vllm.policies import build_policy
+
+    server, xargs, q_lens, ctx = CASES[case]
+    h, hkv, d = SHAPE
+    vc = harness.config(server or None, num_heads=h, num_kv_heads=hkv, head_size=d)
+    builder, impl = harness.backend(vc, BS, DEVICE)
+    seq_lens = [q + c for q, c in zip(q_lens, ctx)]
+    params = harness.requests([(s, x) for s, x in zip(seq_lens, xargs)])
+    writer = None if CUDA else (lambda k, v, c, s: torch.ops.casakv.reshape_and_cache(k, v, c, s))
+    batch = harness.batch(impl, q_lens, ctx, BS, torch.bfloat16, DEVICE, seed=len(case), writer=writer)
+    out = _gpu_forward(harness, builder, impl, batch)
+    policy = build_policy(CasakvConfig(**server))
+
+    def allowed(i, pos, s):
+        if policy.caps.attends_all or xargs[i] is not None:  # the server's pattern, or a dense request
+            return None
+        return pattern_mask(policy.patterns(0, [s], hkv, torch.device("cpu")), 0, pos, s)
+
+    ref = harness.reference(batch, impl.scale, allowed)
+    err = (out.float().cpu() - ref).norm() / ref.norm()
+    assert torch.isfinite(out).all() and err < 1e-2, f"rel err {err:.2e}"
+    assert params
+
+
+def test_gpu_plan_kinds(harness):
+    """One dense request naming the server's policy keeps the batch on the dense decode kernel (the bug
+    that made a GPU engine raise); a pattern row makes it sparse with one index for every layer."""
+    from casakv_vllm.plan.gpu import plan_gpu
+
+    h, hkv, d = SHAPE
+    for server, xargs, kind, layers in [({}, [{"casakv_policy": "dense"}, None], "decode", set()),
+                                        ({"policy": "streaming", "kv_budget": 64}, [None, None], "sparse", {None})]:
+        vc = harness.config(server or None, num_heads=h, num_kv_heads=hkv, head_size=d)
+        builder, impl = harness.backend(vc, BS, "cpu")
+        params = harness.requests([(300, xargs[0]), (100, xargs[1])])
+        batch = harness.batch(impl, [1, 1], [299, 99], BS, torch.bfloat16, "cpu")
+        md = builder.build(0, batch.cm)
+        gp = plan_gpu(md.plan, batch.cm.query_start_loc, md.seq_lens, md.block_table, 2, 1, 300, h, hkv, d, BS,
+                      torch.bfloat16, None)
+        assert gp.kind == kind and set(gp.index) == layers
+        assert params
+
+
+def _raw_batch(q_lens, ctx_lens, dtype=torch.bfloat16, seed=0, hkv=2, group=4, d=64):
     g = torch.Generator(device="cuda").manual_seed(seed)
     seq_lens = [q + c for q, c in zip(q_lens, ctx_lens)]
     nb = [-(-s // BS) for s in seq_lens]
@@ -20,61 +103,29 @@ def _batch(q_lens, ctx_lens, dtype=torch.bfloat16, seed=0):
     table = torch.zeros(len(seq_lens), max(nb), dtype=torch.int32, device="cuda")
     for i, n in enumerate(nb):
         table[i, :n] = torch.tensor([perm.pop() for _ in range(n)], device="cuda")
-    cache = torch.randn(total, HKV, BS, 2 * D, device="cuda", generator=g).to(dtype)
-    q = torch.randn(sum(q_lens), HKV * GROUP, D, device="cuda", generator=g).to(dtype)
+    cache = torch.randn(total, hkv, BS, 2 * d, device="cuda", generator=g).to(dtype)
+    q = torch.randn(sum(q_lens), hkv * group, d, device="cuda", generator=g).to(dtype)
     qsl = torch.tensor([0] + q_lens, device="cuda").cumsum(0).to(torch.int32)
     return q, cache, table, qsl, torch.tensor(seq_lens, dtype=torch.int32, device="cuda"), seq_lens
 
 
-def _patterns(kind, seq_lens):
-    from casakv_vllm.triton_kernels.patterns import PatternBatch
-    from casakv_vllm.triton_kernels.sparse_reference import random_patterns
-
-    if kind == "dense":
-        return None
-    if kind == "streaming":
-        return PatternBatch.local(len(seq_lens), HKV, 4, 37, device="cuda")
-    return random_patterns(random.Random(7), seq_lens, HKV).to("cuda")
-
-
-def _reference(q, cache, table, qsl, seq_lens_t, patterns, scale):
-    from casakv_vllm.triton_kernels.patterns import PatternBatch
-    from casakv_vllm.triton_kernels.sparse_reference import sparse_paged_attention_ref
-
-    p = patterns if patterns is not None else PatternBatch.dense(seq_lens_t.shape[0], HKV, device="cuda")
-    return sparse_paged_attention_ref(q, cache, table, qsl, seq_lens_t, scale, p)[0]
-
-
-@pytest.mark.parametrize("kind", ["dense", "streaming", "random"])
-@pytest.mark.parametrize("shape", ["decode", "mixed"])
-def test_gpu_attention_matches_reference(kind, shape):
-    from casakv_vllm.attention.gpu_path import gpu_attention
-
-    q_lens, ctx = ([1, 1, 1], [300, 77, 1000]) if shape == "decode" else ([1, 120, 33], [300, 0, 500])
-    q, cache, table, qsl, sl, seq_lens = _batch(q_lens, ctx)
-    patterns = _patterns(kind, seq_lens)
-    out = torch.full_like(q, float("nan"))
-    gpu_attention(q, cache, table, qsl, sl, 0.125, out, max(q_lens), max(seq_lens), patterns, max_batch=8)
-    ref = _reference(q, cache, table, qsl, sl, patterns, 0.125)
-    err = (out.float() - ref).norm() / ref.norm()
-    assert torch.isfinite(out).all() and err < 1e-2, f"rel err {err:.2e}"
-
-
 @pytest.mark.parametrize("physical", [False, True])
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs CUDA")
 def test_sparse_decode_op_in_cuda_graph(physical):
-    import casakv_vllm.ops as ops
-    from casakv_vllm.triton_kernels.sparse_decode import (SparseDecodeWorkspace, physical_selection,
-                                                          selection_from_patterns)
-    from casakv_vllm.triton_kernels.sparse_decode_reference import sparse_paged_decode_ref
+    import casakv_vllm.ops.custom as ops
+    from casakv_kernels.patterns import PatternBatch
+    from casakv_kernels.sparse_decode import SparseDecodeWorkspace, physical_selection, selection_from_patterns
+    from casakv_kernels.sparse_decode_reference import sparse_paged_decode_ref
 
     def ids(sel):  # what the kernel is given
         return physical_selection(sel, table) if physical else sel
 
-    q, cache, table, qsl, sl, seq_lens = _batch([1, 1], [700, 260])
-    pat = _patterns("streaming", seq_lens)
+    q, cache, table, qsl, sl, seq_lens = _raw_batch([1, 1], [700, 260])
+    pat = PatternBatch.local(2, 2, 4, 37, device="cuda")
     sel, cnt = selection_from_patterns(pat, sl, BS, table.shape[1])
     given = ids(sel)
-    ws = SparseDecodeWorkspace.allocate(4, q.shape[1], D, device="cuda")
+    ws = SparseDecodeWorkspace.allocate(4, q.shape[1], 64, device="cuda")
     out = torch.empty_like(q)
     ops.sparse_decode(q, cache, table, sl, given, cnt, 0.125, out, ws, physical)  # warm-up (compiles)
     torch.cuda.synchronize()
@@ -94,56 +145,61 @@ def test_sparse_decode_op_in_cuda_graph(physical):
     assert torch.isfinite(out).all() and (out.float() - ref).norm() / ref.norm() < 1e-2
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs CUDA")
 def test_ops_under_torch_compile_fullgraph():
-    import casakv_vllm.ops as ops
+    import casakv_vllm.ops.custom as ops
+    from casakv_kernels.patterns import PatternBatch
+    from casakv_kernels.sparse_index import build_prefill_index
+    from casakv_kernels.sparse_prefill import plan_blocks
+    from casakv_kernels.sparse_reference import sparse_paged_attention_ref
 
-    q, cache, table, qsl, sl, seq_lens = _batch([5, 64], [40, 0])
-    pat = _patterns("streaming", seq_lens)
+    q, cache, table, qsl, sl, seq_lens = _raw_batch([5, 64], [40, 0])
+    pat = PatternBatch.local(2, 2, 4, 37, device="cuda")
+    bq, bn = plan_blocks(4, 64, 64, max(seq_lens), q.dtype, True)
+    index = build_prefill_index(pat, qsl, sl, 64, max(seq_lens), bq, bn)
 
     def layer(x, out):
         y = x * 2.0  # ordinary ops around the opaque attention op
-        ops.sparse_attention(y, cache, table, qsl, sl, 0.125, out, pat, 64, max(seq_lens))
+        ops.sparse_attention(y, cache, table, qsl, sl, 0.125, out, pat, index, 64, max(seq_lens))
         return out + 1.0
 
     compiled = torch.compile(layer, fullgraph=True)
     got = compiled(q, torch.empty_like(q))
-    ref = _reference(q * 2.0, cache, table, qsl, sl, pat, 0.125) + 1.0
+    ref = sparse_paged_attention_ref(q * 2.0, cache, table, qsl, sl, 0.125, pat)[0] + 1.0
     assert (got.float() - ref).norm() / ref.norm() < 1e-2
 
 
-def test_sparse_attention_op_plans_wide_tiles_on_promise(monkeypatch):
-    """The op passes PatternBatch.sparse_only through to the tile plan: a
-    sparse-only batch in WIDE_SEQ at head size 128 gets WIDE_TILES, the same
-    batch without the promise the table's tiles, and both are exact."""
-    import casakv_vllm.ops as ops
-    from casakv_vllm.triton_kernels import sparse_prefill
-    from casakv_vllm.triton_kernels.patterns import PatternBatch
-    from casakv_vllm.triton_kernels.sparse_reference import sparse_paged_attention_ref
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs CUDA")
+def test_builder_plans_wide_tiles_on_the_sparse_only_promise():
+    """The device plan passes PatternBatch.sparse_only to the tile plan: a sparse-only batch in
+    WIDE_SEQ at head size 128 gets WIDE_TILES, the same batch with a dense row the table's tiles."""
+    from casakv_kernels import sparse_prefill
+    from casakv_vllm.config import CasakvConfig
+    from casakv_vllm.plan.batch import plan_batch
+    from casakv_vllm.plan.gpu import plan_gpu
+    from casakv_vllm.observe.store import ObservationStore
+    from casakv_vllm.requests.resolve import PolicyResolver
+    from casakv_vllm.requests.state import RequestTable
 
-    planned = []
-    real = sparse_prefill.plan_blocks
-
-    def spy(*args, **kwargs):
-        planned.append(real(*args, **kwargs))
-        return planned[-1]
-
-    monkeypatch.setattr(sparse_prefill, "plan_blocks", spy)
-    g = torch.Generator(device="cuda").manual_seed(4)
-    hkv, group, d, bs = 2, 4, 128, 16
     n = sparse_prefill.WIDE_SEQ[0] + 200
-    nb = -(-n // bs)
-    cache = torch.randn(nb + 1, hkv, bs, 2 * d, device="cuda", generator=g).to(torch.bfloat16)
-    table = (torch.randperm(nb, device="cuda", generator=g) + 1).to(torch.int32)[None]
-    q_len = 300
-    q = torch.randn(q_len, hkv * group, d, device="cuda", generator=g).to(torch.bfloat16)
-    qsl = torch.tensor([0, q_len], dtype=torch.int32, device="cuda")
-    sl = torch.tensor([n], dtype=torch.int32, device="cuda")
-    pat = PatternBatch.local(1, hkv, 64, 700, device="cuda")
-    ref = sparse_paged_attention_ref(q, cache, table, qsl, sl, 0.125, pat)[0]
-    for promise in (True, False):
-        pat.sparse_only = promise
-        out = torch.full_like(q, float("nan"))
-        ops.sparse_attention(q, cache, table, qsl, sl, 0.125, out, pat, q_len, n)
-        wide = planned[-1] == (sparse_prefill.WIDE_TILES[0] // group, sparse_prefill.WIDE_TILES[1])
-        assert wide == promise, planned
-        assert (out.float() - ref).norm() / ref.norm() < 1e-2
+    from vllm.sampling_params import SamplingParams
+
+    for with_dense in (False, True):
+        table = RequestTable()
+        keep = [SamplingParams(), SamplingParams()]
+        table.add(0, keep[0], n, (), "a")
+        table.add(1, keep[1], 500, (("policy", "dense"),), "b")  # a dense row beside the sparse one
+        resolver = PolicyResolver(CasakvConfig(policy="streaming", policy_params={"sink": 64, "window": 700}), 4)
+        plan = plan_batch(table if with_dense else None, resolver, ObservationStore(),
+                          [0, 300, 301] if with_dense else [0, 300], [n, 500] if with_dense else [n])
+        assert [r.dense for r in plan.rows] == ([False, True] if with_dense else [False])
+        qsl = torch.tensor([0, 300, 301][: len(plan.rows) + 1], dtype=torch.int32, device="cuda")
+        sl = torch.tensor([r.seq_len for r in plan.rows], dtype=torch.int32, device="cuda")
+        bt = torch.zeros(len(plan.rows), -(-n // BS), dtype=torch.int32, device="cuda")
+        gp = plan_gpu(plan, qsl, sl, bt, int(qsl[-1]), 300, n, 8, 2, 128, BS, torch.bfloat16, None)
+        ix = gp.index[None]
+        wide = (ix.block_q, ix.block_n) == (sparse_prefill.WIDE_TILES[0] // 4, sparse_prefill.WIDE_TILES[1])
+        assert wide == (not with_dense) and gp.patterns[None].sparse_only == (not with_dense)
+        assert keep

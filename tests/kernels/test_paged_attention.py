@@ -13,8 +13,8 @@ import pytest  # noqa: E402
 from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
-from casakv_vllm.triton_kernels.paged_attention import paged_attention  # noqa: E402
-from casakv_vllm.triton_kernels.reference import (  # noqa: E402
+from casakv_kernels.paged_attention import paged_attention  # noqa: E402
+from casakv_kernels.reference import (  # noqa: E402
     gather_kv,
     paged_attention_ref,
 )

@@ -11,8 +11,8 @@ import pytest  # noqa: E402
 from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
-from casakv_vllm.triton_kernels.reference import reshape_and_cache_ref  # noqa: E402
-from casakv_vllm.triton_kernels.reshape_and_cache import reshape_and_cache  # noqa: E402
+from casakv_kernels.reference import reshape_and_cache_ref  # noqa: E402
+from casakv_kernels.reshape_and_cache import reshape_and_cache  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]

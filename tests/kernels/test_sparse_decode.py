@@ -14,9 +14,9 @@ import pytest  # noqa: E402
 from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
-from casakv_vllm.triton_kernels.paged_attention import paged_attention  # noqa: E402
-from casakv_vllm.triton_kernels.patterns import PatternBatch  # noqa: E402
-from casakv_vllm.triton_kernels.sparse_decode import (  # noqa: E402
+from casakv_kernels.paged_attention import paged_attention  # noqa: E402
+from casakv_kernels.patterns import PatternBatch  # noqa: E402
+from casakv_kernels.sparse_decode import (  # noqa: E402
     SparseDecodeWorkspace,
     choose_num_splits,
     dense_physical_selection,
@@ -26,7 +26,7 @@ from casakv_vllm.triton_kernels.sparse_decode import (  # noqa: E402
     selection_mask_from_patterns,
     sparse_paged_decode,
 )
-from casakv_vllm.triton_kernels.sparse_decode_reference import (  # noqa: E402
+from casakv_kernels.sparse_decode_reference import (  # noqa: E402
     selected_positions,
     selection_mask_from_patterns_ref,
     sparse_paged_decode_ref,

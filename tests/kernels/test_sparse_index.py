@@ -12,13 +12,13 @@ import random  # noqa: E402
 from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
-from casakv_vllm.triton_kernels.patterns import PatternBatch  # noqa: E402
-from casakv_vllm.triton_kernels.sparse_index import (  # noqa: E402
+from casakv_kernels.patterns import PatternBatch  # noqa: E402
+from casakv_kernels.sparse_index import (  # noqa: E402
     build_prefill_index,
     build_prefill_index_ref,
 )
-from casakv_vllm.triton_kernels.sparse_prefill import plan_blocks  # noqa: E402
-from casakv_vllm.triton_kernels.sparse_reference import random_patterns  # noqa: E402
+from casakv_kernels.sparse_prefill import plan_blocks  # noqa: E402
+from casakv_kernels.sparse_reference import random_patterns  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 

@@ -14,14 +14,14 @@ import pytest  # noqa: E402
 from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
-from casakv_vllm.triton_kernels.paged_attention import paged_attention  # noqa: E402
-from casakv_vllm.triton_kernels.patterns import PatternBatch  # noqa: E402
-from casakv_vllm.triton_kernels.sparse_index import build_prefill_index  # noqa: E402
-from casakv_vllm.triton_kernels.sparse_prefill import (  # noqa: E402
+from casakv_kernels.paged_attention import paged_attention  # noqa: E402
+from casakv_kernels.patterns import PatternBatch  # noqa: E402
+from casakv_kernels.sparse_index import build_prefill_index  # noqa: E402
+from casakv_kernels.sparse_prefill import (  # noqa: E402
     plan_blocks,
     sparse_paged_attention,
 )
-from casakv_vllm.triton_kernels.sparse_reference import (  # noqa: E402
+from casakv_kernels.sparse_reference import (  # noqa: E402
     random_patterns,
     sparse_paged_attention_ref,
 )
@@ -199,7 +199,7 @@ def test_page_loads_and_reversed_tiles(monkeypatch, block_size, plan):
     """The kernel variants (per-page K/V loads, longest query tiles first) give
     the reference's result; a block size that is not a power of two falls back
     to per-token loads."""
-    from casakv_vllm.triton_kernels import sparse_prefill
+    from casakv_kernels import sparse_prefill
 
     monkeypatch.setattr(sparse_prefill, "PAGE_LOADS", True)
     monkeypatch.setattr(sparse_prefill, "REVERSE_Q", True)
@@ -218,7 +218,7 @@ def test_mask_variants(monkeypatch, kinds, early, part_n, skip):
     partial tiles in 16-position steps, skipping steps past the query tile)
     give the reference's result on heads with and without slash / vertical
     entries."""
-    from casakv_vllm.triton_kernels import sparse_prefill
+    from casakv_kernels import sparse_prefill
 
     monkeypatch.setattr(sparse_prefill, "MASK_KINDS", kinds)
     monkeypatch.setattr(sparse_prefill, "MASK_EARLY", early)
@@ -241,7 +241,7 @@ def test_wide_plan_only_on_promise_and_in_range(monkeypatch):
     batches at head size 128 and GQA group 4 whose longest sequence lies in
     WIDE_SEQ, and never to short queries; PatternBatch keeps the promise
     across devices."""
-    from casakv_vllm.triton_kernels import sparse_prefill
+    from casakv_kernels import sparse_prefill
 
     monkeypatch.setattr(sparse_prefill, "_interpreting", lambda: False)
     lo, hi = sparse_prefill.WIDE_SEQ
@@ -268,7 +268,7 @@ def test_wide_tiles_on_gpu(dtype, with_full):
     """A sparse-only batch in WIDE_SEQ at Llama shapes (group 4, head size
     128) is planned at WIDE_TILES and matches the reference, chunked request
     included; a broken promise (full heads present) is still exact."""
-    from casakv_vllm.triton_kernels import sparse_prefill
+    from casakv_kernels import sparse_prefill
 
     q_lens, ctx_lens = [700, 64], [sparse_prefill.WIDE_SEQ[0] + 300, 2000]
     seq_lens = [q + c for q, c in zip(q_lens, ctx_lens)]

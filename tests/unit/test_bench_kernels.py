@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from casakv_vllm.bench import kernels
+from casakv_vllm.tools.bench import kernels
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -44,7 +44,7 @@ def test_staged_vllm_kernel_is_the_installed_file_and_imports_without_vllm(tmp_p
 
 
 def test_load_reports_a_folder_without_staged_files(tmp_path, capsys):
-    from casakv_vllm.bench.vllm_triton import load
+    from casakv_vllm.tools.bench.vllm_triton import load
 
     assert load(tmp_path) is None
     assert "scripts/stage_vllm_kernel.py" in capsys.readouterr().out

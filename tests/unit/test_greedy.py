@@ -1,6 +1,6 @@
 import math
 
-from casakv_vllm.greedy import Divergence, divergence
+from casakv_vllm.tools.greedy import Divergence, divergence
 
 
 def _steps(tokens, tops):

@@ -3,7 +3,7 @@
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 
-import casakv_vllm.ops  # noqa: F401
+import casakv_vllm.ops.custom  # noqa: F401
 
 
 def test_ops_registered_with_mutation_annotations():
@@ -35,5 +35,5 @@ def test_sparse_decode_schema_takes_physical_flag():
 def test_import_twice_is_harmless():
     import importlib
 
-    importlib.reload(casakv_vllm.ops)
+    importlib.reload(casakv_vllm.ops.custom)
     assert hasattr(torch.ops.casakv, "paged_attention")

@@ -17,10 +17,10 @@ def test_triton_kernels_not_top_level():
         assert REPO not in origin.parents, f"top-level triton_kernels resolves into the repo: {origin}"
 
 
-def test_triton_kernels_under_namespace():
-    import casakv_vllm.triton_kernels as tk
+def test_kernels_package_folder_is_its_import_path():
+    import casakv_kernels as tk
 
-    assert Path(tk.__file__).resolve().parent == REPO / "triton_kernels"
+    assert Path(tk.__file__).resolve().parent == REPO / "triton_kernels" / "casakv_kernels"
 
 
 def test_triton_kernels_not_top_level_from_repo_root():
@@ -33,11 +33,11 @@ def test_triton_kernels_not_top_level_from_repo_root():
 def test_vllm_plugin_entry_point():
     eps = md.entry_points(group="vllm.general_plugins")
     ours = [ep for ep in eps if ep.name == "casakv"]
-    assert len(ours) == 1 and ours[0].value == "casakv_vllm.plugin:register"
+    assert len(ours) == 1 and ours[0].value == "casakv_vllm.integration.plugin:register"
 
 
 def test_cli_help_lists_every_subcommand():
-    from casakv_vllm.cli import build_parser
+    from casakv_vllm.tools.cli import build_parser
 
     parser = build_parser()
     subcommands = next(a for a in parser._actions if a.dest == "command").choices
@@ -53,7 +53,8 @@ def test_pure_python_install_without_cuda():
 
     assert torch.version.cuda is None
     assert importlib.util.find_spec("casakv_vllm._C") is None
-    import casakv_vllm.attention.impl  # noqa: F401  (imports without the extension)
+    import casakv_vllm.integration.impl  # noqa: F401  (imports without the extension)
+    import casakv_vllm.ops.custom  # noqa: F401
 
 
 def test_every_subpackage_is_listed_for_installation():

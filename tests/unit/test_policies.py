@@ -3,11 +3,9 @@
 import pytest
 import torch
 
-from casakv_vllm.attention.cpu_path import cpu_attention
 from casakv_vllm.config import CasakvConfigError, load_config
 from casakv_vllm.policies import available_policies, get_policy_class
-from casakv_vllm.triton_kernels.patterns import pattern_mask
-from casakv_vllm.triton_kernels.reference import gather_kv
+from casakv_kernels.patterns import pattern_mask
 
 
 def _policy(settings):
@@ -46,23 +44,3 @@ def test_streaming_window_from_params_or_budget(settings, seq_len, window):
 def test_streaming_bad_config(settings, msg):
     with pytest.raises(CasakvConfigError, match=msg):
         load_config({"casakv": settings}, environ={})
-
-
-def test_cpu_path_applies_streaming_pattern():
-    """Masked attention == attention over exactly the kept positions, per head."""
-    g = torch.Generator().manual_seed(0)
-    hkv, group, d, bs, seq = 2, 3, 16, 8, 50
-    cache = torch.randn(8, hkv, bs, 2 * d, generator=g)
-    table = torch.tensor([[3, 1, 6, 2, 7, 5, 4]], dtype=torch.int32)
-    q = torch.randn(1, hkv * group, d, generator=g)  # decode: one token at position seq-1
-    out = torch.empty_like(q)
-    pol = _policy({"policy": "streaming", "policy_params": {"sink": 3, "window": 10}})
-    attended = cpu_attention(q, cache, table, [0, 1], [seq], 0.25, out,
-                             patterns=pol.patterns(0, [seq], hkv, "cpu")).attended
-    assert attended == hkv * 13
-    k, v = gather_kv(cache, table[0], seq)  # [seq, hkv, d] fp32
-    keep = list(range(3)) + list(range(seq - 10, seq))
-    for h in range(hkv * group):
-        kh, vh = k[keep, h // group], v[keep, h // group]
-        ref = torch.softmax((q[0, h] @ kh.T) * 0.25, -1) @ vh
-        torch.testing.assert_close(out[0, h], ref, atol=1e-5, rtol=1e-5)

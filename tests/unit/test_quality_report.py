@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from casakv_vllm.quality import report
+from casakv_vllm.tools.quality import report
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

@@ -4,8 +4,8 @@ import math
 
 import pytest
 
-from casakv_vllm.quality import scoring
-from casakv_vllm.quality.tasks import RETRIEVAL_TASKS, TASKS, Sample, count_tokens, make_samples
+from casakv_vllm.tools.quality import scoring
+from casakv_vllm.tools.quality.tasks import RETRIEVAL_TASKS, TASKS, Sample, count_tokens, make_samples
 
 
 # ---- tasks -------------------------------------------------------------------

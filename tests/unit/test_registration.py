@@ -8,7 +8,7 @@ import sys
 import pytest
 import torch
 
-from casakv_vllm import plugin
+from casakv_vllm.integration import plugin
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,43 @@
+"""CUDA forward of one layer: launch the kernel the batch's device plan chose (``plan.gpu``).
+
+No host synchronisation and no index building here: the builder planned
+everything once per batch.  Prefill rows also record their prompt's
+observations (window queries, on the device).
+"""
+
+from __future__ import annotations
+
+import torch
+
+import casakv_vllm.ops.custom as ops
+from casakv_vllm.observe.record import record_layer
+from casakv_vllm.ops.paged import gather_kv
+from casakv_vllm.plan.metadata import CasakvMetadata
+
+
+def run_layer_gpu(query: torch.Tensor, kv_cache: torch.Tensor, md: CasakvMetadata, layer: int, scale: float,
+                  out: torch.Tensor) -> None:
+    """Attention of one layer for the planned batch.
+
+    Args:
+        query: ``[num_tokens, num_heads, D]``; out: same shape, written.
+        kv_cache: ``[num_blocks, num_kv_heads, block_size, 2 * D]`` (K|V per token).
+    """
+    gp = md.plan.gpu
+    if gp.kind == "decode":
+        sel, cnt = gp.decode_sel
+        ops.sparse_decode(query, kv_cache, md.block_table, md.seq_lens, sel, cnt, scale, out, gp.workspace,
+                          sel_physical=True)
+    elif gp.kind == "dense":
+        torch.ops.casakv.paged_attention(query, kv_cache, md.block_table, md.query_start_loc, md.seq_lens, scale,
+                                         out, md.max_query_len, md.max_seq_len)
+    else:
+        patterns, index = gp.layer_patterns(layer)
+        ops.sparse_attention(query, kv_cache, md.block_table, md.query_start_loc, md.seq_lens, scale, out,
+                             patterns, index, md.max_query_len, md.max_seq_len)
+    block_size = kv_cache.shape[2]
+    for job in md.plan.records:
+        row = md.plan.rows[job.row]
+        record_layer(job, layer, query, scale,
+                     lambda: gather_kv(kv_cache, md.block_table[row.index, :-(-row.seq_len // block_size)].long(),
+                                       row.seq_len)[0])

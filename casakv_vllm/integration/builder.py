@@ -1,0 +1,109 @@
+"""``CasakvMetadataBuilder``: the plan of every batch (FlashInfer's ``plan()``), once for all layers.
+
+``build`` turns vLLM's ``CommonAttentionMetadata`` into a
+:class:`~casakv_vllm.plan.metadata.CasakvMetadata`: each row's request state
+and policy, the observation recordings, and the device plan of the batch (on
+CUDA the kernel choice, tile index and decode selection; on the CPU the call
+of vLLM's kernels for the dense rows and the pattern masks' inputs).
+``CasakvImpl.forward`` only launches.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import torch
+
+from vllm.config import VllmConfig
+from vllm.v1.attention.backend import AttentionCGSupport, AttentionMetadataBuilder, CommonAttentionMetadata
+
+from casakv_vllm.config import load_config
+from casakv_vllm.integration.context import worker_context
+from casakv_vllm.plan.batch import BatchPlan, plan_batch
+from casakv_vllm.plan.metadata import CasakvMetadata
+from casakv_vllm.plan.patterns import batch_patterns, pattern_layers
+from casakv_vllm.requests.resolve import PolicyResolver
+
+
+class CasakvMetadataBuilder(AttentionMetadataBuilder[CasakvMetadata]):
+    # Attention runs outside CUDA graphs (piecewise capture): the sparse plans
+    # are still allocated per batch.
+    _cudagraph_support: ClassVar[AttentionCGSupport] = AttentionCGSupport.NEVER
+
+    def __init__(self, kv_cache_spec, layer_names, vllm_config: VllmConfig, device: torch.device):
+        super().__init__(kv_cache_spec, layer_names, vllm_config, device)
+        self.block_size = kv_cache_spec.block_size
+        self.num_kv_heads = kv_cache_spec.num_kv_heads
+        self.head_size = kv_cache_spec.head_size
+        model = vllm_config.model_config
+        self.num_heads = model.get_num_attention_heads(vllm_config.parallel_config)
+        self.dtype = model.dtype
+        self.max_batch = vllm_config.scheduler_config.max_num_seqs
+        config = load_config(_additional(vllm_config))
+        self.context = worker_context()
+        self.resolver = PolicyResolver(config, _num_layers(vllm_config))
+        self.stats = self.context.stats_for(config.policy, config.metrics)
+        self._workspace = None
+        self.cpu_kernels = None
+        if device.type == "cpu":
+            from casakv_vllm.integration.cpu_kernels import CpuKernels
+
+            self.cpu_kernels = CpuKernels.get(self.dtype, self.block_size, self.head_size,
+                                              vllm_config.cache_config.cache_dtype)
+
+    def build(self, common_prefix_len: int, common_attn_metadata: CommonAttentionMetadata,
+              fast_build: bool = False) -> CasakvMetadata:
+        cm = common_attn_metadata
+        num_reqs = cm.num_reqs
+        qsl_cpu = cm.query_start_loc_cpu[: num_reqs + 1].tolist()
+        if cm.seq_lens.device.type == "cpu":
+            seq_lens_cpu = cm.seq_lens[:num_reqs].tolist()
+        elif cm.seq_lens_cpu_upper_bound is not None:
+            seq_lens_cpu = cm.seq_lens_cpu_upper_bound[:num_reqs].tolist()
+        else:
+            raise RuntimeError("casakv needs host sequence lengths (seq_lens_cpu_upper_bound) from vLLM")
+        ctx = self.context
+        plan = plan_batch(ctx.requests, self.resolver, ctx.observations, qsl_cpu, seq_lens_cpu)
+        plan.stats = self.stats
+        if self.stats is not None and ctx.requests is not None:
+            self.stats.set_requests(len(ctx.requests), ctx.requests.released, ctx.requests.restarts)
+        seq_lens = cm.seq_lens[:num_reqs]
+        table = cm.block_table_tensor[:num_reqs]
+        if self.device.type == "cpu":
+            self._plan_cpu(plan, cm, seq_lens, table)
+        else:
+            self._plan_gpu(plan, cm, seq_lens, table)
+        return CasakvMetadata(
+            num_actual_tokens=cm.num_actual_tokens, max_query_len=cm.max_query_len, max_seq_len=cm.max_seq_len,
+            query_start_loc=cm.query_start_loc, seq_lens=seq_lens, block_table=table, slot_mapping=cm.slot_mapping,
+            query_start_loc_cpu=qsl_cpu, seq_lens_cpu=seq_lens_cpu, plan=plan)
+
+    def _plan_cpu(self, plan: BatchPlan, cm: CommonAttentionMetadata, seq_lens, table) -> None:
+        if self.cpu_kernels is not None:
+            plan.cpu_dense = self.cpu_kernels.plan_dense(plan, cm.query_start_loc, seq_lens, table,
+                                                         cm.num_actual_tokens, self.num_heads, self.num_kv_heads,
+                                                         self.head_size)
+        for layer in pattern_layers(plan):
+            plan.cpu_patterns[layer] = batch_patterns(plan, 0 if layer is None else layer, self.num_kv_heads,
+                                                      torch.device("cpu"))
+
+    def _plan_gpu(self, plan: BatchPlan, cm: CommonAttentionMetadata, seq_lens, table) -> None:
+        from casakv_vllm.plan.gpu import decode_workspace, plan_gpu
+
+        pure_decode = cm.max_query_len == 1 and cm.num_actual_tokens == cm.num_reqs
+        if pure_decode and self._workspace is None:  # allocated once: fixed addresses from then on
+            self._workspace = decode_workspace(self.max_batch, self.num_heads, self.num_kv_heads, self.head_size,
+                                               self.block_size, self.device)
+        plan.gpu = plan_gpu(plan, cm.query_start_loc, seq_lens, table, cm.num_actual_tokens, cm.max_query_len,
+                            cm.max_seq_len, self.num_heads, self.num_kv_heads, self.head_size, self.block_size,
+                            self.dtype, self._workspace)
+
+
+def _additional(vllm_config: VllmConfig) -> dict:
+    extra = vllm_config.additional_config
+    return extra if isinstance(extra, dict) else {}
+
+
+def _num_layers(vllm_config: VllmConfig) -> int:
+    hf = getattr(vllm_config.model_config, "hf_text_config", None) if vllm_config.model_config else None
+    return int(getattr(hf, "num_hidden_layers", 1) or 1)

@@ -1,0 +1,1 @@
+"""casakv's Prometheus series: worker counters and the API server's collector."""

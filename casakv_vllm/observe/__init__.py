@@ -1,0 +1,1 @@
+"""What data-dependent policies see of a prompt: observations, stored per prompt."""

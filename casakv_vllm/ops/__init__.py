@@ -1,0 +1,1 @@
+"""Torch-level building blocks: custom ops (torch.ops.casakv.*), paged KV access, attention math."""

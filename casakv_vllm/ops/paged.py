@@ -1,0 +1,63 @@
+"""Torch access to the paged KV cache, in the layout of each device.
+
+Both devices keep vLLM's logical shape ``[num_blocks, num_kv_heads,
+block_size, 2 * head_size]``; position ``p`` of a request lives in block
+``block_table[p // block_size]`` at offset ``p % block_size``.
+
+- CUDA: casakv's kernels store K and V side by side per token
+  (``[..., :D]`` and ``[..., D:]``).
+- CPU: casakv writes and reads the cache the way vLLM's CPU attention kernels
+  do, so those kernels can serve dense rows: the memory of one (block, KV
+  head) holds the keys transposed, ``[head_size, block_size]``, followed by
+  the values, ``[block_size, head_size]`` (``kv_views``).
+  ``integration.cpu_kernels`` checks at start-up that the kernels agree.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def kv_views(kv_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(keys [nb, Hkv, D, bs], values [nb, Hkv, bs, D])``: views of the cache."""
+    num_blocks, num_kv, block_size, two_d = kv_cache.shape
+    d = two_d // 2
+    flat = kv_cache.view(num_blocks, num_kv, 2, block_size * d)
+    return flat[:, :, 0].view(num_blocks, num_kv, d, block_size), flat[:, :, 1].view(num_blocks, num_kv, block_size, d)
+
+
+def write_kv(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+    """Store new keys/values at their slots (torch; vLLM's kernel does the same); negative slots are padding.
+
+    Args:
+        key, value: ``[num_tokens_padded, num_kv_heads, head_size]``.
+        slot_mapping: ``[n]`` int, ``n <= num_tokens_padded``.
+    """
+    n = slot_mapping.shape[0]
+    if n == 0:
+        return
+    slots = slot_mapping.long()
+    keep = (slots >= 0).nonzero().squeeze(1)
+    slots, key, value = slots[keep], key[:n][keep], value[:n][keep]
+    block_size = kv_cache.shape[2]
+    blocks, offsets = slots // block_size, slots % block_size
+    kview, vview = kv_views(kv_cache)
+    kview[blocks, :, :, offsets] = key.to(kv_cache.dtype)  # indexed dims 0 and 3 -> [n, Hkv, D]
+    vview[blocks, :, offsets] = value.to(kv_cache.dtype)
+
+
+def gather_kv(kv_cache: torch.Tensor, blocks: torch.Tensor, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """K and V of one request's first ``seq_len`` positions, ``[num_kv_heads, seq_len, head_size]`` each,
+    in the cache dtype, from either device's layout.
+
+    ``blocks``: the request's physical block ids, ``cdiv(seq_len, block_size)`` of them.
+    """
+    if kv_cache.device.type != "cpu":
+        num_kv, two_d = kv_cache.shape[1], kv_cache.shape[3]
+        kv = kv_cache.index_select(0, blocks).transpose(0, 1).reshape(num_kv, -1, two_d)[:, :seq_len]
+        return kv[..., : two_d // 2], kv[..., two_d // 2:]
+    kview, vview = kv_views(kv_cache)
+    num_kv, d = kview.shape[1], kview.shape[2]
+    k = kview.index_select(0, blocks).permute(1, 0, 3, 2).reshape(num_kv, -1, d)[:, :seq_len]
+    v = vview.index_select(0, blocks).transpose(0, 1).reshape(num_kv, -1, d)[:, :seq_len]
+    return k, v

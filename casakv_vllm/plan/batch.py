@@ -1,0 +1,137 @@
+"""The per-batch plan (FlashInfer's "plan"): built once by the metadata builder, read by every layer.
+
+For each row of the batch: its request state, its policy, its lengths, and
+whether its attention this step is dense causal (``dense``) or restricted by
+the policy (``masked``: pattern policies, and evicting policies once a
+request decodes).  Plus the observation recordings of prefill rows and
+host-side counts for metrics.  Device plans (``plan.gpu``; on the CPU the
+dense sub-batch of ``integration.cpu_kernels``) hang off the same object.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from casakv_vllm.observe.record import RecordJob, plan_record
+from casakv_vllm.observe.store import ObservationStore, PromptObservations
+from casakv_vllm.policies import Policy
+from casakv_vllm.requests.resolve import PolicyResolver
+from casakv_vllm.requests.state import RequestState, RequestTable
+
+
+@dataclass
+class RowPlan:
+    """One row of the batch.
+
+    Attributes:
+        state: the request's state (None when no tracker knows the row).
+        q_start, q_len, seq_len: the row's queries ``q_start .. q_start + q_len``
+            attend to KV positions ``0 .. seq_len - 1``.
+        dense: attention this step is dense causal.
+        obs: the prompt's observations (evicting rows that decode).
+    """
+
+    index: int
+    state: RequestState | None
+    policy: Policy
+    label: str
+    q_start: int
+    q_len: int
+    seq_len: int
+    dense: bool
+    obs: PromptObservations | None = None
+
+    @property
+    def context_len(self) -> int:
+        return self.seq_len - self.q_len
+
+    @property
+    def prompt_len(self) -> int:
+        return self.state.prompt_len if self.state is not None else 0
+
+    @property
+    def evicting(self) -> bool:
+        """The row's policy acts through its keep-set this step."""
+        return self.policy.caps.evicts and not self.dense
+
+
+@dataclass
+class BatchCounts:
+    """Host counts of one batch, for metrics.  ``causal_kv``: (query, KV) pairs of full causal
+    attention, per KV head."""
+
+    prefill_tokens: int
+    decode_tokens: int
+    causal_kv: int
+
+
+@dataclass
+class BatchPlan:
+    rows: list[RowPlan]
+    records: list[RecordJob]
+    counts: BatchCounts
+    num_layers: int = 1
+    gpu: Any = None  # plan.gpu.GpuPlan on CUDA
+    cpu_dense: Any = None  # integration.cpu_kernels.DenseCall on the CPU (None: dense rows in torch)
+    cpu_patterns: dict = field(default_factory=dict)  # CPU: layer (None: every layer) -> PatternBatch
+    stats: Any = None  # metrics.worker.WorkerStats
+
+    @property
+    def dense_rows(self) -> list[RowPlan]:
+        return [r for r in self.rows if r.dense]
+
+    @property
+    def masked_rows(self) -> list[RowPlan]:
+        return [r for r in self.rows if not r.dense]
+
+    @property
+    def all_dense(self) -> bool:
+        return all(r.dense for r in self.rows)
+
+
+def batch_counts(query_start_loc: list[int], seq_lens: list[int]) -> BatchCounts:
+    prefill = decode = causal = 0
+    for i, seq_len in enumerate(seq_lens):
+        q_len = query_start_loc[i + 1] - query_start_loc[i]
+        if q_len == 1:
+            decode += 1
+        else:
+            prefill += q_len
+        ctx = seq_len - q_len
+        causal += q_len * ctx + q_len * (q_len + 1) // 2  # rows attend to ctx+1 .. ctx+q_len keys
+    return BatchCounts(prefill, decode, causal)
+
+
+def _row_is_dense(policy: Policy, state: RequestState | None, context_len: int) -> bool:
+    if policy.caps.attends_all:
+        return True
+    if policy.caps.evicts:  # full attention while the prompt is prefilled (and without a request to evict for)
+        return state is None or context_len < state.prompt_len
+    return False
+
+
+def plan_batch(requests: RequestTable | None, resolver: PolicyResolver, store: ObservationStore,
+               query_start_loc: list[int], seq_lens: list[int]) -> BatchPlan:
+    """Plan one batch from host lengths (``query_start_loc``: ``num_reqs + 1`` ints)."""
+    num_reqs = len(seq_lens)
+    states = requests.slots(num_reqs) if requests is not None else [None] * num_reqs
+    rows, records = [], []
+    for i, (state, seq_len) in enumerate(zip(states, seq_lens)):
+        q_start, q_len = query_start_loc[i], query_start_loc[i + 1] - query_start_loc[i]
+        if state is not None and q_len > 0 and state.advance(seq_len - q_len, seq_len):
+            requests.restarts += 1
+        policy, label = resolver.resolve(state.overrides) if state is not None else (resolver.default,
+                                                                                     resolver.default_label)
+        row = RowPlan(i, state, policy, label, q_start, q_len, seq_len, _row_is_dense(policy, state, seq_len - q_len))
+        if state is not None and state.prompt_key is not None and q_len > 0:
+            if row.context_len < state.prompt_len:  # every prefill row records its prompt's observations
+                obs = store.get(state.prompt_key, state.prompt_len)
+                job = plan_record(obs, i, q_start, row.context_len, q_len, policy.caps.needs_col_sums)
+                if job is not None:
+                    records.append(job)
+            elif row.evicting:
+                row.obs = store.peek(state.prompt_key, state.prompt_len)
+        rows.append(row)
+    store.trim()
+    return BatchPlan(rows, records, batch_counts(query_start_loc, seq_lens), resolver.num_layers)

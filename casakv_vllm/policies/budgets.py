@@ -1,0 +1,87 @@
+"""Budget allocators: how many prompt tokens each layer and KV head keeps.
+
+Every allocator starts from the configured per-head budget ``b`` (``kv_budget``,
+or ``kv_ratio`` of the prompt) and keeps the total fixed: layers average ``b``,
+and a layer's heads share ``Hkv * b``.  ``layer_budget`` is a host int (it
+also sizes the cache a request holds); ``head_budgets`` may look at a
+layer's scores and returns an int (uniform) or an ``[Hkv]`` device tensor.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class Uniform:
+    """Every layer and head keeps ``b``."""
+
+    def layer_budget(self, layer: int, num_layers: int, prompt_len: int, budget: int) -> int:
+        return min(prompt_len, budget)
+
+    def head_budgets(self, scores: torch.Tensor, budget: int, pinned: int) -> int:
+        return budget
+
+
+@dataclass
+class Pyramid(Uniform):
+    """PyramidKV: budgets shrink linearly with depth, with a floor.
+
+    Every layer keeps the ``floor`` (the observation window, which SnapKV-style
+    scorers always keep) plus a share of the rest that falls linearly from the
+    first layer to the last, the last layer's share being ``1 / beta`` of the
+    mean; the layers average ``b``.  When ``b`` leaves nothing above the floor,
+    or the first layer would need more than the prompt, the budgets are
+    uniform.
+    """
+
+    beta: float = 20.0
+    floor: int = 32
+
+    def layer_budget(self, layer: int, num_layers: int, prompt_len: int, budget: int) -> int:
+        mean = min(prompt_len, budget)
+        floor = min(self.floor, prompt_len)
+        share = mean - floor
+        if num_layers <= 1 or share <= 0 or mean >= prompt_len:
+            return mean
+        low = share / self.beta
+        high = 2 * share - low
+        if floor + high > prompt_len:  # the top is capped by the prompt: keep the mean
+            high = prompt_len - floor
+            low = 2 * share - high
+        b = floor + high - (high - low) * layer / (num_layers - 1)
+        return max(floor, min(prompt_len, round(b)))
+
+
+@dataclass
+class HeadAdaptive(Uniform):
+    """Ada-KV: a layer's ``Hkv * b`` tokens go to the heads by their attention share.
+
+    Every head keeps its ``pinned`` tokens (``+inf`` scores, e.g. the
+    observation window) and ``floor`` of the rest of its budget (the
+    safeguard); the remaining tokens go to the highest shares of any head, so
+    focused heads give tokens to diffuse ones.
+    """
+
+    floor: float = 0.2
+
+    def head_budgets(self, scores: torch.Tensor, budget: int, pinned: int) -> int | torch.Tensor:
+        num_kv, length = scores.shape
+        free = budget - pinned
+        if free <= 0 or budget >= length:
+            return budget
+        window = torch.isinf(scores)
+        finite = scores.masked_fill(window, 0.0)
+        share = (finite / finite.sum(1, keepdim=True).clamp_min(1e-9)).masked_fill(window, float("-inf"))
+        floor = int(self.floor * free)
+        counts = torch.full((num_kv,), pinned + floor, dtype=torch.int64, device=scores.device)
+        rest = num_kv * free - num_kv * floor
+        if rest <= 0:
+            return counts
+        if floor > 0:  # each head's floor picks leave the competition
+            top = torch.topk(share, floor, dim=1).indices
+            share = share.scatter(1, top, float("-inf"))
+        winners = torch.topk(share.flatten(), rest).indices // length
+        return counts.scatter_add(0, winners, torch.ones_like(winners))

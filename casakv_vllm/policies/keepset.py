@@ -1,0 +1,55 @@
+"""A request's keep-set at one layer: which cached positions its decode steps read."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+#: spare positions allocated past the current length (generated tokens to come)
+SPARE = 64
+
+
+@dataclass
+class LayerKeep:
+    """One layer's keep-set of one request, on the KV device.
+
+    Attributes:
+        mask: ``[Hkv, capacity]`` bool; position ``p`` is read iff
+            ``mask[h, p]`` (positions past the sequence are ignored).
+        scores: ``[Hkv, capacity]`` fp32 accumulated attention (H2O), or None.
+        window: recent tokens kept by a sliding policy (decode-scope
+            streaming), or None.
+    """
+
+    mask: torch.Tensor
+    scores: torch.Tensor | None = None
+    window: int | None = None
+
+    @classmethod
+    def new(cls, prompt_keep: torch.Tensor, seq_len: int) -> "LayerKeep":
+        """From the prompt's keep-set ``[Hkv, prompt_len]``; later positions start kept."""
+        num_kv, plen = prompt_keep.shape
+        mask = torch.ones(num_kv, max(seq_len, plen) + SPARE, dtype=torch.bool, device=prompt_keep.device)
+        mask[:, :plen] = prompt_keep
+        return cls(mask)
+
+    @property
+    def capacity(self) -> int:
+        return self.mask.shape[1]
+
+    def grow(self, seq_len: int) -> None:
+        """Make room for ``seq_len`` positions (new positions start kept, with zero score)."""
+        if self.capacity >= seq_len:
+            return
+        mask = torch.ones(self.mask.shape[0], 2 * seq_len, dtype=torch.bool, device=self.mask.device)
+        mask[:, :self.capacity] = self.mask
+        self.mask = mask
+        if self.scores is not None:
+            scores = torch.zeros(self.scores.shape[0], 2 * seq_len, device=self.scores.device)
+            scores[:, :self.scores.shape[1]] = self.scores
+            self.scores = scores
+
+    def visible(self, seq_len: int) -> torch.Tensor:
+        """``[Hkv, seq_len]`` bool: what a step over ``seq_len`` positions reads (a view)."""
+        return self.mask[:, :seq_len]

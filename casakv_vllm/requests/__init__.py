@@ -1,0 +1,1 @@
+"""Per-request settings (from ``vllm_xargs``) and per-request state."""

@@ -1,0 +1,118 @@
+"""Per-request state in a worker: typed, keyed by request, released when the request ends.
+
+vLLM's attention metadata names no requests, but the model runner tells
+logits processors about every request added to, removed from and moved
+within the persistent batch, before the forward pass and with the row
+indices the attention metadata uses (``integration.tracker``).  The
+:class:`RequestTable` keeps those rows.
+
+Keying.  A request leaves the persistent batch when it finishes, is aborted
+or preempted, but also when it is merely not scheduled in a step; it comes
+back with the same ``SamplingParams`` object, which the model runner keeps
+for the request's whole life.  So state is keyed by that object: a request
+that returns finds its state again, and a weak reference releases the state
+when the runner drops the request (finish, abort).  A preempted request is
+recomputed from scratch when it resumes: the builder sees its KV length go
+back (``RequestState.restart``) and starts it afresh.
+"""
+
+from __future__ import annotations
+
+import itertools
+import weakref
+from dataclasses import dataclass, field
+from typing import Any
+
+from casakv_vllm.policies.keepset import LayerKeep
+
+_ids = itertools.count()
+
+
+@dataclass(eq=False)
+class RequestState:
+    """One request, as casakv sees it.
+
+    Attributes:
+        prompt_len: prompt tokens (0 when vLLM gave none, e.g. prompt embeddings).
+        overrides: its ``vllm_xargs`` settings (``requests.params.request_overrides``).
+        prompt_key: hash of the prompt's token ids (``observe.store.prompt_key``).
+        keep: per layer, the request's keep-set (evicting policies, once decoding).
+        kv_len: KV positions computed so far (the longest sequence seen).
+        restarts: times the request was recomputed from scratch (preemption).
+        uid: process-unique number, for logs and tests.
+    """
+
+    prompt_len: int
+    overrides: tuple[tuple[str, Any], ...] = ()
+    prompt_key: str | None = None
+    keep: dict[int, LayerKeep] = field(default_factory=dict)
+    kv_len: int = 0
+    restarts: int = 0
+    uid: int = field(default_factory=lambda: next(_ids))
+
+    def advance(self, context_len: int, seq_len: int) -> bool:
+        """A step computes positions ``context_len .. seq_len - 1``; a step that starts
+        below what was already computed means the request is being recomputed (returns True)."""
+        restarted = context_len < self.kv_len
+        if restarted:
+            self.restart()
+        self.kv_len = max(self.kv_len, seq_len)
+        return restarted
+
+    def restart(self) -> None:
+        self.keep.clear()
+        self.kv_len = 0
+        self.restarts += 1
+
+
+class RequestTable:
+    """The rows of the persistent batch and the state of every live request (one per worker)."""
+
+    def __init__(self) -> None:
+        self.rows: list[RequestState | None] = []
+        self._live: dict[int, RequestState] = {}  # id(params) -> state, while the params object lives
+        self.released = 0  # states released because their request ended
+        self.restarts = 0  # requests recomputed from scratch
+
+    def __len__(self) -> int:
+        return len(self._live)
+
+    def _grow(self, size: int) -> None:
+        if len(self.rows) < size:
+            self.rows.extend([None] * (size - len(self.rows)))
+
+    def add(self, index: int, params, prompt_len: int, overrides: tuple, prompt_key: str | None) -> RequestState:
+        """Row ``index`` holds the request of ``params`` (a new one, or one coming back)."""
+        self._grow(index + 1)
+        key = id(params) if params is not None else None
+        state = self._live.get(key) if key is not None else None
+        if state is None:
+            state = RequestState(prompt_len, overrides, prompt_key)
+            if key is not None:
+                self._live[key] = state
+                weakref.finalize(params, self._release, key, state.uid)
+        self.rows[index] = state
+        return state
+
+    def _release(self, key: int, uid: int) -> None:
+        state = self._live.get(key)
+        if state is not None and state.uid == uid:
+            del self._live[key]
+            self.released += 1
+
+    def remove(self, index: int) -> None:
+        if index < len(self.rows):
+            self.rows[index] = None
+
+    def swap(self, a: int, b: int) -> None:
+        self._grow(max(a, b) + 1)
+        self.rows[a], self.rows[b] = self.rows[b], self.rows[a]
+
+    def move(self, src: int, dst: int) -> None:
+        self._grow(max(src, dst) + 1)
+        self.rows[dst], self.rows[src] = self.rows[src], None
+
+    def slots(self, num_reqs: int) -> list[RequestState | None]:
+        """The first ``num_reqs`` rows (None where unknown)."""
+        head = self.rows[:num_reqs]
+        return head + [None] * (num_reqs - len(head))

@@ -1,0 +1,1 @@
+"""Tools around the runtime: the casakv CLI, demo, serving helper, benchmarks, quality suite."""

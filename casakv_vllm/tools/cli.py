@@ -1,0 +1,153 @@
+"""The ``casakv`` command."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+from casakv_vllm import __version__
+
+
+def _cmd_demo_model(args: argparse.Namespace) -> int:
+    from casakv_vllm.tools.demo_model import ensure_demo_model
+
+    path = ensure_demo_model(Path(args.cache_dir) if args.cache_dir else None, force=args.force)
+    print(path)
+    return 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from casakv_vllm.tools.demo_model import demo_model_path
+    from casakv_vllm.tools.serving import VllmServer, cpu_env
+
+    model = args.model or demo_model_path()
+    extra = ["--max-model-len", "8192", "--dtype", "bfloat16"]
+    if args.casakv_config:
+        extra += ["--additional-config", json.dumps({"casakv": json.loads(args.casakv_config)})]
+    print(f"[demo] model: {model}")
+    print(f"[demo] starting: vllm serve <model> --attention-backend casakv (127.0.0.1) ...", flush=True)
+    t0 = time.monotonic()
+    with VllmServer(model=model, extra_args=extra, env=cpu_env()) as server:
+        print(f"[demo] server ready in {time.monotonic() - t0:.0f}s at {server.url} (log: {server.log_path})")
+        print(f"[demo] request: {args.prompt!r}")
+        t1 = time.monotonic()
+        reply = server.chat(args.prompt, max_tokens=args.max_tokens)
+        text = reply["choices"][0]["message"]["content"]
+        print(f"[demo] reply ({time.monotonic() - t1:.1f}s): {text}")
+        print("[demo] casakv metrics:")
+        lines: list[str] = []
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:  # workers publish every 0.1 s: wait until settled
+            now = server.casakv_metrics()
+            if now == lines and any(ln.startswith("casakv_info") for ln in now):
+                break
+            lines = now
+            time.sleep(0.5)
+        for line in lines or ["(no casakv_ series on /metrics)"]:
+            print("   ", line)
+    print("[demo] server stopped")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="casakv",
+        description="casakv-vllm: CASAK-V sparse attention and KV-cache compression for vLLM "
+        "(serve with: vllm serve MODEL --attention-backend casakv).",
+    )
+    parser.add_argument("--version", action="version", version=f"casakv-vllm {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    p = sub.add_parser("demo-model", help="make the bundled SmolLM2-135M-Instruct available offline; print its path")
+    p.add_argument("--cache-dir", help="where to put the HF folder (default: $CASAKV_CACHE or ~/.cache/casakv)")
+    p.add_argument("--force", action="store_true", help="convert again even if present")
+    p.set_defaults(func=_cmd_demo_model)
+
+    p = sub.add_parser("demo", help="serve the demo model with casakv on loopback, send one chat request, print reply and metrics")
+    p.add_argument("--model", help="model path (default: the demo model)")
+    p.add_argument("--prompt", default="What is the capital of France?")
+    p.add_argument("--max-tokens", type=int, default=32)
+    p.add_argument("--casakv-config", help='JSON object of casakv settings, e.g. \'{"policy": "dense"}\'')
+    p.set_defaults(func=_cmd_demo)
+
+    p = sub.add_parser("bench", help="benchmarks: `casakv bench kernels` (GPU), `casakv bench cpu` (CPU serving)")
+    bench_sub = p.add_subparsers(dest="bench_target", metavar="TARGET", required=True)
+    pk = bench_sub.add_parser("kernels", help="sparse prefill/decode kernels vs SDPA and FlexAttention (needs a CUDA GPU)")
+    pk.add_argument("--json", required=True, help="where to write the results JSON")
+    pk.add_argument("--md", help="also write a Markdown summary here")
+    pk.add_argument("--quick", action="store_true", help="one size per kind (smoke run)")
+    pk.add_argument("--vllm-kernel", metavar="DIR",
+                    help="time vLLM's Triton kernel from a folder staged by scripts/stage_vllm_kernel.py "
+                         "(default: the installed vLLM, if any)")
+    pk.set_defaults(func=_cmd_bench_kernels)
+    pc = bench_sub.add_parser("cpu", help="casakv's CPU path vs vLLM's CPU backend through two real servers")
+    pc.add_argument("--json", help="where to write the results JSON")
+    pc.add_argument("--md", help="also write a Markdown summary here")
+    pc.add_argument("--runs", type=int, default=3, help="prompts per server (median reported)")
+    pc.add_argument("--prompt-tokens", type=int, default=4450)
+    pc.add_argument("--decode-tokens", type=int, default=64)
+    pc.add_argument("--policy", default="snapkv", help="also time this policy at 4x on casakv ('' for none)")
+    pc.add_argument("--model", help="model folder (default: the demo model)")
+    pc.set_defaults(func=_cmd_bench_cpu)
+
+    from casakv_vllm.tools.quality.cli import add_parser as add_eval_parser
+
+    add_eval_parser(sub)
+
+    p = sub.add_parser("check-config", help="validate casakv settings (CASAKV_CONFIG and/or a JSON object) and print them")
+    p.add_argument("json", nargs="?", help='JSON object as given to --additional-config under "casakv"')
+    p.set_defaults(func=_cmd_check_config)
+    return parser
+
+
+def _cmd_bench_kernels(args: argparse.Namespace) -> int:
+    from casakv_vllm.tools.bench.kernels import run
+
+    run(Path(args.json), Path(args.md) if args.md else None, quick=args.quick, progress=lambda m: print(m, flush=True),
+        vllm_kernel=args.vllm_kernel)
+    return 0
+
+
+def _cmd_bench_cpu(args: argparse.Namespace) -> int:
+    from casakv_vllm.tools.bench.cpu import markdown, run
+
+    if args.runs < 1 or args.prompt_tokens < 16 or args.decode_tokens < 1:
+        print("casakv bench cpu: --runs, --prompt-tokens (>= 16) and --decode-tokens must be positive", file=sys.stderr)
+        return 2
+    result = run(Path(args.json) if args.json else None, Path(args.md) if args.md else None, args.runs,
+                 args.prompt_tokens, args.decode_tokens, args.policy or None, lambda m: print(m, flush=True), args.model)
+    print(markdown(result))
+    return 0
+
+
+def _cmd_check_config(args: argparse.Namespace) -> int:
+    from casakv_vllm.config import CasakvConfigError, load_config
+
+    try:
+        extra = json.loads(args.json) if args.json else None
+    except json.JSONDecodeError as err:
+        print(f"casakv config error (argument): not valid JSON: {err}", file=sys.stderr)
+        return 2
+    try:
+        cfg = load_config({"casakv": extra} if extra is not None else None)
+    except CasakvConfigError as err:
+        print(err, file=sys.stderr)
+        return 2
+    print(json.dumps(cfg.model_dump(), indent=2, sort_keys=True))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 0
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

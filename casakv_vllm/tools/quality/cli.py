@@ -1,0 +1,159 @@
+"""``casakv eval quality`` and ``casakv eval search-heads``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import sys
+import time
+from pathlib import Path
+
+EVAL_SERVER_ARGS = ["--max-model-len", "8192", "--dtype", "float32", "--block-size", "16",
+                    "--max-num-batched-tokens", "2048", "--max-num-seqs", "16", "--enable-prefix-caching"]
+
+
+def add_parser(sub) -> None:
+    from casakv_vllm.tools.quality.runner import BASELINES, BUDGETS
+    from casakv_vllm.tools.quality.tasks import TASKS
+
+    p = sub.add_parser("eval", help="quality evaluation: `casakv eval quality`, `casakv eval search-heads`")
+    ev = p.add_subparsers(dest="eval_target", metavar="TARGET", required=True)
+
+    q = ev.add_parser("quality", help="every policy x budget on offline long-context tasks, through a real server")
+    q.add_argument("--policies", default=",".join(BASELINES), help=f"comma-separated (default: {','.join(BASELINES)})")
+    q.add_argument("--budgets", default=",".join(BUDGETS), help="token budgets and/or reduction factors, e.g. 256,4x")
+    q.add_argument("--tasks", default=",".join(TASKS), help=f"comma-separated (default: {','.join(TASKS)})")
+    q.add_argument("--samples", type=int, default=20, help="samples per task")
+    q.add_argument("--context", type=int, help="context tokens per prompt (default: each task's calibrated length)")
+    q.add_argument("--seed", type=int, default=0)
+    q.add_argument("--model", help="model folder (default: the demo model)")
+    q.add_argument("--url", help="use a running casakv server (prefix caching on) instead of starting one")
+    q.add_argument("--heads", help="static-heads assignment JSON (default: searched now, written beside --json)")
+    q.add_argument("--concurrency", type=int, default=8, help="requests in flight per sample")
+    q.add_argument("--json", help="write results JSON here")
+    q.add_argument("--md", help="write the Markdown table here")
+    q.add_argument("--plot", help="write the Pareto plot (PNG) here")
+    q.add_argument("--rows", help="write every sample's generation and score here (JSON lines)")
+    q.set_defaults(func=cmd_quality)
+
+    s = ev.add_parser("search-heads", help="offline search of the static per-head pattern assignment")
+    s.add_argument("--out", required=True, help="assignment JSON to write")
+    s.add_argument("--model", help="model folder (default: the demo model)")
+    s.add_argument("--prompts", type=int, default=6, help="calibration prompts (seed 1000+, disjoint from eval)")
+    s.add_argument("--context", type=int, default=2048)
+    s.add_argument("--budget-fraction", type=float, default=0.125)
+    s.set_defaults(func=cmd_search_heads)
+
+
+def _fail(msg: str) -> int:
+    print(f"casakv eval: {msg}", file=sys.stderr)
+    return 2
+
+
+def _model(arg: str | None) -> str:
+    if arg:
+        if not (Path(arg).expanduser() / "config.json").is_file():
+            raise ValueError(f"--model {arg!r}: not a model folder (no config.json)")
+        return str(Path(arg).expanduser())
+    from casakv_vllm.tools.demo_model import demo_model_path
+
+    return demo_model_path()
+
+
+def _progress(total: int, desc: str):
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, unit="sample", dynamic_ncols=True)
+
+
+def cmd_search_heads(args: argparse.Namespace) -> int:
+    from casakv_vllm.tools.quality.search_heads import search, write_assignment
+    from casakv_vllm.tools.quality.tasks import TASKS, make_samples
+
+    if not 0 < args.budget_fraction < 1:
+        return _fail("--budget-fraction must be in (0, 1)")
+    try:
+        model = _model(args.model)
+    except ValueError as err:
+        return _fail(str(err))
+    texts = [s.prompt for i in range(args.prompts)
+             for s in make_samples(TASKS[i % len(TASKS)], 1, seed=1000 + i, context_tokens=args.context)]
+    with _progress(len(texts), "search-heads") as bar:
+        result = search(model, texts, args.budget_fraction, progress=bar.update)
+    path = write_assignment(result, args.out)
+    counts = {t: sum(row.count(t) for row in result["heads"]) for t in result["types"]}
+    print(f"wrote {path}: {counts}")
+    return 0
+
+
+def _parse_list(text: str, allowed, what: str) -> list[str]:
+    items = [x.strip() for x in text.split(",") if x.strip()]
+    bad = [x for x in items if allowed is not None and x not in allowed]
+    if not items or bad:
+        raise ValueError(f"unknown {what} {', '.join(bad) or '(none given)'}; choose from {', '.join(allowed)}")
+    return items
+
+
+def cmd_quality(args: argparse.Namespace) -> int:
+    from casakv_vllm.tools.quality import report
+    from casakv_vllm.tools.quality.runner import BASELINES, budget_fields, eval_configs, run_quality
+    from casakv_vllm.tools.quality.tasks import TASKS, make_samples
+
+    try:
+        policies = _parse_list(args.policies, BASELINES, "policy")
+        tasks = _parse_list(args.tasks, TASKS, "task")
+        budgets = _parse_list(args.budgets, None, "budget")
+        for b in budgets:
+            budget_fields(b)
+        if args.samples < 1:
+            raise ValueError("--samples must be >= 1")
+        model = _model(args.model)
+    except ValueError as err:
+        return _fail(str(err))
+    heads = args.heads
+    if "static-heads" in policies and not heads:
+        heads = str(Path(args.json or "quality.json").with_name("quality-static-heads.json"))
+        rc = cmd_search_heads(argparse.Namespace(out=heads, model=model, prompts=6, context=2048, budget_fraction=0.125))
+        if rc:
+            return rc
+    if heads and not Path(heads).is_file():
+        return _fail(f"--heads {heads!r}: no such file")
+    configs = eval_configs(policies, budgets, str(Path(heads).resolve()) if heads else None)
+    samples = {t: make_samples(t, args.samples, args.seed, args.context) for t in tasks}
+    command = "casakv " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv else "casakv eval quality"
+    t0 = time.monotonic()
+    server = _server(args.url, model)
+    try:
+        with _progress(sum(len(v) for v in samples.values()), "eval quality") as bar:
+            def done(task, recs):
+                bar.write(f"[{task}] " + ", ".join(f"{r['policy']}@{r['budget']}={r['score']:.2f}"
+                                                    for r in recs if not r["task"].endswith("_kl")))
+            records, rows = run_quality(server, samples, configs, args.concurrency, bar.update, done)
+    finally:
+        if not args.url:
+            server.stop()
+    extra = {"samples_per_task": args.samples, "seed": args.seed, "seconds": round(time.monotonic() - t0),
+             "server_args": EVAL_SERVER_ARGS, "heads": heads}
+    report.write_report(records, md=args.md, json_path=args.json, png=args.plot, command=command, model=model)
+    if args.json:  # the run's settings beside the results
+        obj = json.loads(Path(args.json).read_text())
+        obj["settings"] = extra
+        Path(args.json).write_text(json.dumps(obj, indent=1) + "\n")
+    if args.rows:
+        Path(args.rows).write_text("".join(json.dumps(r) + "\n" for r in rows))
+    if not (args.json or args.md or args.plot):
+        print(report.markdown(records, command=command, model=model))
+    return 0
+
+
+def _server(url: str | None, model: str):
+    from casakv_vllm.tools.serving import VllmServer, cpu_env
+
+    if url:
+        from urllib.parse import urlparse
+
+        return VllmServer(model=model, port=urlparse(url).port or 80)
+    env = {**cpu_env(4), "VLLM_CPU_CI_ENV": "1", "VLLM_CPU_NUM_OF_RESERVED_CPU": "0"}
+    print("[eval] starting vllm serve --attention-backend casakv (loopback) ...", file=sys.stderr, flush=True)
+    return VllmServer(model=model, extra_args=EVAL_SERVER_ARGS, env=env).start()

@@ -1,0 +1,206 @@
+"""`casakv eval quality`: every policy x budget on every task, through one real server.
+
+One ``vllm serve --attention-backend casakv`` (dense by default, prefix caching
+on) serves everything; each request picks its policy and budget through
+``vllm_xargs`` (see :mod:`casakv_vllm.requests.params`).  Per sample:
+
+1. one request prefills the prompt at full attention; every prefill records
+   the prompt's observation window, whatever its policy, but only an H2O
+   prefill adds every query's attention mass, so H2O goes first when it is
+   evaluated;
+2. full attention and every other (policy, budget) then run concurrently; they
+   hit the prefix cache, so each costs only its decode steps.
+
+Retrieval tasks are scored against their answers; ``longdoc`` against the
+full-attention run of the same prompt (greedy agreement, and the KL of the
+next-token distributions where both runs share their context).  KV kept is
+measured, per task, from the server's ``casakv_decode_kv_tokens_*`` counters.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+from casakv_vllm.tools.quality import scoring
+from casakv_vllm.tools.quality.calibrate import complete
+from casakv_vllm.tools.quality.tasks import Sample
+
+FULL = "full"
+BASELINES = (FULL, "streaming", "snapkv", "h2o", "pyramidkv", "adakv", "static-heads")
+BUDGETS = ("128", "256", "512", "1024", "2x", "4x", "8x")
+LOGPROBS = 5
+_METRIC = "casakv_decode_kv_tokens_{}_total"
+
+
+def budget_fields(label: str) -> dict:
+    """``"256"`` -> kv_budget 256; ``"4x"`` -> kv_ratio 0.25."""
+    text = label.strip().lower()
+    try:
+        if text.endswith("x"):
+            factor = float(text[:-1])
+            if factor <= 1:
+                raise ValueError
+            return {"kv_ratio": round(1.0 / factor, 6)}
+        tokens = int(text)
+        if tokens < 1:
+            raise ValueError
+        return {"kv_budget": tokens}
+    except ValueError:
+        raise ValueError(f"budget {label!r}: give a token count (256) or a reduction factor > 1 (4x)") from None
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """One (policy, budget) cell of the table."""
+
+    policy: str
+    budget: str  # label: "256", "4x" or "full"
+    params: tuple = ()  # policy_params as sorted items
+
+    @property
+    def is_full(self) -> bool:
+        return self.policy == FULL
+
+    def xargs(self) -> dict | None:
+        if self.is_full:
+            return None
+        out = {"casakv_policy": self.policy}
+        out.update({f"casakv_{k}": v for k, v in budget_fields(self.budget).items()})
+        if self.params:
+            out["casakv_policy_params"] = json.dumps(dict(self.params), sort_keys=True)
+        return out
+
+    @property
+    def metric_label(self) -> str:
+        """The server's label for this config (``plan.policy_label``)."""
+        if self.is_full:
+            return "dense"
+        (key, value), = budget_fields(self.budget).items()
+        return f"{self.policy}/{key}={value:g}" if isinstance(value, float) else f"{self.policy}/{key}={value}"
+
+
+def eval_configs(policies: Sequence[str], budgets: Sequence[str], heads_file: str | None = None) -> list[EvalConfig]:
+    """The cells to run: full attention once, every other policy at every budget."""
+    out = []
+    for policy in policies:
+        if policy == FULL:
+            out.append(EvalConfig(FULL, FULL))
+            continue
+        params: dict = {}
+        if policy == "streaming":
+            params = {"scope": "decode"}  # evict after a full prefill, like the other baselines
+        if policy == "static-heads":
+            if not heads_file:
+                raise ValueError("static-heads needs a head assignment (--heads PATH; `casakv eval search-heads`)")
+            params = {"assignment": heads_file}
+        for budget in budgets:
+            budget_fields(budget)
+            out.append(EvalConfig(policy, budget, tuple(sorted(params.items()))))
+    return out
+
+
+@dataclass
+class SampleResult:
+    config: EvalConfig
+    task: str
+    sample_id: str
+    score: float
+    text: str
+    extra: dict = field(default_factory=dict)
+
+
+def _score(sample: Sample, out: dict, ref: dict | None) -> tuple[float, dict]:
+    if sample.answer is not None:
+        return scoring.score_retrieval(sample.task, out["text"], sample.answer), {}
+    if ref is None or out["tokens"] is None:
+        return 1.0, {"kl": 0.0}
+    agree = scoring.greedy_prefix_agreement(out["tokens"], ref["tokens"], sample.max_tokens)
+    kl = scoring.mean_topk_kl(ref["top"], out["top"], ref["tokens"], out["tokens"])
+    return agree, {"kl": kl, "token_agreement": scoring.token_agreement(out["tokens"], ref["tokens"])}
+
+
+def run_sample(server, sample: Sample, configs: list[EvalConfig], concurrency: int) -> list[SampleResult]:
+    """All configs on one sample (the first one alone, to fill the prefix cache)."""
+    logprobs = LOGPROBS if sample.answer is None else None
+    first = next((c for c in configs if c.policy == "h2o"), None) or next((c for c in configs if c.is_full), configs[0])
+    outs = {first: complete(server, sample, logprobs, _extra(first))}
+    rest = [c for c in configs if c != first]
+    with ThreadPoolExecutor(max_workers=max(1, concurrency)) as pool:
+        for cfg, out in zip(rest, pool.map(lambda c: complete(server, sample, logprobs, _extra(c)), rest)):
+            outs[cfg] = out
+    ref = next((o for c, o in outs.items() if c.is_full), None)
+    results = []
+    for cfg in configs:
+        score, extra = _score(sample, outs[cfg], ref)
+        results.append(SampleResult(cfg, sample.task, sample.id, score, outs[cfg]["text"], extra))
+    return results
+
+
+def _extra(cfg: EvalConfig) -> dict:
+    xargs = cfg.xargs()
+    return {"vllm_xargs": xargs} if xargs else {}
+
+
+def kv_counters(server, configs: list[EvalConfig]) -> dict[str, tuple[float, float]]:
+    """``label -> (attended, causal)`` decode KV counters, once they settle."""
+    import re
+
+    server.metric_values(["casakv_forward_calls_total"])  # wait for the workers' last flush
+    text = server.get_text("/metrics")
+    out = {}
+    for cfg in configs:
+        vals = []
+        for kind in ("attended", "causal"):
+            pat = rf'^{_METRIC.format(kind)}\{{policy="{re.escape(cfg.metric_label)}"\}} ([0-9.e+-]+)$'
+            m = re.search(pat, text, re.M)
+            vals.append(float(m.group(1)) if m else 0.0)
+        out[cfg.metric_label] = (vals[0], vals[1])
+    return out
+
+
+def aggregate(results: list[SampleResult], kv_before: dict, kv_after: dict) -> list[dict]:
+    """Result records (one per config x task, plus ``longdoc_kl``) from one task's samples."""
+    records = []
+    by_cfg: dict[EvalConfig, list[SampleResult]] = {}
+    for r in results:
+        by_cfg.setdefault(r.config, []).append(r)
+    for cfg, rs in by_cfg.items():
+        att = kv_after[cfg.metric_label][0] - kv_before.get(cfg.metric_label, (0.0, 0.0))[0]
+        cau = kv_after[cfg.metric_label][1] - kv_before.get(cfg.metric_label, (0.0, 0.0))[1]
+        ratio = 1.0 if cfg.is_full else (att / cau if cau > 0 else float("nan"))
+        mean, lo, hi = scoring.mean_ci([r.score for r in rs])
+        base = {"policy": cfg.policy, "budget": cfg.budget, "kv_ratio": round(ratio, 4), "n": len(rs)}
+        records.append({**base, "task": rs[0].task, "score": mean, "ci_low": lo, "ci_high": hi})
+        if "kl" in rs[0].extra:
+            kmean, klo, khi = scoring.mean_ci([r.extra["kl"] for r in rs])
+            records.append({**base, "task": f"{rs[0].task}_kl", "score": kmean, "ci_low": klo, "ci_high": khi,
+                            "lower_is_better": True})
+    return records
+
+
+def run_quality(server, samples_by_task: dict[str, list[Sample]], configs: list[EvalConfig],
+                concurrency: int = 8, progress: Callable[[int], None] | None = None,
+                on_task_done: Callable[[str, list[dict]], None] | None = None) -> tuple[list[dict], list[dict]]:
+    """Run everything; returns ``(records, per-sample rows)``."""
+    records, rows = [], []
+    for task, samples in samples_by_task.items():
+        before = kv_counters(server, configs)
+        results: list[SampleResult] = []
+        for sample in samples:
+            t0 = time.monotonic()
+            res = run_sample(server, sample, configs, concurrency)
+            results.extend(res)
+            rows.extend({"task": r.task, "id": r.sample_id, "policy": r.config.policy, "budget": r.config.budget,
+                         "score": r.score, "text": r.text, **r.extra, "seconds": round(time.monotonic() - t0, 2)}
+                        for r in res)
+            if progress:
+                progress(1)
+        task_records = aggregate(results, before, kv_counters(server, configs))
+        records.extend(task_records)
+        if on_task_done:
+            on_task_done(task, task_records)
+    return records, rows
