@@ -35,6 +35,7 @@ fi
 cd /tmp   # never import the checkout's folders by accident
 [ "${SKIP_TESTS:-0}" = "1" ] || python3 -m pytest "$REPO/tests/kernels" "$REPO/tests/unit/test_ops.py" -q -p no:cacheprovider \
     -o addopts="--import-mode=importlib -ra" ${PYTEST_ARGS:-} 2>&1 | tee "$OUT/gpu-tests.log" | tail -15
+tests_rc=${PIPESTATUS[0]}
 if [ "${SKIP_BENCH:-0}" != "1" ]; then
     # the module directly (= `casakv bench kernels`), so the benchmark does not
     # depend on the rest of the CLI importing
@@ -43,4 +44,6 @@ if [ "${SKIP_BENCH:-0}" != "1" ]; then
     VLLM_ARGS=""
     [ -d "$REPO/.vllm_kernel/vllm" ] && VLLM_ARGS="--vllm-kernel $REPO/.vllm_kernel"
     python3 -m casakv_vllm.tools.bench.kernels --json "$OUT/kernels-${GPU_NAME:-h200}.json" --md "$OUT/kernels-${GPU_NAME:-h200}.md" $VLLM_ARGS ${BENCH_ARGS:-} 2>&1 | tee "$OUT/bench.log" | tail -40
+    bench_rc=${PIPESTATUS[0]}
 fi
+[ "$tests_rc" = 0 ] && [ "${bench_rc:-0}" = 0 ]   # the suite's exit status: tests and benchmark

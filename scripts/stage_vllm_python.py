@@ -48,14 +48,14 @@ def main(argv: list[str]) -> int:
         # whose compiled ops the CPU build lacks)
     for name in WHEELS:
         try:
-            version = md.version(name)
+            pin = f"{name}=={md.version(name)}"
         except md.PackageNotFoundError:
-            continue
+            pin = name   # provided here under another distribution name (openai_harmony by oss-harmony)
         cmd = [sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--only-binary=:all:",
                "--python-version", "3.12", "--implementation", "cp", "-d", str(out / "wheels"),
-               f"{name}=={version}"] + [a for p in PLATFORMS for a in ("--platform", p)] + ["--platform", "any"]
+               pin] + [a for p in PLATFORMS for a in ("--platform", p)] + ["--platform", "any"]
         if subprocess.run(cmd).returncode != 0:
-            print(f"stage_vllm_python: no cp312 wheel for {name}=={version}", file=sys.stderr)
+            print(f"stage_vllm_python: no cp312 wheel for {pin}", file=sys.stderr)
     size = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
     print(f"staged {out} ({size / 2**20:.1f} MiB)")
     return 0
