@@ -17,6 +17,16 @@ mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 { nvidia-smi --query-gpu=name,driver_version --format=csv,noheader; python3 -c "import torch, triton, setuptools; print('torch', torch.__version__, 'triton', triton.__version__, 'setuptools', setuptools.__version__)"; } | tee "$OUT/env.txt"
 
+if [ -d "$REPO/.vllm_py" ]; then   # vLLM's pure-Python layer (no compiled ops): "unspecified" platform
+    mkdir -p /tmp/site
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site "$REPO"/.vllm_py/wheels/*.whl \
+        && tar -xJf "$REPO/.vllm_py/vllm-python.tar.xz" -C /tmp/site && export PYTHONPATH=/tmp/site \
+        && echo "vLLM python layer: staged" || echo "vLLM python layer: FAILED to stage"
+    # fail fast (before the build) when a module vLLM imports is missing from the staged wheels
+    (cd /tmp && python3 -c "import vllm.config, vllm.sampling_params, vllm.v1.attention.backend, vllm.v1.kv_cache_interface, vllm.v1.sample.logits_processor, vllm.model_executor.models.llama; print('vLLM import: ok')" 2>&1 | tail -3) \
+        | tee "$OUT/vllm-import.log"; grep -q "vLLM import: ok" "$OUT/vllm-import.log" || { echo "vLLM python layer: import FAILED"; exit 1; }
+fi
+
 t0=$(date +%s)
 if python3 -m pip install -v --no-deps --no-build-isolation --no-cache-dir "$REPO" > "$OUT/install.log" 2>&1; then
     echo "install: ok ($(( $(date +%s) - t0 ))s)"
@@ -26,12 +36,6 @@ fi
 python3 -c "from torch.utils.cpp_extension import CUDA_HOME; print('CUDA_HOME', CUDA_HOME)"
 (cd /tmp && python3 -c "import torch, casakv_vllm._C; print('CUDA op:', torch.ops.casakv.compact_kv)" 2>&1 | tail -1)
 
-if [ -d "$REPO/.vllm_py" ]; then   # vLLM's pure-Python layer (no compiled ops): "unspecified" platform
-    mkdir -p /tmp/site
-    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site "$REPO"/.vllm_py/wheels/*.whl \
-        && tar -xJf "$REPO/.vllm_py/vllm-python.tar.xz" -C /tmp/site && export PYTHONPATH=/tmp/site \
-        && echo "vLLM python layer: staged" || echo "vLLM python layer: FAILED to stage"
-fi
 cd /tmp   # never import the checkout's folders by accident
 [ "${SKIP_TESTS:-0}" = "1" ] || python3 -m pytest "$REPO/tests/kernels" "$REPO/tests/unit/test_ops.py" -q -p no:cacheprovider \
     -o addopts="--import-mode=importlib -ra" ${PYTEST_ARGS:-} 2>&1 | tee "$OUT/gpu-tests.log" | tail -15

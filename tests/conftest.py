@@ -37,8 +37,10 @@ class Harness:
         self.root = root
 
     def config(self, casakv: dict | None = None, num_heads=8, num_kv_heads=2, head_size=64, num_layers=4,
-               dtype="bfloat16", max_model_len=4096, max_num_seqs=16):
-        from vllm.config import ModelConfig, SchedulerConfig, VllmConfig
+               dtype="bfloat16", max_model_len=4096, max_num_seqs=16, device="cpu"):
+        """A VllmConfig for a small Llama shape.  ``device`` is named, not inferred: on a GPU box vLLM's
+        Python layer runs without its compiled ops, under a platform that infers no device."""
+        from vllm.config import DeviceConfig, ModelConfig, SchedulerConfig, VllmConfig
 
         folder = self.root / f"llama-{num_heads}-{num_kv_heads}-{head_size}-{num_layers}"
         folder.mkdir(exist_ok=True)
@@ -50,7 +52,7 @@ class Harness:
         model = ModelConfig(model=str(folder), skip_tokenizer_init=True, dtype=dtype, max_model_len=max_model_len)
         sched = SchedulerConfig(max_num_seqs=max_num_seqs, max_model_len=max_model_len,
                                 max_num_batched_tokens=max(8192, max_model_len), is_encoder_decoder=False)
-        return VllmConfig(model_config=model, scheduler_config=sched,
+        return VllmConfig(model_config=model, scheduler_config=sched, device_config=DeviceConfig(device=device),
                           additional_config={"casakv": casakv} if casakv else {})
 
     def backend(self, vc, block_size, device):

@@ -65,8 +65,10 @@ class CasakvMetadataBuilder(AttentionMetadataBuilder[CasakvMetadata]):
         ctx = self.context
         plan = plan_batch(ctx.requests, self.resolver, ctx.observations, qsl_cpu, seq_lens_cpu)
         plan.stats = self.stats
-        if self.stats is not None and ctx.requests is not None:
-            self.stats.set_requests(len(ctx.requests), ctx.requests.released, ctx.requests.restarts)
+        if self.stats is not None and ctx.requests is not None and ctx.requests.on_change is None:
+            stats = self.stats
+            ctx.requests.on_change = lambda t: stats.set_requests(len(t), t.released, t.restarts)
+            ctx.requests.on_change(ctx.requests)
         seq_lens = cm.seq_lens[:num_reqs]
         table = cm.block_table_tensor[:num_reqs]
         if self.device.type == "cpu":

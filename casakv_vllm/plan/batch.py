@@ -120,7 +120,7 @@ def plan_batch(requests: RequestTable | None, resolver: PolicyResolver, store: O
     for i, (state, seq_len) in enumerate(zip(states, seq_lens)):
         q_start, q_len = query_start_loc[i], query_start_loc[i + 1] - query_start_loc[i]
         if state is not None and q_len > 0 and state.advance(seq_len - q_len, seq_len):
-            requests.restarts += 1
+            requests.restarted(state)
         policy, label = resolver.resolve(state.overrides) if state is not None else (resolver.default,
                                                                                      resolver.default_label)
         row = RowPlan(i, state, policy, label, q_start, q_len, seq_len, _row_is_dense(policy, state, seq_len - q_len))

@@ -21,7 +21,7 @@ from __future__ import annotations
 import itertools
 import weakref
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 from casakv_vllm.policies.keepset import LayerKeep
 
@@ -51,17 +51,15 @@ class RequestState:
     uid: int = field(default_factory=lambda: next(_ids))
 
     def advance(self, context_len: int, seq_len: int) -> bool:
-        """A step computes positions ``context_len .. seq_len - 1``; a step that starts
-        below what was already computed means the request is being recomputed (returns True)."""
+        """A step computes positions ``context_len .. seq_len - 1``; returns True when it starts
+        below what was already computed, i.e. the request is being recomputed (the caller restarts it)."""
         restarted = context_len < self.kv_len
-        if restarted:
-            self.restart()
-        self.kv_len = max(self.kv_len, seq_len)
+        self.kv_len = seq_len if restarted else max(self.kv_len, seq_len)
         return restarted
 
     def restart(self) -> None:
+        """Recomputed from scratch: what it kept is gone (``advance`` already reset ``kv_len``)."""
         self.keep.clear()
-        self.kv_len = 0
         self.restarts += 1
 
 
@@ -73,6 +71,13 @@ class RequestTable:
         self._live: dict[int, RequestState] = {}  # id(params) -> state, while the params object lives
         self.released = 0  # states released because their request ended
         self.restarts = 0  # requests recomputed from scratch
+        # Called after every change of the counts above (the worker's metrics publish them), also
+        # from the weak-reference release, which runs in a step that plans no batch.
+        self.on_change: Callable[[RequestTable], None] | None = None
+
+    def _changed(self) -> None:
+        if self.on_change is not None:
+            self.on_change(self)
 
     def __len__(self) -> int:
         return len(self._live)
@@ -91,6 +96,7 @@ class RequestTable:
             if key is not None:
                 self._live[key] = state
                 weakref.finalize(params, self._release, key, state.uid)
+                self._changed()
         self.rows[index] = state
         return state
 
@@ -99,6 +105,13 @@ class RequestTable:
         if state is not None and state.uid == uid:
             del self._live[key]
             self.released += 1
+            self._changed()
+
+    def restarted(self, state: RequestState) -> None:
+        """``state`` is being recomputed from scratch (preemption): drop what it held."""
+        state.restart()
+        self.restarts += 1
+        self._changed()
 
     def remove(self, index: int) -> None:
         if index < len(self.rows):

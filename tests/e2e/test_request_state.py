@@ -54,10 +54,12 @@ def test_state_released_on_finish_and_abort(casakv_server, prompts):
 
 
 def test_preempted_requests_restart_and_answer_as_alone(server_factory, prompts):
-    """A KV pool too small for four long requests at once: vLLM preempts and recomputes some of them;
+    """A KV pool (80 blocks of 16) that holds two of these requests' prompts but not their generations:
+    vLLM preempts and recomputes some of them;
     each still gives the answer it gives alone (up to near-ties), its keep-sets rebuilt from scratch."""
     _, long_doc = prompts
-    server = server_factory("casakv", ["--block-size", "16", "--num-gpu-blocks-override", "64"])
+    server = server_factory("casakv", ["--block-size", "16", "--num-gpu-blocks-override", "80",
+                                        "--max-model-len", "1024"])
     try:
         docs = [f"Copy {i}. " + long_doc[-1200:] for i in range(4)]
 

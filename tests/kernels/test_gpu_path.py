@@ -55,7 +55,7 @@ def test_gpu_layer_matches_reference(harness, case):
 
     server, xargs, q_lens, ctx = CASES[case]
     h, hkv, d = SHAPE
-    vc = harness.config(server or None, num_heads=h, num_kv_heads=hkv, head_size=d)
+    vc = harness.config(server or None, num_heads=h, num_kv_heads=hkv, head_size=d, device=DEVICE)
     builder, impl = harness.backend(vc, BS, DEVICE)
     seq_lens = [q + c for q, c in zip(q_lens, ctx)]
     params = harness.requests([(s, x) for s, x in zip(seq_lens, xargs)])
@@ -83,7 +83,7 @@ def test_gpu_plan_kinds(harness):
     h, hkv, d = SHAPE
     for server, xargs, kind, layers in [({}, [{"casakv_policy": "dense"}, None], "decode", set()),
                                         ({"policy": "streaming", "kv_budget": 64}, [None, None], "sparse", {None})]:
-        vc = harness.config(server or None, num_heads=h, num_kv_heads=hkv, head_size=d)
+        vc = harness.config(server or None, num_heads=h, num_kv_heads=hkv, head_size=d, device=DEVICE)
         builder, impl = harness.backend(vc, BS, "cpu")
         params = harness.requests([(300, xargs[0]), (100, xargs[1])])
         batch = harness.batch(impl, [1, 1], [299, 99], BS, torch.bfloat16, "cpu")

@@ -109,7 +109,21 @@ def test_a_recomputed_request_starts_afresh():
     assert not state.advance(0, 64) and not state.advance(64, 100) and not state.advance(100, 101)
     state.keep[0] = "kept"
     assert state.advance(0, 64), "a step from position 0 again: preempted and resumed"
-    assert state.keep == {} and state.kv_len == 64 and state.restarts == 1
+    table.restarted(state)
+    assert state.keep == {} and state.kv_len == 64 and state.restarts == 1 and table.restarts == 1
+
+
+def test_release_is_announced_without_a_batch():
+    """Bug: the live-request gauge was refreshed only when a batch was planned, so the last request
+    to finish stayed 'live' (vLLM drops it in a step that schedules no tokens)."""
+    table, seen = RequestTable(), []
+    table.on_change = lambda t: seen.append((len(t), t.released))
+    params = SamplingParams()
+    table.add(0, params, 10, (), "k")
+    table.remove(0)
+    del params
+    gc.collect()
+    assert seen == [(1, 0), (0, 1)]
 
 
 def _plan(table, resolver, store, q_lens, seq_lens):
