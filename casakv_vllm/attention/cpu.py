@@ -9,16 +9,21 @@
   attend through their pattern's mask, evicting rows that decode read their
   request's keep-set (made at the first decode step, then updated by the
   policy's eviction hooks).
+- Compaction (``compress``): in a request's first decode step each layer,
+  after its attention, moves the kept tokens into the leading slots; later
+  steps gather only the live blocks (the scheduler frees the others).
 - Prefill rows record their prompt's observations.
 """
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 
 import torch
 
 from casakv_kernels.patterns import pattern_mask
+from casakv_vllm.compress.compact import compact_cpu, live_blocks, live_columns, plan_layer
 from casakv_vllm.observe.record import record_layer
 from casakv_vllm.ops.paged import gather_kv
 from casakv_vllm.ops.torch_attention import attend, decode_attention
@@ -55,8 +60,13 @@ def run_layer_cpu(query: torch.Tensor, kv_cache: torch.Tensor, md: CasakvMetadat
 
     def kv_of(row: RowPlan) -> tuple[torch.Tensor, torch.Tensor]:
         if row.index not in gathered:
-            blocks = md.block_table[row.index, : -(-row.seq_len // block_size)].long()
-            gathered[row.index] = gather_kv(kv_cache, blocks, row.seq_len)
+            terms = _compacted(row)
+            if terms is None:
+                blocks = md.block_table[row.index, : -(-row.seq_len // block_size)].long()
+                gathered[row.index] = gather_kv(kv_cache, blocks, row.seq_len)
+            else:  # only the live blocks: the freed ones may belong to another request by now
+                blocks = live_blocks(md.block_table[row.index].long(), terms, row.seq_len)
+                gathered[row.index] = gather_kv(kv_cache, blocks, terms.head_end + row.seq_len - terms.tail_start)
         return gathered[row.index]
 
     patterns = plan.cpu_patterns.get(layer, plan.cpu_patterns.get(None)) if plan.cpu_patterns else None
@@ -66,6 +76,8 @@ def run_layer_cpu(query: torch.Tensor, kv_cache: torch.Tensor, md: CasakvMetadat
         if row.q_len > 0 and (not row.dense or plan.cpu_dense is None):
             read = _torch_row(row, query, kv_of(row), layer, scale, out, patterns)
         counts.attended += read
+        if row.compact:
+            _compact_row(row, layer, kv_cache, md.block_table[row.index].long(), plan.stats)
         if row.q_len == 1:
             pair = counts.decode.setdefault(row.label, [0, 0])
             pair[0] += read
@@ -73,6 +85,23 @@ def run_layer_cpu(query: torch.Tensor, kv_cache: torch.Tensor, md: CasakvMetadat
     for job in plan.records:
         record_layer(job, layer, query, scale, lambda: kv_of(plan.rows[job.row])[0])
     return counts
+
+
+def _compacted(row: RowPlan):
+    """The terms of a row whose blocks were compacted in an earlier step (None otherwise)."""
+    return row.state.compaction if row.state is not None and not row.compact else None
+
+
+def _compact_row(row: RowPlan, layer: int, kv_cache: torch.Tensor, table_row: torch.Tensor, stats) -> None:
+    """After the first decode step's attention at ``layer``: compact the request's blocks, and its
+    keep-set becomes a mask over slots."""
+    t0 = time.perf_counter()
+    keep = row.state.keep[layer]
+    step = plan_layer(keep.mask, row.state.compaction)
+    compact_cpu(kv_cache, table_row, step)
+    keep.mask = step.slot_mask
+    if stats is not None:
+        stats.record_compaction(time.perf_counter() - t0)
 
 
 def _torch_row(row: RowPlan, query: torch.Tensor, kv: tuple[torch.Tensor, torch.Tensor], layer: int,
@@ -89,9 +118,13 @@ def _torch_row(row: RowPlan, query: torch.Tensor, kv: tuple[torch.Tensor, torch.
             obs = row.obs.layer(layer) if row.obs is not None else None
             keep = row.state.keep[layer] = row.policy.start(layer, row.prompt_len, k, obs, scale, seq_len)
         row.policy.prepare_step(keep, layer, row.prompt_len, seq_len)
-        allowed = keep.visible(seq_len).unsqueeze(1)  # [Hkv, 1, S]: a decode row sees every position before it
-        if row.q_len > 1:
-            allowed = allowed & (torch.arange(seq_len).unsqueeze(0) <= torch.arange(ctx, seq_len).unsqueeze(1))
+        terms = _compacted(row)
+        visible = keep.visible(seq_len) if terms is None else live_columns(keep.mask, terms, seq_len)
+        allowed = visible.unsqueeze(1)  # [Hkv, 1, S]: a decode row sees every position before it
+        if row.q_len > 1:  # positions of the columns: causal order among the queries' own tokens
+            cols = torch.arange(seq_len) if terms is None else \
+                torch.cat([torch.zeros(terms.head_end, dtype=torch.long), torch.arange(terms.tail_start, seq_len)])
+            allowed = allowed & (cols.unsqueeze(0) <= torch.arange(ctx, seq_len).unsqueeze(1))
     elif not row.dense:
         allowed = pattern_mask(patterns, row.index, torch.arange(ctx, seq_len), seq_len)
     else:

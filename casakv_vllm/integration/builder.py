@@ -17,12 +17,12 @@ import torch
 from vllm.config import VllmConfig
 from vllm.v1.attention.backend import AttentionCGSupport, AttentionMetadataBuilder, CommonAttentionMetadata
 
-from casakv_vllm.config import load_config
 from casakv_vllm.integration.context import worker_context
-from casakv_vllm.plan.batch import BatchPlan, plan_batch
+from casakv_vllm.integration.scheduler import compaction_enabled
+from casakv_vllm.plan.batch import BatchPlan, CompactionSetup, plan_batch
 from casakv_vllm.plan.metadata import CasakvMetadata
 from casakv_vllm.plan.patterns import batch_patterns, pattern_layers
-from casakv_vllm.requests.resolve import PolicyResolver
+from casakv_vllm.requests.resolve import resolver_for
 
 
 class CasakvMetadataBuilder(AttentionMetadataBuilder[CasakvMetadata]):
@@ -39,9 +39,12 @@ class CasakvMetadataBuilder(AttentionMetadataBuilder[CasakvMetadata]):
         self.num_heads = model.get_num_attention_heads(vllm_config.parallel_config)
         self.dtype = model.dtype
         self.max_batch = vllm_config.scheduler_config.max_num_seqs
-        config = load_config(_additional(vllm_config))
+        self.resolver = resolver_for(vllm_config)
+        config = self.resolver.base
         self.context = worker_context()
-        self.resolver = PolicyResolver(config, _num_layers(vllm_config))
+        # the scheduler frees compacted blocks (same answer in its process): compact at first decode
+        self.compaction = CompactionSetup(self.block_size, self.num_kv_heads) \
+            if device.type == "cpu" and compaction_enabled(vllm_config) else None
         self.stats = self.context.stats_for(config.policy, config.metrics)
         self._workspace = None
         self.cpu_kernels = None
@@ -63,7 +66,7 @@ class CasakvMetadataBuilder(AttentionMetadataBuilder[CasakvMetadata]):
         else:
             raise RuntimeError("casakv needs host sequence lengths (seq_lens_cpu_upper_bound) from vLLM")
         ctx = self.context
-        plan = plan_batch(ctx.requests, self.resolver, ctx.observations, qsl_cpu, seq_lens_cpu)
+        plan = plan_batch(ctx.requests, self.resolver, ctx.observations, qsl_cpu, seq_lens_cpu, self.compaction)
         plan.stats = self.stats
         if self.stats is not None and ctx.requests is not None and ctx.requests.on_change is None:
             stats = self.stats
@@ -99,13 +102,3 @@ class CasakvMetadataBuilder(AttentionMetadataBuilder[CasakvMetadata]):
         plan.gpu = plan_gpu(plan, cm.query_start_loc, seq_lens, table, cm.num_actual_tokens, cm.max_query_len,
                             cm.max_seq_len, self.num_heads, self.num_kv_heads, self.head_size, self.block_size,
                             self.dtype, self._workspace)
-
-
-def _additional(vllm_config: VllmConfig) -> dict:
-    extra = vllm_config.additional_config
-    return extra if isinstance(extra, dict) else {}
-
-
-def _num_layers(vllm_config: VllmConfig) -> int:
-    hf = getattr(vllm_config.model_config, "hf_text_config", None) if vllm_config.model_config else None
-    return int(getattr(hf, "num_hidden_layers", 1) or 1)

@@ -74,4 +74,22 @@ def validate_startup_config(vllm_config) -> None:
             raise SystemExit(str(err)) from None
         raise
     SERVER.config = cfg
+    _use_block_manager_plugin(vllm_config)
     logger.info("casakv: policy=%s settings=%s", cfg.policy, cfg.fingerprint)
+
+
+def _use_block_manager_plugin(vllm_config) -> None:
+    """Name casakv's scheduler (which carries the block-manager plugin) where it can serve: the CPU
+    platform (synchronous scheduling).  Elsewhere, or beside a scheduler of the user's own, evicting
+    policies only mask (``compaction_enabled`` tells the workers)."""
+    from casakv_vllm.integration.scheduler import PATH
+
+    sched = vllm_config.scheduler_config
+    if SERVER.device_type != "cpu" or getattr(sched, "async_scheduling", False):
+        return
+    if sched.scheduler_cls not in (None, PATH):
+        logger.warning("casakv: --scheduler-cls %s is set, so evicting policies mask without freeing blocks",
+                       sched.scheduler_cls)
+        return
+    sched.scheduler_cls = PATH
+

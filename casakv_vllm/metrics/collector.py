@@ -18,6 +18,11 @@ Series (all prefixed ``casakv_``):
   ``casakv_requests_released_total``: states released because their request
   ended (finished or aborted); ``casakv_request_restarts_total``: requests
   recomputed from scratch after a preemption.
+- ``casakv_kv_blocks_freed_total``: KV blocks compaction returned to vLLM's
+  pool; ``casakv_compression_ratio``: histogram, per compacted request, of the
+  blocks it holds over the blocks dense attention would hold;
+  ``casakv_compaction_seconds``: summary of the time workers spent compacting
+  (one observation per layer and request).
 """
 
 from __future__ import annotations
@@ -30,7 +35,7 @@ import tempfile
 import threading
 from pathlib import Path
 
-from casakv_vllm.metrics.worker import ENV_DIR
+from casakv_vllm.metrics.worker import ENV_DIR, RATIO_BUCKETS
 
 _installed = False
 _lock = threading.Lock()
@@ -64,7 +69,7 @@ class CasakvCollector:
         snaps = read_worker_snapshots(self.directory)
         info = GaugeMetricFamily("casakv_info", "casakv-vllm version and policy of running workers",
                                  labels=["version", "policy"])
-        for policy in sorted({s.get("policy", "?") for s in snaps}):
+        for policy in sorted({s.get("policy", "?") for s in snaps} - {"scheduler"}):
             info.add_metric([__version__, policy], 1.0)
         tokens = CounterMetricFamily("casakv_tokens", "Query tokens through casakv attention layers, summed over layers",
                                      labels=["phase"])
@@ -101,7 +106,28 @@ class CasakvCollector:
         for label, (att, cau) in sorted(labels.items()):
             dec_att.add_metric([label], att)
             dec_cau.add_metric([label], cau)
-        yield from families + [dec_att, dec_cau]
+        yield from families + [dec_att, dec_cau] + list(_compression_families(snaps))
+
+
+def _compression_families(snaps: list[dict]):
+    from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, SummaryMetricFamily
+
+    freed = CounterMetricFamily("casakv_kv_blocks_freed", "KV blocks compaction returned to vLLM's pool")
+    freed.add_metric([], _total(snaps, "kv_blocks_freed"))
+    counts = [0.0] * (len(RATIO_BUCKETS) + 1)
+    for snap in snaps:
+        for i, c in enumerate(snap.get("compression", [])[: len(counts)]):
+            counts[i] += c
+    cumulative, buckets = 0.0, []
+    for bound, c in zip([*map(str, RATIO_BUCKETS), "+Inf"], counts):
+        cumulative += c
+        buckets.append((bound, cumulative))
+    ratio = HistogramMetricFamily("casakv_compression_ratio",
+                                  "Per compacted request: KV blocks held over the blocks dense attention holds")
+    ratio.add_metric([], buckets, _total(snaps, "compression_sum"))
+    seconds = SummaryMetricFamily("casakv_compaction_seconds", "Time workers spent compacting (per layer and request)")
+    seconds.add_metric([], _total(snaps, "compactions"), _total(snaps, "compaction_seconds"))
+    yield from (freed, ratio, seconds)
 
 
 def install_collector() -> None:

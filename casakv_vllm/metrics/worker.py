@@ -20,6 +20,8 @@ from pathlib import Path
 
 ENV_DIR = "CASAKV_METRICS_DIR"
 FLUSH_SECONDS = 0.1
+#: upper bounds of the ``casakv_compression_ratio`` histogram (blocks held / blocks dense would hold)
+RATIO_BUCKETS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0)
 
 
 @dataclass
@@ -36,6 +38,11 @@ class WorkerStats:
     requests_live: int = 0  # request states held (gauge)
     requests_released: int = 0  # states released when their request ended
     request_restarts: int = 0  # requests recomputed from scratch (preemption)
+    kv_blocks_freed: int = 0  # blocks compaction returned to vLLM's pool (scheduler process)
+    compression: list = field(default_factory=lambda: [0] * (len(RATIO_BUCKETS) + 1))  # histogram counts
+    compression_sum: float = 0.0
+    compaction_seconds: float = 0.0  # time spent compacting (worker processes)
+    compactions: int = 0  # (layer, request) compactions
     _last_flush: float = field(default=0.0, repr=False)
     _dirty: bool = field(default=False, repr=False)
 
@@ -56,6 +63,19 @@ class WorkerStats:
             self.kv_tokens_attended += kv_attended
             self.kv_tokens_causal += kv_causal
         self.forward_calls += 1
+        self.touch()
+
+    def record_free(self, freed: int, held: int, dense: int) -> None:
+        """A request's compacted blocks went back to the pool: it now holds ``held`` of ``dense``."""
+        self.kv_blocks_freed += freed
+        ratio = held / dense if dense else 1.0
+        self.compression[next((i for i, b in enumerate(RATIO_BUCKETS) if ratio <= b), len(RATIO_BUCKETS))] += 1
+        self.compression_sum += ratio
+        self.touch()
+
+    def record_compaction(self, seconds: float) -> None:
+        self.compaction_seconds += seconds
+        self.compactions += 1
         self.touch()
 
     def set_requests(self, live: int, released: int, restarts: int) -> None:

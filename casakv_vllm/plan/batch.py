@@ -13,6 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from casakv_vllm.compress.rule import compaction_terms
 from casakv_vllm.observe.record import RecordJob, plan_record
 from casakv_vllm.observe.store import ObservationStore, PromptObservations
 from casakv_vllm.policies import Policy
@@ -30,6 +31,8 @@ class RowPlan:
             attend to KV positions ``0 .. seq_len - 1``.
         dense: attention this step is dense causal.
         obs: the prompt's observations (evicting rows that decode).
+        compact: this step compacts the request's blocks (its first decode step;
+            ``state.compaction`` holds the terms).
     """
 
     index: int
@@ -41,6 +44,7 @@ class RowPlan:
     seq_len: int
     dense: bool
     obs: PromptObservations | None = None
+    compact: bool = False
 
     @property
     def context_len(self) -> int:
@@ -111,8 +115,17 @@ def _row_is_dense(policy: Policy, state: RequestState | None, context_len: int) 
     return False
 
 
+@dataclass(frozen=True)
+class CompactionSetup:
+    """Compaction is on (the scheduler frees compacted blocks): the facts the rule needs."""
+
+    block_size: int
+    num_kv_heads: int
+
+
 def plan_batch(requests: RequestTable | None, resolver: PolicyResolver, store: ObservationStore,
-               query_start_loc: list[int], seq_lens: list[int]) -> BatchPlan:
+               query_start_loc: list[int], seq_lens: list[int],
+               compaction: CompactionSetup | None = None) -> BatchPlan:
     """Plan one batch from host lengths (``query_start_loc``: ``num_reqs + 1`` ints)."""
     num_reqs = len(seq_lens)
     states = requests.slots(num_reqs) if requests is not None else [None] * num_reqs
@@ -124,6 +137,11 @@ def plan_batch(requests: RequestTable | None, resolver: PolicyResolver, store: O
         policy, label = resolver.resolve(state.overrides) if state is not None else (resolver.default,
                                                                                      resolver.default_label)
         row = RowPlan(i, state, policy, label, q_start, q_len, seq_len, _row_is_dense(policy, state, seq_len - q_len))
+        if compaction is not None and row.evicting and state.compaction is None and state.restarts == 0 \
+                and row.context_len == state.prompt_len:
+            state.compaction = compaction_terms(policy, state.prompt_len, state.first_context,
+                                                compaction.block_size, compaction.num_kv_heads)
+            row.compact = state.compaction is not None
         if state is not None and state.prompt_key is not None and q_len > 0:
             if row.context_len < state.prompt_len:  # every prefill row records its prompt's observations
                 obs = store.get(state.prompt_key, state.prompt_len)

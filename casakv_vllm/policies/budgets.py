@@ -24,6 +24,10 @@ class Uniform:
     def head_budgets(self, scores: torch.Tensor, budget: int, pinned: int) -> int:
         return budget
 
+    def max_head_budget(self, budget: int, pinned: int, num_kv: int, prompt_len: int) -> int:
+        """The most tokens one head of a layer with ``budget`` may keep (sizes the compacted region)."""
+        return min(prompt_len, budget)
+
 
 @dataclass
 class Pyramid(Uniform):
@@ -66,6 +70,11 @@ class HeadAdaptive(Uniform):
     """
 
     floor: float = 0.2
+
+    def max_head_budget(self, budget: int, pinned: int, num_kv: int, prompt_len: int) -> int:
+        # one head may take every share but the others' pinned tokens and floors
+        free = budget - pinned
+        return min(prompt_len, budget + max(0, (num_kv - 1) * (free - int(self.floor * free))))
 
     def head_budgets(self, scores: torch.Tensor, budget: int, pinned: int) -> int | torch.Tensor:
         num_kv, length = scores.shape

@@ -75,6 +75,9 @@ class CompositePolicy(KeepPolicy):
         for m in params.members:
             cls.member(m, config)
 
+    def slot_budget(self, prompt_len: int, num_kv_heads: int) -> int:
+        return min(prompt_len, sum(m.slot_budget(prompt_len, num_kv_heads) for m in self.members))
+
     def select_scored(self, layer, prompt_len, keys, obs, scale):
         keep = torch.zeros(keys.shape[0], prompt_len, dtype=torch.bool, device=keys.device)
         for member in self.members:

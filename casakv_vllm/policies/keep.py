@@ -90,6 +90,20 @@ class KeepPolicy(Policy):
         bound = min(prompt_len, pinned + num_kv * (budget - pinned))
         return select_top(scores, budgets, self.protect(num_kv, prompt_len, budget, device), max_budget=bound), scores
 
+    # --- compaction (``compress.rule``) -------------------------------------------------------------
+
+    def compacts(self) -> bool:
+        """Selects once, when decoding starts, and never evicts later: its keep-set can be compacted
+        into fewer blocks (decode-time evictors such as H2O only mask, for now)."""
+        return type(self).evict is KeepPolicy.evict and not self.caps.observes_decode
+
+    def slot_budget(self, prompt_len: int, num_kv_heads: int) -> int:
+        """The most prompt tokens any layer and KV head keeps: the compacted slots per head.
+        Host ints only; the scheduler computes it too."""
+        pinned = self.pinned(prompt_len)
+        return max(self.allocator.max_head_budget(b, min(pinned, b), num_kv_heads, prompt_len)
+                   for b in (self.prompt_budget(layer, prompt_len) for layer in range(self.num_layers)))
+
     # --- decode ------------------------------------------------------------------------------------
 
     def start(self, layer: int, prompt_len: int, keys: torch.Tensor, obs: LayerObservation | None,

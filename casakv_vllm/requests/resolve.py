@@ -41,3 +41,14 @@ class PolicyResolver:
                 hit = self._by_config[cfg.fingerprint] = (build_policy(cfg, self.num_layers), policy_label(cfg))
             self._by_overrides[overrides] = hit
         return hit
+
+
+def resolver_for(vllm_config) -> PolicyResolver:
+    """The resolver of a server: its casakv config and the model's layer count.  Workers and the
+    scheduler build theirs here, so both see the same budgets."""
+    from casakv_vllm.config import load_config
+
+    extra = vllm_config.additional_config if isinstance(vllm_config.additional_config, dict) else {}
+    model = vllm_config.model_config
+    hf = getattr(model, "hf_text_config", None) if model is not None else None
+    return PolicyResolver(load_config(extra), int(getattr(hf, "num_hidden_layers", 1) or 1))

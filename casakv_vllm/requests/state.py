@@ -23,6 +23,7 @@ import weakref
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+from casakv_vllm.compress.rule import CompactionTerms
 from casakv_vllm.policies.keepset import LayerKeep
 
 _ids = itertools.count()
@@ -39,6 +40,9 @@ class RequestState:
         keep: per layer, the request's keep-set (evicting policies, once decoding).
         kv_len: KV positions computed so far (the longest sequence seen).
         restarts: times the request was recomputed from scratch (preemption).
+        first_context: context length of its first scheduled step (its prefix-cache hit).
+        compaction: where its compacted region lies, once its blocks were compacted
+            (``compress.rule``; only in its first life).
         uid: process-unique number, for logs and tests.
     """
 
@@ -48,11 +52,15 @@ class RequestState:
     keep: dict[int, LayerKeep] = field(default_factory=dict)
     kv_len: int = 0
     restarts: int = 0
+    first_context: int = 0
+    compaction: CompactionTerms | None = None
     uid: int = field(default_factory=lambda: next(_ids))
 
     def advance(self, context_len: int, seq_len: int) -> bool:
         """A step computes positions ``context_len .. seq_len - 1``; returns True when it starts
         below what was already computed, i.e. the request is being recomputed (the caller restarts it)."""
+        if self.kv_len == 0:
+            self.first_context = context_len
         restarted = context_len < self.kv_len
         self.kv_len = seq_len if restarted else max(self.kv_len, seq_len)
         return restarted
@@ -60,6 +68,7 @@ class RequestState:
     def restart(self) -> None:
         """Recomputed from scratch: what it kept is gone (``advance`` already reset ``kv_len``)."""
         self.keep.clear()
+        self.compaction = None
         self.restarts += 1
 
 

@@ -7,7 +7,7 @@ PKG = Path(__file__).resolve().parents[2] / "casakv_vllm"
 
 # Lower layers never import higher ones (``TYPE_CHECKING`` imports aside); modules of one layer
 # may import each other.  The data flow reads in this order: request -> state -> plan -> launch.
-ORDER = {"observe": 1, "ops": 0, "policies": 2, "config": 3, "requests": 4, "plan": 5, "attention": 6,
+ORDER = {"observe": 1, "compress": 1, "ops": 0, "policies": 2, "config": 3, "requests": 4, "plan": 5, "attention": 6,
          "metrics": 6, "integration": 7, "tools": 8}
 MAX_LINES = 400
 

@@ -1,0 +1,119 @@
+"""The block-manager plugin: vLLM's full-attention manager, plus freeing the blocks compaction emptied.
+
+:class:`CompressingManager` subclasses vLLM's ``FullAttentionManager`` and
+changes three things for requests whose policy compacts
+(``compress.rule``), leaving every other request exactly as stock vLLM
+serves it:
+
+- ``remove_skipped_blocks`` (vLLM calls it at every scheduling of a running
+  request, with the processed-token count: tokens whose forward has settled)
+  frees the request's blocks ``[head_end, tail_start)`` once the first decode
+  step's forward, which compacted them, has settled.  Like vLLM's R-SWA
+  manager it puts ``null_block`` in their place, so the other blocks keep
+  their logical index and the slot mapping of new tokens does not change.
+- ``cache_blocks`` hashes only the request's shared prefix (``[0, shared)``):
+  the blocks compaction writes into or frees never enter the prefix cache, so
+  no other request can hit content that is about to move.
+- per-request terms live from the request's first allocation until its blocks
+  are popped for freeing (finish, abort and preemption).  A preempted request is not
+  compacted again (``scheduler.CasakvScheduler`` makes its recompute skip the
+  prefix cache, so its worker sees the restart too).
+
+The scheduler (:class:`~casakv_vllm.integration.scheduler.CasakvScheduler`)
+attaches the request table and the policy resolver after construction.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from vllm.v1.core.single_type_kv_cache_manager import FullAttentionManager
+
+from casakv_vllm.compress.rule import CompactionTerms, compaction_terms
+
+
+@dataclass
+class _Life:
+    terms: CompactionTerms | None
+    freed: bool = False
+
+
+class CompressingManager(FullAttentionManager):
+    """Full attention whose compacted requests give their emptied blocks back to the pool."""
+
+    requests: dict | None = None  # the scheduler's request_id -> Request
+    resolver = None  # casakv's PolicyResolver (server config + per-request overrides)
+    on_free = None  # callback(blocks_freed: int, held: int, dense: int), for metrics
+
+    def attach(self, requests: dict, resolver, on_free=None) -> None:
+        self.requests, self.resolver, self.on_free = requests, resolver, on_free
+        self._lives: dict[str, _Life] = {}
+        self._first_context: dict[str, int] = {}
+        self.blocks_freed = 0  # by compaction, since start
+
+    # --- the request's terms ---------------------------------------------------------------------
+
+    def _terms_of(self, request_id: str) -> CompactionTerms | None:
+        life = self._lives.get(request_id) if self.resolver is not None else None
+        return life.terms if life is not None else None
+
+    def get_num_blocks_to_allocate(self, request_id, num_tokens, new_computed_blocks, total_computed_tokens,
+                                   *args, **kwargs) -> int:
+        if self.resolver is not None and request_id not in self._lives:
+            self._first_context[request_id] = total_computed_tokens  # the prefix-cache hit of this life
+        return super().get_num_blocks_to_allocate(request_id, num_tokens, new_computed_blocks,
+                                                  total_computed_tokens, *args, **kwargs)
+
+    def allocate_new_blocks(self, request_id: str, num_tokens: int, num_tokens_main_model: int):
+        if self.resolver is not None and request_id not in self._lives:
+            self._lives[request_id] = _Life(self._new_terms(request_id))
+        return super().allocate_new_blocks(request_id, num_tokens, num_tokens_main_model)
+
+    def _new_terms(self, request_id: str) -> CompactionTerms | None:
+        request = self.requests.get(request_id) if self.requests is not None else None
+        first = self._first_context.pop(request_id, 0)
+        if request is None or request.num_preemptions > 0 or request.sampling_params is None:
+            return None
+        from casakv_vllm.requests.params import request_overrides
+
+        try:
+            overrides = request_overrides(request.sampling_params.extra_args)
+        except ValueError:  # validated in the API server; never fail the engine here
+            return None
+        policy, _ = self.resolver.resolve(overrides)
+        return compaction_terms(policy, request.num_prompt_tokens, first, self.block_size,
+                                self.kv_cache_spec.num_kv_heads)
+
+    # --- vLLM's hooks ----------------------------------------------------------------------------
+
+    def remove_skipped_blocks(self, request_id: str, processed_computed_tokens: int,
+                              num_prompt_tokens: int | None = None) -> None:
+        super().remove_skipped_blocks(request_id, processed_computed_tokens, num_prompt_tokens)
+        life = self._lives.get(request_id) if self.resolver is not None else None
+        if life is None or life.terms is None or life.freed or not life.terms.settled(processed_computed_tokens):
+            return
+        freed = life.terms.freed_blocks
+        self._remove_blocks_in_range(request_id, freed.start, freed.stop)
+        life.freed = True
+        self.blocks_freed += len(freed)
+        if self.on_free is not None:
+            blocks = self.req_to_blocks.get(request_id, [])
+            held = sum(1 for b in blocks if not b.is_null)
+            self.on_free(len(freed), held, len(blocks))
+
+    def cache_blocks(self, request, num_tokens: int, *args, **kwargs) -> None:
+        terms = self._terms_of(request.request_id)
+        if terms is not None:
+            num_tokens = min(num_tokens, terms.shared)
+        super().cache_blocks(request, num_tokens, *args, **kwargs)
+
+    def pop_blocks_for_free(self, request_id: str):
+        """Finish, abort and preemption (``free`` calls this too): the request's terms go with its blocks."""
+        if self.resolver is not None:
+            self._lives.pop(request_id, None)
+            self._first_context.pop(request_id, None)
+        return super().pop_blocks_for_free(request_id)
+
+    def live_requests(self) -> int:
+        """Requests with terms held (tests: nothing is left when all requests end)."""
+        return len(self._lives) if self.resolver is not None else 0
