@@ -1,6 +1,8 @@
 """Every evicting policy, chosen per request, gives the tokens it gave before the runtime was
 restructured (recorded from commit eaf2740 in ``data/golden-policies.jsonl``: float32, block size 16,
-prefix caching off so each request prefills its own prompt), up to near-ties.
+prefix caching off so each request prefills its own prompt), up to near-ties.  Those tokens were
+recorded with masking only; the select-once policies now compact and free blocks, so this is also
+the check that freeing changes no answer.
 
 ``pyramidkv`` is left out on purpose: its budgets changed (no layer keeps less than its observation
 window any more), so its tokens changed with them.
@@ -39,6 +41,7 @@ def test_policies_give_their_recorded_tokens(fp32_server):
     samples = {s.id: s for s in make_samples("passkey", 2, 0, 1024) + make_samples("multikey", 1, 0, 1536)
                + make_samples("longdoc", 1, 0, 1024)}
     checked, exact = 0, 0
+    freed = fp32_server.metric_values(["casakv_kv_blocks_freed_total"])["casakv_kv_blocks_freed_total"]
     for row in _rows():
         if row["policy"] in CHANGED:
             continue
@@ -53,3 +56,5 @@ def test_policies_give_their_recorded_tokens(fp32_server):
         checked += 1
         exact += d is None
     assert checked >= 28 and exact >= checked * 3 // 4, (checked, exact)
+    now = fp32_server.metric_values(["casakv_kv_blocks_freed_total"])["casakv_kv_blocks_freed_total"]
+    assert now > freed, "the select-once policies were meant to free blocks"

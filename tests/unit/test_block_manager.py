@@ -1,0 +1,145 @@
+"""Property test of the block-manager plugin: vLLM's real KV-cache manager, block pool and
+requests, with ``CompressingManager`` in it, driven by random schedules (allocate, append, compress,
+preempt, abort, finish, prefix hits).  After every step: no block is both free and in use,
+reference counts balance, no live logical position maps to a freed block, the freed ranges are the
+rule's; when every request has ended, every block is free again."""
+
+import random
+
+import pytest
+import torch
+
+pytest.importorskip("vllm")
+
+from vllm.sampling_params import SamplingParams  # noqa: E402
+from vllm.utils.hashing import sha256  # noqa: E402
+from vllm.v1.core.kv_cache_manager import KVCacheManager  # noqa: E402
+from vllm.v1.core.kv_cache_utils import get_request_block_hasher, init_none_hash  # noqa: E402
+from vllm.v1.kv_cache_interface import FullAttentionSpec, KVCacheConfig, KVCacheGroupSpec  # noqa: E402
+from vllm.v1.request import Request, RequestStatus  # noqa: E402
+
+from casakv_vllm.config import CasakvConfig  # noqa: E402
+from casakv_vllm.integration.kv_manager import CompressingManager  # noqa: E402
+from casakv_vllm.integration.scheduler import use_compressing_manager  # noqa: E402
+from casakv_vllm.requests.resolve import PolicyResolver  # noqa: E402
+
+BS = 16
+POLICIES = [None, {"casakv_policy": "snapkv", "casakv_kv_budget": 40}, {"casakv_policy": "snapkv",
+            "casakv_kv_ratio": 0.3}, {"casakv_policy": "pyramidkv", "casakv_kv_ratio": 0.5},
+            {"casakv_policy": "h2o", "casakv_kv_budget": 48}]
+
+
+class Sim:
+    """A small synchronous scheduler around vLLM's KVCacheManager (chunked prefill, decode)."""
+
+    def __init__(self, rng: random.Random, num_blocks: int, chunk: int):
+        use_compressing_manager(None)
+        spec = FullAttentionSpec(block_size=BS, num_kv_heads=2, head_size=8, dtype=torch.float32)
+        config = KVCacheConfig(num_blocks=num_blocks, kv_cache_tensors=[],
+                               kv_cache_groups=[KVCacheGroupSpec(["model.layers.0.self_attn.attn"], spec)])
+        self.kv = KVCacheManager(config, max_model_len=2048, scheduler_block_size=BS, hash_block_size=BS,
+                                 enable_caching=True)
+        self.manager = self.kv.coordinator.single_type_managers[0]
+        assert isinstance(self.manager, CompressingManager)
+        self.requests: dict[str, Request] = {}
+        self.manager.attach(self.requests, PolicyResolver(CasakvConfig(), 4))
+        init_none_hash(sha256)
+        self.hasher = get_request_block_hasher(BS, sha256)
+        self.rng, self.chunk, self.num_blocks = rng, chunk, num_blocks
+        self.waiting: list[Request] = []
+        self.running: list[Request] = []
+        self.prefixes = [[rng.randrange(1000) for _ in range(rng.choice([32, 48, 100]))] for _ in range(3)]
+        self.ids = 0
+
+    def add(self) -> None:
+        rng = self.rng
+        prompt = list(rng.choice(self.prefixes)) if rng.random() < 0.6 else []
+        prompt += [rng.randrange(1000) for _ in range(rng.randrange(8, 400))]
+        params = SamplingParams(max_tokens=rng.randrange(1, 60), extra_args=rng.choice(POLICIES))
+        req = Request(f"r{self.ids}", prompt, params, None, block_hasher=self.hasher)
+        self.ids += 1
+        self.requests[req.request_id] = req
+        self.waiting.append(req)
+
+    def end(self, req: Request) -> None:
+        self.kv.free(req)
+        self.running.remove(req)
+        del self.requests[req.request_id]
+
+    def preempt(self, req: Request) -> None:
+        if self.manager._terms_of(req.request_id) is not None:  # what CasakvScheduler does
+            req.skip_reading_prefix_cache = True
+        self.kv.free(req)
+        self.running.remove(req)
+        req.num_computed_tokens = 0
+        req.num_preemptions += 1
+        req.status = RequestStatus.PREEMPTED
+        self.waiting.insert(0, req)
+
+    def step(self) -> None:
+        for req in list(self.running):  # every running request: its next chunk or one decode token
+            if req not in self.running:  # preempted for an earlier one this step
+                continue
+            todo = req.num_tokens - req.num_computed_tokens
+            n = min(todo, self.chunk) if todo > 1 else 1
+            if self.kv.allocate_slots(req, n) is None:
+                self.preempt(self.running[-1])
+                continue
+            req.num_computed_tokens += n
+            if req.num_computed_tokens >= req.num_tokens:  # sampled a token
+                req.append_output_token_ids(self.rng.randrange(1000))
+                if len(req.output_token_ids) >= req.sampling_params.max_tokens:
+                    self.end(req)
+        for req in list(self.waiting):
+            blocks, hit, _ = self.kv.get_computed_blocks(req)
+            n = min(req.num_tokens - hit, self.chunk)
+            if self.kv.allocate_slots(req, n, hit, blocks) is None:
+                break
+            self.waiting.remove(req)
+            req.status = RequestStatus.RUNNING
+            req.num_computed_tokens = hit + n
+            self.running.append(req)
+
+    def check(self) -> None:
+        pool = self.kv.block_pool
+        free_ids = {b.block_id for b in pool.free_block_queue.get_all_free_blocks()}
+        holders: dict[int, int] = {}
+        for rid, blocks in self.manager.req_to_blocks.items():
+            for b in blocks:
+                if not b.is_null:
+                    holders[b.block_id] = holders.get(b.block_id, 0) + 1
+            life = self.manager._lives.get(rid)
+            nulls = [i for i, b in enumerate(blocks) if b.is_null]
+            if life is not None and life.freed:
+                assert nulls == list(life.terms.freed_blocks), (rid, nulls, life.terms)
+            else:
+                assert not nulls, rid
+        assert not free_ids & set(holders), "a block is both free and in use"
+        for block in pool.blocks:
+            if not block.is_null:
+                assert block.ref_cnt == holders.get(block.block_id, 0), (block.block_id, block.ref_cnt)
+        assert len(free_ids) + len(holders) == self.num_blocks - 1  # every block but the null one
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_random_schedules_keep_the_pool_consistent(seed):
+    rng = random.Random(seed)
+    sim = Sim(rng, num_blocks=rng.choice([60, 120, 400]), chunk=rng.choice([32, 64, 256]))
+    for _ in range(250):
+        if rng.random() < 0.3 and len(sim.requests) < 12:
+            sim.add()
+        if sim.running and rng.random() < 0.03:
+            sim.end(rng.choice(sim.running))  # abort, mid-prefill or mid-decode
+        sim.step()
+        sim.check()
+    while sim.requests:  # drain: abort whatever is left
+        for req in list(sim.running):
+            sim.end(req)
+        for req in list(sim.waiting):
+            sim.waiting.remove(req)
+            sim.kv.free(req)
+            del sim.requests[req.request_id]
+        sim.check()
+    assert sim.manager.live_requests() == 0
+    assert sim.kv.block_pool.get_num_free_blocks() == sim.num_blocks - 1
+    assert sim.manager.blocks_freed > 0  # every schedule compacted something
