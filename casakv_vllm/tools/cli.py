@@ -48,11 +48,34 @@ def _cmd_demo(args: argparse.Namespace) -> int:
             time.sleep(0.5)
         for line in lines or ["(no casakv_ series on /metrics)"]:
             print("   ", line)
+        if args.compression:
+            _demo_compression(server)
     print("[demo] server stopped")
     return 0
 
 
+def _demo_compression(server) -> None:
+    """One long request dense, then under snapkv at 4x: the KV pool share each holds while decoding."""
+    from casakv_vllm.tools.bench.cpu import prompts
+    from casakv_vllm.tools.bench.memory import one_request
+
+    text = prompts(1, 2000, seed=7)[0]
+    print("[demo] compression: one ~2000-token request dense, then with vllm_xargs "
+          '{"casakv_policy": "snapkv", "casakv_kv_ratio": 0.25} ...', flush=True)
+    held = {}
+    for label, xargs in (("dense", None), ("snapkv 4x", {"casakv_policy": "snapkv", "casakv_kv_ratio": 0.25})):
+        cell = one_request(server, text + f"\n\n({label})", 32, xargs, pool=10**6)  # usage in millionths
+        held[label] = cell["steady_blocks"] / 10**4
+        print(f"[demo]   {label:>9}: {cell['prompt_tokens']} prompt tokens, KV cache usage while decoding "
+              f"{held[label]:.3f}% of the pool")
+    if held["dense"]:
+        print(f"[demo]   snapkv at 4x holds {held['snapkv 4x'] / held['dense']:.2f}x the KV blocks of dense "
+              "(its emptied blocks went back to vLLM's pool)")
+
+
 def build_parser() -> argparse.ArgumentParser:
+    from casakv_vllm.tools.bench.memory import POLICIES as MEMORY_POLICIES
+
     parser = argparse.ArgumentParser(
         prog="casakv",
         description="casakv-vllm: CASAK-V sparse attention and KV-cache compression for vLLM "
@@ -71,6 +94,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt", default="What is the capital of France?")
     p.add_argument("--max-tokens", type=int, default=32)
     p.add_argument("--casakv-config", help='JSON object of casakv settings, e.g. \'{"policy": "dense"}\'')
+    p.add_argument("--no-compression", dest="compression", action="store_false",
+                   help="skip the long request that shows KV compression")
     p.set_defaults(func=_cmd_demo)
 
     p = sub.add_parser("bench", help="benchmarks: `casakv bench kernels` (GPU), `casakv bench cpu` (CPU serving)")
@@ -92,6 +117,20 @@ def build_parser() -> argparse.ArgumentParser:
     pc.add_argument("--policy", default="snapkv", help="also time this policy at 4x on casakv ('' for none)")
     pc.add_argument("--model", help="model folder (default: the demo model)")
     pc.set_defaults(func=_cmd_bench_cpu)
+
+    pm = bench_sub.add_parser("memory", help="KV blocks held per request, dense vs evicting policies, on a real server")
+    pm.add_argument("--json", help="where to write the results JSON")
+    pm.add_argument("--md", help="also write a Markdown summary here")
+    pm.add_argument("--plot", help="also write a PNG of KV usage over time during the bursts")
+    pm.add_argument("--lengths", default="2000,4000,7000", help="prompt lengths in tokens, comma-separated")
+    pm.add_argument("--policies", default=",".join(MEMORY_POLICIES),
+                    help="evicting policies, comma-separated; the first is the headline and the burst's")
+    pm.add_argument("--ratio", type=float, default=0.25, help="kv_ratio of every policy (default 0.25: 4x)")
+    pm.add_argument("--decode-tokens", type=int, default=48)
+    pm.add_argument("--pool-blocks", type=int, default=1400, help="KV pool size in blocks of 16 tokens")
+    pm.add_argument("--burst", type=int, default=8, help="concurrent requests in each burst")
+    pm.add_argument("--model", help="model folder (default: the demo model)")
+    pm.set_defaults(func=_cmd_bench_memory)
 
     from casakv_vllm.tools.quality.cli import add_parser as add_eval_parser
 
@@ -119,6 +158,26 @@ def _cmd_bench_cpu(args: argparse.Namespace) -> int:
         return 2
     result = run(Path(args.json) if args.json else None, Path(args.md) if args.md else None, args.runs,
                  args.prompt_tokens, args.decode_tokens, args.policy or None, lambda m: print(m, flush=True), args.model)
+    print(markdown(result))
+    return 0
+
+
+def _cmd_bench_memory(args: argparse.Namespace) -> int:
+    from casakv_vllm.tools.bench.memory import markdown, run
+
+    try:
+        lengths = tuple(int(x) for x in args.lengths.split(","))
+        policies = [p for p in args.policies.split(",") if p]
+    except ValueError:
+        print("casakv bench memory: --lengths takes comma-separated integers", file=sys.stderr)
+        return 2
+    if not policies or not 0 < args.ratio <= 1 or min(lengths) < 16 or args.burst < 1 or args.pool_blocks < 16:
+        print("casakv bench memory: needs a policy, 0 < --ratio <= 1, lengths >= 16, --burst >= 1, "
+              "--pool-blocks >= 16", file=sys.stderr)
+        return 2
+    result = run(Path(args.json) if args.json else None, Path(args.md) if args.md else None,
+                 Path(args.plot) if args.plot else None, lengths, policies, args.ratio, args.decode_tokens,
+                 args.pool_blocks, args.burst, lambda m: print(m, flush=True), args.model)
     print(markdown(result))
     return 0
 

@@ -54,18 +54,19 @@ def test_state_released_on_finish_and_abort(casakv_server, prompts):
 
 
 def test_preempted_requests_restart_and_answer_as_alone(server_factory, prompts):
-    """A KV pool (80 blocks of 16) that holds two of these requests' prompts but not their generations:
-    vLLM preempts and recomputes some of them;
-    each still gives the answer it gives alone (up to near-ties), its keep-sets rebuilt from scratch."""
+    """A KV pool (64 blocks of 16) that holds one of these requests (~34 prompt + 9 generated blocks, 8 of
+    them freed by compaction) but not two: vLLM preempts and recomputes some of them; each still gives
+    the answer it gives alone (up to near-ties), its keep-sets rebuilt from scratch (and not compacted
+    again: it recomputes without the prefix cache)."""
     _, long_doc = prompts
-    server = server_factory("casakv", ["--block-size", "16", "--num-gpu-blocks-override", "80",
-                                        "--max-model-len", "1024"])
+    server = server_factory("casakv", ["--block-size", "16", "--num-gpu-blocks-override", "64",
+                                        "--max-model-len", "1000"])
     try:
         docs = [f"Copy {i}. " + long_doc[-1200:] for i in range(4)]
 
         def ask(doc):
             payload = {"model": "demo", "prompt": doc, "max_tokens": 140, "temperature": 0.0, "ignore_eos": True,
-                       "logprobs": 3, "vllm_xargs": {"casakv_policy": "snapkv", "casakv_kv_budget": 96}}
+                       "logprobs": 3, "vllm_xargs": {"casakv_policy": "snapkv", "casakv_kv_budget": 400}}
             return completion_steps(server.post("/v1/completions", payload))
 
         alone = [ask(d) for d in docs]

@@ -47,6 +47,7 @@ def stock_bf16(server_factory, prompts):
     return _outputs_of(server_factory, prompts, None)
 
 
+@pytest.mark.slow  # 100 s: make test-all; make test keeps the bf16 check
 def test_dense_matches_stock_token_for_token_fp32(server_factory, prompts):
     stock = _tokens(_outputs_of(server_factory, prompts, None, FP32))
     ours = _tokens(_outputs_of(server_factory, prompts, "casakv", FP32 + ["--block-size", "16"]))
