@@ -49,7 +49,7 @@ def run_layer_cpu(query: torch.Tensor, kv_cache: torch.Tensor, md: CasakvMetadat
 
     Args:
         query: ``[num_tokens, num_heads, D]``; out: same shape, written.
-        kv_cache: ``[num_blocks, num_kv_heads, block_size, 2 * D]`` (vLLM's CPU layout).
+        kv_cache: ``[num_blocks, num_kv_heads, block_size, 2 * D]`` (vLLM's CPU layouts, ``plan.cpu_layout``).
     """
     plan = md.plan
     num_kv, block_size = kv_cache.shape[1], kv_cache.shape[2]
@@ -63,10 +63,11 @@ def run_layer_cpu(query: torch.Tensor, kv_cache: torch.Tensor, md: CasakvMetadat
             terms = _compacted(row)
             if terms is None:
                 blocks = md.block_table[row.index, : -(-row.seq_len // block_size)].long()
-                gathered[row.index] = gather_kv(kv_cache, blocks, row.seq_len)
+                gathered[row.index] = gather_kv(kv_cache, blocks, row.seq_len, plan.cpu_layout)
             else:  # only the live blocks: the freed ones may belong to another request by now
                 blocks = live_blocks(md.block_table[row.index].long(), terms, row.seq_len)
-                gathered[row.index] = gather_kv(kv_cache, blocks, terms.head_end + row.seq_len - terms.tail_start)
+                gathered[row.index] = gather_kv(kv_cache, blocks, terms.head_end + row.seq_len - terms.tail_start,
+                                                plan.cpu_layout)
         return gathered[row.index]
 
     patterns = plan.cpu_patterns.get(layer, plan.cpu_patterns.get(None)) if plan.cpu_patterns else None
@@ -77,7 +78,7 @@ def run_layer_cpu(query: torch.Tensor, kv_cache: torch.Tensor, md: CasakvMetadat
             read = _torch_row(row, query, kv_of(row), layer, scale, out, patterns)
         counts.attended += read
         if row.compact:
-            _compact_row(row, layer, kv_cache, md.block_table[row.index].long(), plan.stats)
+            _compact_row(row, layer, kv_cache, md.block_table[row.index].long(), plan)
         if row.q_len == 1:
             pair = counts.decode.setdefault(row.label, [0, 0])
             pair[0] += read
@@ -92,16 +93,16 @@ def _compacted(row: RowPlan):
     return row.state.compaction if row.state is not None and not row.compact else None
 
 
-def _compact_row(row: RowPlan, layer: int, kv_cache: torch.Tensor, table_row: torch.Tensor, stats) -> None:
+def _compact_row(row: RowPlan, layer: int, kv_cache: torch.Tensor, table_row: torch.Tensor, plan) -> None:
     """After the first decode step's attention at ``layer``: compact the request's blocks, and its
     keep-set becomes a mask over slots."""
     t0 = time.perf_counter()
     keep = row.state.keep[layer]
     step = plan_layer(keep.mask, row.state.compaction)
-    compact_cpu(kv_cache, table_row, step)
+    compact_cpu(kv_cache, table_row, step, plan.cpu_layout)
     keep.mask = step.slot_mask
-    if stats is not None:
-        stats.record_compaction(time.perf_counter() - t0)
+    if plan.stats is not None:
+        plan.stats.record_compaction(time.perf_counter() - t0)
 
 
 def _torch_row(row: RowPlan, query: torch.Tensor, kv: tuple[torch.Tensor, torch.Tensor], layer: int,

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from casakv_vllm.compress.rule import CompactionTerms
-from casakv_vllm.ops.paged import kv_views
+from casakv_vllm.ops.paged import set_token_kv, token_kv
 
 
 @dataclass
@@ -43,8 +43,8 @@ def plan_layer(mask: torch.Tensor, terms: CompactionTerms) -> LayerCompaction:
     return LayerCompaction(keep_pos, count, slot_mask)
 
 
-def compact_cpu(kv_cache: torch.Tensor, blocks: torch.Tensor, plan: LayerCompaction) -> None:
-    """Move the tokens in place, in the CPU cache layout (``ops.paged.kv_views``).
+def compact_cpu(kv_cache: torch.Tensor, blocks: torch.Tensor, plan: LayerCompaction, layout: str = "vec") -> None:
+    """Move the tokens in place, in a CPU cache layout (``ops.paged``).
 
     ``blocks``: the request's physical block ids (logical order), covering ``tail_start``.
     All sources are read before anything is written (sources and destinations overlap).
@@ -59,13 +59,8 @@ def compact_cpu(kv_cache: torch.Tensor, blocks: torch.Tensor, plan: LayerCompact
     if src.numel() == 0:
         return
     block_size = kv_cache.shape[2]
-    kview, vview = kv_views(kv_cache)
-    sb, so = blocks[src // block_size], src % block_size
-    db, do = blocks[dst // block_size], dst % block_size
-    k = kview[sb, heads, :, so]  # [n, D] copies
-    v = vview[sb, heads, so]
-    kview[db, heads, :, do] = k
-    vview[db, heads, do] = v
+    k, v = token_kv(kv_cache, blocks[src // block_size], heads, src % block_size, layout)  # copies
+    set_token_kv(kv_cache, blocks[dst // block_size], heads, dst % block_size, k, v, layout)
 
 
 def live_blocks(table_row: torch.Tensor, terms: CompactionTerms, seq_len: int) -> torch.Tensor:

@@ -85,6 +85,7 @@ class CasakvMetadataBuilder(AttentionMetadataBuilder[CasakvMetadata]):
 
     def _plan_cpu(self, plan: BatchPlan, cm: CommonAttentionMetadata, seq_lens, table) -> None:
         if self.cpu_kernels is not None:
+            plan.cpu_layout = self.cpu_kernels.layout
             plan.cpu_dense = self.cpu_kernels.plan_dense(plan, cm.query_start_loc, seq_lens, table,
                                                          cm.num_actual_tokens, self.num_heads, self.num_kv_heads,
                                                          self.head_size)

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
-from casakv_vllm.ops.paged import kv_views
+from casakv_vllm.ops.paged import token_kv
 from casakv_vllm.plan.batch import BatchPlan
 
 logger = logging.getLogger("casakv_vllm")
@@ -33,7 +33,7 @@ def _split(kv_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _layout_agrees(isa: str, dtype: torch.dtype, block_size: int, head_size: int) -> bool:
-    """Write random tokens with vLLM's kernel for ``isa``; True when ``ops.paged.kv_views`` reads them back."""
+    """Write random tokens with vLLM's kernel for ``isa``; True when ``ops.paged`` reads them back."""
     from vllm import _custom_ops as ops
 
     g = torch.Generator().manual_seed(0)
@@ -47,9 +47,13 @@ def _layout_agrees(isa: str, dtype: torch.dtype, block_size: int, head_size: int
         ops.cpu_attn_reshape_and_cache(key, value, kc, vc, slots, isa)
     except RuntimeError:
         return False
-    kview, vview = kv_views(cache)
-    b, o = slots // block_size, slots % block_size
-    return torch.equal(kview[b, :, :, o], key) and torch.equal(vview[b, :, o], value)
+    k, v = token_kv(cache, slots // block_size, slice(None), slots % block_size, layout_of(isa))
+    return torch.equal(k, key) and torch.equal(v, value)
+
+
+def layout_of(isa: str) -> str:
+    """The cache layout (``ops.paged``) vLLM's CPU kernels of ``isa`` write."""
+    return "amx" if isa == "amx" else "vec"
 
 
 @dataclass(frozen=True)
@@ -59,6 +63,10 @@ class CpuKernels:
     isa: str
     dtype: torch.dtype
     kv_cache_dtype: str
+
+    @property
+    def layout(self) -> str:
+        return layout_of(self.isa)
 
     @staticmethod
     @functools.lru_cache(maxsize=None)

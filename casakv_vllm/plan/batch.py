@@ -79,6 +79,7 @@ class BatchPlan:
     gpu: Any = None  # plan.gpu.GpuPlan on CUDA
     cpu_dense: Any = None  # integration.cpu_kernels.DenseCall on the CPU (None: dense rows in torch)
     cpu_patterns: dict = field(default_factory=dict)  # CPU: layer (None: every layer) -> PatternBatch
+    cpu_layout: str = "vec"  # CPU: the cache layout vLLM's kernels write (ops.paged)
     stats: Any = None  # metrics.worker.WorkerStats
 
     @property

@@ -135,17 +135,19 @@ class VllmServer:
 
     def stream(self, path: str, payload: dict, timeout: float = 300.0) -> list[dict]:
         """POST with ``stream: true``; returns the parsed SSE events."""
+        return list(self.iter_stream(path, payload, timeout))
+
+    def iter_stream(self, path: str, payload: dict, timeout: float = 300.0):
+        """POST with ``stream: true``; yields each SSE event as it arrives (for timing)."""
         req = urllib.request.Request(
             self.url + path, data=json.dumps({**payload, "stream": True}).encode(),
             headers={"Content-Type": "application/json"},
         )
-        events = []
         with urllib.request.urlopen(req, timeout=timeout) as r:
             for raw in r:
                 line = raw.decode().strip()
                 if line.startswith("data:") and line != "data: [DONE]":
-                    events.append(json.loads(line[5:]))
-        return events
+                    yield json.loads(line[5:])
 
     def get_text(self, path: str, timeout: float = 30.0) -> str:
         with urllib.request.urlopen(self.url + path, timeout=timeout) as r:

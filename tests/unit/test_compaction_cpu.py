@@ -1,6 +1,7 @@
 """Compaction on the CPU path: the rule's arithmetic, and attention over a compacted layer equals
 attention over the masked original, with the freed blocks' memory poisoned."""
 
+import pytest
 import torch
 
 from casakv_vllm.compress.compact import compact_cpu, live_blocks, live_columns, plan_layer
@@ -30,21 +31,22 @@ def test_terms_follow_the_policy_budget_and_the_prefix_hit():
     assert compaction_terms(build_policy(CasakvConfig(), 30), 4000, 0, 16, 3) is None  # dense
 
 
-def _cache(num_blocks, num_kv, bs, d, g):
+def _cache(num_blocks, num_kv, bs, d, g, layout):
     cache = torch.zeros(num_blocks, num_kv, bs, 2 * d)
     slots = torch.arange(num_blocks * bs)
     write_kv(torch.randn(len(slots), num_kv, d, generator=g), torch.randn(len(slots), num_kv, d, generator=g),
-             cache, slots)
+             cache, slots, layout)
     return cache
 
 
-def test_attention_over_compacted_layer_equals_masked_attention():
+@pytest.mark.parametrize("layout", ["vec", "amx"])
+def test_attention_over_compacted_layer_equals_masked_attention(layout):
     g = torch.Generator().manual_seed(3)
     num_kv, group, d, bs, prompt, seq = 3, 2, 32, 16, 300, 305
     for shared in (0, 64):
         terms = CompactionTerms(bs, prompt, shared, slots=70)
         nb = -(-seq // bs)
-        cache = _cache(nb + 8, num_kv, bs, d, g)
+        cache = _cache(nb + 8, num_kv, bs, d, g, layout)
         table = (torch.randperm(nb + 7, generator=g) + 1)[:nb]
         mask = torch.zeros(num_kv, seq + 20, dtype=torch.bool)
         for h in range(num_kv):  # up to 70 kept from [shared, tail), any subset of the tail block
@@ -54,16 +56,16 @@ def test_attention_over_compacted_layer_equals_masked_attention():
         mask[:, terms.tail_start:] = torch.rand(num_kv, seq + 20 - terms.tail_start, generator=g) < 0.7
         mask[:, prompt:] = True
         q = torch.randn(num_kv * group, 1, d, generator=g)
-        k, v = gather_kv(cache, table, seq)
+        k, v = gather_kv(cache, table, seq, layout)
         want_mask = mask[:, :seq].clone()
         want_mask[:, :shared] = True
         want, _ = decode_attention(q, k.float(), v.float(), 0.2, want_mask.unsqueeze(1))
 
         step = plan_layer(mask, terms)
-        compact_cpu(cache, table, step)
+        compact_cpu(cache, table, step, layout)
         for blk in table[terms.freed_blocks.start:terms.freed_blocks.stop]:
             cache[blk] = float("nan")  # another request's now
-        lk, lv = gather_kv(cache, live_blocks(table, terms, seq), terms.head_end + seq - terms.tail_start)
+        lk, lv = gather_kv(cache, live_blocks(table, terms, seq), terms.head_end + seq - terms.tail_start, layout)
         got, _ = decode_attention(q, lk.float(), lv.float(), 0.2,
                                   live_columns(step.slot_mask, terms, seq).unsqueeze(1))
         assert torch.isfinite(got).all()

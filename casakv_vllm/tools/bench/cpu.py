@@ -41,7 +41,7 @@ def timed_completion(server, prompt: str, max_tokens: int, xargs: dict | None = 
     t0 = time.monotonic()
     first = None
     usage = {}
-    for event in server.stream("/v1/completions", payload, timeout=1800):
+    for event in server.iter_stream("/v1/completions", payload, timeout=1800):
         if first is None and event.get("choices") and event["choices"][0].get("text"):
             first = time.monotonic()
         usage = event.get("usage") or usage
