@@ -6,10 +6,11 @@ chosen per request (``vllm_xargs``), dense being the server's own policy.
 Each prompt is new (the prefix cache never hits).  While a request streams, a
 thread samples ``/metrics`` every 0.2 s: ``vllm:kv_cache_usage_perc`` times
 the pool is the blocks held.  Per request: the peak, and the steady value
-(the median over its second half of decode, after compaction).  Then a burst
+(the median over the second half of its decode phase, after compaction).  Then a burst
 of concurrent long requests against the same pool, dense and under the main
 policy: the most requests running at once (``vllm:num_requests_running``) and
-output tokens/s.  The KV usage over time of the bursts is plotted.
+output tokens/s.  The KV usage over time of the bursts is plotted.  Last, the
+quick quality suite, dense and under the main policy, on the same server.
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ def xargs_for(policy: str | None, ratio: float, assignment: str | None) -> dict 
     if policy == "static-heads":
         params["assignment"] = assignment
     if params:
-        x["casakv_policy_params"] = params
+        x["casakv_policy_params"] = json.dumps(params)  # vllm_xargs values are strings or numbers
     return x
 
 
@@ -75,9 +76,11 @@ def one_request(server, prompt: str, decode_tokens: int, xargs: dict | None, poo
     with Sampler(server) as s:
         r = timed_completion(server, prompt, decode_tokens, xargs)
     usage = [u for _, u, _ in s.samples]
-    half = usage[len(usage) // 2:] or usage
-    return {**r, "peak_blocks": round(max(usage, default=0) * pool), "steady_blocks": round(statistics.median(half) * pool)
-            if half else 0, "samples": len(usage)}
+    # steady: the second half of decode (compaction happened at its first step, the free one step later)
+    late = [u for t, u, _ in s.samples if r["prefill_s"] + r["decode_s"] / 2 <= t <= r["prefill_s"] + r["decode_s"]]
+    return {**r, "peak_blocks": round(max(usage, default=0) * pool),
+            "steady_blocks": round(statistics.median(late) * pool) if late else None, "samples": len(usage),
+            "steady_samples": len(late)}
 
 
 def burst(server, texts: list[str], decode_tokens: int, xargs: dict | None, pool: int) -> dict:
@@ -91,6 +94,29 @@ def burst(server, texts: list[str], decode_tokens: int, xargs: dict | None, pool
     return {"requests": len(texts), "max_running": int(max((n for _, _, n in s.samples), default=0)),
             "wall_s": round(wall, 2), "output_tokens_per_s": round(out_tokens / wall, 2),
             "usage": [(round(t, 2), round(u * pool, 1)) for t, u, _ in s.samples]}
+
+
+def quick_quality(server, policy: str, ratio: float) -> dict:
+    """The quick quality suite (passkey + longdoc, 2 samples of 1024 tokens) on ``server``, dense and
+    ``policy`` at ``ratio``: mean score per side (``casakv eval quality``, in a subprocess)."""
+    import subprocess
+    import sys
+    import tempfile
+
+    budget = f"{round(1 / ratio)}x"
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "q.json"
+        cmd = [sys.executable, "-m", "casakv_vllm.tools.cli", "eval", "quality", "--url", server.url, "--policies",
+               f"full,{policy}", "--budgets", budget, "--tasks", "passkey,longdoc", "--samples", "2",
+               "--context", "1024", "--json", str(out)]
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
+        if done.returncode != 0:
+            raise RuntimeError(f"quick quality suite failed: {done.stderr.strip().splitlines()[-1:]}")
+        records = json.loads(out.read_text())["results"]
+    score = {side: [r["score"] for r in records if r["policy"] == side and r["task"] in ("passkey", "longdoc")]
+             for side in ("full", policy)}
+    return {"dense": round(statistics.mean(score["full"]), 3), "casakv": round(statistics.mean(score[policy]), 3),
+            "budget": budget, "tasks": ["passkey", "longdoc"]}
 
 
 def run(json_path: Path | None, md_path: Path | None, plot_path: Path | None, lengths=(2000, 4000, 7000),
@@ -129,6 +155,8 @@ def run(json_path: Path | None, md_path: Path | None, plot_path: Path | None, le
                                                              xargs_for(policy, ratio, assignment), pool_blocks)
             progress(f"[burst x{burst_requests}] {label}: at most {b['max_running']} running, "
                      f"{b['output_tokens_per_s']} output tokens/s")
+        result["quality"] = quick_quality(server, policies[0], ratio)
+        progress(f"[quality] dense {result['quality']['dense']}, {policies[0]} {result['quality']['casakv']}")
     longest, main = str(lengths[-1]), policies[0]
     cells = result["cells"][longest]
     result.update({
@@ -138,7 +166,7 @@ def run(json_path: Path | None, md_path: Path | None, plot_path: Path | None, le
         "dense_peak_blocks_per_request": cells["dense"]["peak_blocks"],
         "max_concurrent_dense": result["burst"]["dense"]["max_running"],
         "max_concurrent_casakv": result["burst"][main]["max_running"],
-        "quality_dense": None, "quality_casakv": None,  # see docs/benchmarks/memory-cpu.md
+        "quality_dense": result["quality"]["dense"], "quality_casakv": result["quality"]["casakv"],
         "main_policy": main,
     })
     if json_path:
@@ -156,18 +184,22 @@ def markdown(r: dict) -> str:
              f"Demo model, one `vllm serve --attention-backend casakv {' '.join(r['server_args'])}`; policies chosen "
              f"per request at {1 / r['ratio']:g}x (`kv_ratio` {r['ratio']}), {r['decode_tokens']} decoded tokens. "
              "Blocks held = `vllm:kv_cache_usage_perc` x pool, sampled every 0.2 s; steady = median over the second "
-             "half of the request.", "",
+             "half of the request's decode phase.", "",
              "| prompt | policy | prompt tokens | peak blocks | steady blocks | steady vs dense |", "|---|---|---|---|---|---|"]
     for n, cells in r["cells"].items():
         dense = cells["dense"]["steady_blocks"] or 1
         for label, c in cells.items():
-            lines.append(f"| {n} | {label} | {c['prompt_tokens']} | {c['peak_blocks']} | {c['steady_blocks']} | "
-                         f"{c['steady_blocks'] / dense:.2f} |")
+            steady = c["steady_blocks"]
+            ratio = f"{steady / dense:.2f}" if steady is not None else "n/a"
+            lines.append(f"| {n} | {label} | {c['prompt_tokens']} | {c['peak_blocks']} | {steady} | {ratio} |")
     lines += ["", f"Burst of {r['burst']['dense']['requests']} concurrent {list(r['cells'])[-1]}-token requests "
                   f"against {r['pool_blocks']} blocks:", "", "| policy | most running at once | output tokens/s | wall s |",
               "|---|---|---|---|"]
     for label, b in r["burst"].items():
         lines.append(f"| {label} | {b['max_running']} | {b['output_tokens_per_s']} | {b['wall_s']} |")
+    q = r["quality"]
+    lines += ["", f"Quick quality suite ({', '.join(q['tasks'])}, 2 samples of 1024 tokens, mean score): dense "
+                  f"{q['dense']}, {main} at {q['budget']} {q['casakv']}."]
     lines += ["", f"Headline ({main}): {r['casakv_blocks_per_request']} steady blocks per long request against "
                   f"{r['dense_blocks_per_request']} dense "
                   f"({r['casakv_blocks_per_request'] / max(1, r['dense_blocks_per_request']):.2f}x); "
