@@ -23,15 +23,18 @@ def _settled(server, want_live=0, timeout=30.0):
         time.sleep(0.5)
 
 
-def _abort_midway(server, prompt: str) -> None:
-    """Start a long streamed completion, read a few events, then drop the connection (vLLM aborts it)."""
+def _abort_midway(server, prompt: str, events: int = 4) -> None:
+    """Start a long streamed completion, read ``events`` events (0: none, still prefilling), then drop
+    the connection (vLLM aborts it)."""
     body = json.dumps({"model": "demo", "prompt": prompt, "max_tokens": 400, "temperature": 0.0, "stream": True,
                        "ignore_eos": True, "vllm_xargs": {"casakv_policy": "snapkv", "casakv_kv_budget": 64}})
     with socket.create_connection(("127.0.0.1", server.port), timeout=120) as sock:
         sock.sendall((f"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
                       f"Content-Length: {len(body)}\r\n\r\n{body}").encode())
+        if events == 0:
+            time.sleep(0.5)  # scheduled and prefilling, no token yet
         seen = b""
-        while seen.count(b"data:") < 4:
+        while seen.count(b"data:") < events:
             chunk = sock.recv(4096)
             assert chunk, "server closed the stream early"
             seen += chunk
@@ -47,10 +50,17 @@ def test_state_released_on_finish_and_abort(casakv_server, prompts):
     finished = _settled(casakv_server)
     assert finished["casakv_requests_live"] == 0
     assert finished["casakv_requests_released_total"] - before["casakv_requests_released_total"] >= 3
-    _abort_midway(casakv_server, "Abort me. " + long_doc)
+    _abort_midway(casakv_server, "Abort me. " + long_doc)  # mid-decode, after compaction
     aborted = _settled(casakv_server)
     assert aborted["casakv_requests_live"] == 0, aborted
     assert aborted["casakv_requests_released_total"] > finished["casakv_requests_released_total"]
+    _abort_midway(casakv_server, "Abort me early. " + long_doc, events=0)  # mid-prefill (8 chunks of 256)
+    early = _settled(casakv_server)
+    assert early["casakv_requests_live"] == 0, early
+    deadline = time.monotonic() + 30
+    while (usage := casakv_server.metric_values(["vllm:kv_cache_usage_perc"])["vllm:kv_cache_usage_perc"]) > 0:
+        assert time.monotonic() < deadline, f"blocks left over after every request ended: usage {usage}"
+        time.sleep(0.5)
 
 
 def test_preempted_requests_restart_and_answer_as_alone(server_factory, prompts):
