@@ -64,7 +64,8 @@ def _demo_compression(server) -> None:
           '{"casakv_policy": "snapkv", "casakv_kv_ratio": 0.25} ...', flush=True)
     held = {}
     for label, xargs in (("dense", None), ("snapkv 4x", {"casakv_policy": "snapkv", "casakv_kv_ratio": 0.25})):
-        cell = one_request(server, text + f"\n\n({label})", 32, xargs, pool=10**6)  # usage in millionths
+        # a different first line: no prefix-cache hit on the other request (a shared prefix stays dense)
+        cell = one_request(server, f"({label})\n\n" + text, 32, xargs, pool=10**6)  # usage in millionths
         held[label] = cell["steady_blocks"] / 10**4
         print(f"[demo]   {label:>9}: {cell['prompt_tokens']} prompt tokens, KV cache usage while decoding "
               f"{held[label]:.3f}% of the pool")
