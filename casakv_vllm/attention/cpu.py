@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 import torch
 
 from casakv_kernels.patterns import pattern_mask
-from casakv_vllm.compress.compact import compact_cpu, live_blocks, live_columns, plan_layer
+from casakv_vllm.compress.compact import compact_cpu, live_columns, plan_layer
 from casakv_vllm.observe.record import record_layer
 from casakv_vllm.ops.paged import gather_kv
 from casakv_vllm.ops.torch_attention import attend, decode_attention
@@ -64,10 +64,9 @@ def run_layer_cpu(query: torch.Tensor, kv_cache: torch.Tensor, md: CasakvMetadat
             if terms is None:
                 blocks = md.block_table[row.index, : -(-row.seq_len // block_size)].long()
                 gathered[row.index] = gather_kv(kv_cache, blocks, row.seq_len, plan.cpu_layout)
-            else:  # only the live blocks: the freed ones may belong to another request by now
-                blocks = live_blocks(md.block_table[row.index].long(), terms, row.seq_len)
-                gathered[row.index] = gather_kv(kv_cache, blocks, terms.head_end + row.seq_len - terms.tail_start,
-                                                plan.cpu_layout)
+            else:  # only the live blocks (planned by the builder): the freed ones may be another request's now
+                gathered[row.index] = gather_kv(kv_cache, plan.cpu_live_blocks[row.index],
+                                                terms.live_slots(row.seq_len), plan.cpu_layout)
         return gathered[row.index]
 
     patterns = plan.cpu_patterns.get(layer, plan.cpu_patterns.get(None)) if plan.cpu_patterns else None
@@ -94,13 +93,14 @@ def _compacted(row: RowPlan):
 
 
 def _compact_row(row: RowPlan, layer: int, kv_cache: torch.Tensor, table_row: torch.Tensor, plan) -> None:
-    """After the first decode step's attention at ``layer``: compact the request's blocks, and its
-    keep-set becomes a mask over slots."""
+    """After the first decode step's attention at ``layer``: compact the request's blocks; its keep-set
+    becomes a mask over its live slots (``[0, head_end)`` then ``[tail_start, ...)``), so later steps
+    read a prefix of it."""
     t0 = time.perf_counter()
     keep = row.state.keep[layer]
     step = plan_layer(keep.mask, row.state.compaction)
     compact_cpu(kv_cache, table_row, step, plan.cpu_layout)
-    keep.mask = step.slot_mask
+    keep.mask = live_columns(step.slot_mask, row.state.compaction, keep.capacity)
     if plan.stats is not None:
         plan.stats.record_compaction(time.perf_counter() - t0)
 
@@ -120,7 +120,7 @@ def _torch_row(row: RowPlan, query: torch.Tensor, kv: tuple[torch.Tensor, torch.
             keep = row.state.keep[layer] = row.policy.start(layer, row.prompt_len, k, obs, scale, seq_len)
         row.policy.prepare_step(keep, layer, row.prompt_len, seq_len)
         terms = _compacted(row)
-        visible = keep.visible(seq_len) if terms is None else live_columns(keep.mask, terms, seq_len)
+        visible = keep.visible(seq_len if terms is None else terms.live_slots(seq_len))
         allowed = visible.unsqueeze(1)  # [Hkv, 1, S]: a decode row sees every position before it
         if row.q_len > 1:  # positions of the columns: causal order among the queries' own tokens
             cols = torch.arange(seq_len) if terms is None else \

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from casakv_vllm.compress.rule import CompactionTerms
+from casakv_vllm.compress.rule import CompactionTerms, cdiv
 from casakv_vllm.ops.paged import set_token_kv, token_kv
 
 
@@ -66,9 +66,9 @@ def compact_cpu(kv_cache: torch.Tensor, blocks: torch.Tensor, plan: LayerCompact
 def live_blocks(table_row: torch.Tensor, terms: CompactionTerms, seq_len: int) -> torch.Tensor:
     """Physical ids of a compacted request's live blocks: ``[0, head_end)`` and ``[tail_start, seq_len)``."""
     bs = terms.block_size
-    return torch.cat([table_row[: terms.head_end // bs], table_row[terms.tail_start // bs: -(-seq_len // bs)]])
+    return torch.cat([table_row[: terms.head_end // bs], table_row[terms.tail_start // bs: cdiv(seq_len, bs)]])
 
 
 def live_columns(slot_mask: torch.Tensor, terms: CompactionTerms, seq_len: int) -> torch.Tensor:
-    """The slot mask restricted to the live slots (the columns ``live_blocks`` gathers)."""
+    """The slot mask restricted to the live slots (the columns ``live_blocks`` gathers), up to ``seq_len``."""
     return torch.cat([slot_mask[:, : terms.head_end], slot_mask[:, terms.tail_start: seq_len]], dim=1)

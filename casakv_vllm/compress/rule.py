@@ -61,6 +61,10 @@ class CompactionTerms:
         """Logical block indices returned to the pool."""
         return range(self.head_end // self.block_size, self.tail_start // self.block_size)
 
+    def live_slots(self, seq_len: int) -> int:
+        """Slots a compacted request reads at ``seq_len``: ``[0, head_end)`` and ``[tail_start, seq_len)``."""
+        return self.head_end + seq_len - self.tail_start
+
     def settled(self, processed_tokens: int) -> bool:
         """True once the forward that compacted (the first decode step) has finished."""
         return processed_tokens > self.prompt_len

@@ -17,6 +17,7 @@ import torch
 from vllm.config import VllmConfig
 from vllm.v1.attention.backend import AttentionCGSupport, AttentionMetadataBuilder, CommonAttentionMetadata
 
+from casakv_vllm.compress.compact import live_blocks
 from casakv_vllm.integration.context import worker_context
 from casakv_vllm.integration.scheduler import compaction_enabled
 from casakv_vllm.plan.batch import BatchPlan, CompactionSetup, plan_batch
@@ -89,6 +90,10 @@ class CasakvMetadataBuilder(AttentionMetadataBuilder[CasakvMetadata]):
             plan.cpu_dense = self.cpu_kernels.plan_dense(plan, cm.query_start_loc, seq_lens, table,
                                                          cm.num_actual_tokens, self.num_heads, self.num_kv_heads,
                                                          self.head_size)
+        for row in plan.rows:  # compacted in an earlier step: every layer reads the same live blocks
+            terms = row.state.compaction if row.state is not None and not row.compact else None
+            if terms is not None and row.q_len > 0:
+                plan.cpu_live_blocks[row.index] = live_blocks(table[row.index].long(), terms, row.seq_len)
         for layer in pattern_layers(plan):
             plan.cpu_patterns[layer] = batch_patterns(plan, 0 if layer is None else layer, self.num_kv_heads,
                                                       torch.device("cpu"))

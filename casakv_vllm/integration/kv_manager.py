@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from vllm.v1.core.single_type_kv_cache_manager import FullAttentionManager
 
 from casakv_vllm.compress.rule import CompactionTerms, compaction_terms
+from casakv_vllm.requests.params import request_overrides
 
 
 @dataclass
@@ -74,8 +75,6 @@ class CompressingManager(FullAttentionManager):
         first = self._first_context.pop(request_id, 0)
         if request is None or request.num_preemptions > 0 or request.sampling_params is None:
             return None
-        from casakv_vllm.requests.params import request_overrides
-
         try:
             overrides = request_overrides(request.sampling_params.extra_args)
         except ValueError:  # validated in the API server; never fail the engine here

@@ -92,4 +92,3 @@ def _use_block_manager_plugin(vllm_config) -> None:
                        sched.scheduler_cls)
         return
     sched.scheduler_cls = PATH
-

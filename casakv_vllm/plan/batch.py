@@ -80,6 +80,7 @@ class BatchPlan:
     cpu_dense: Any = None  # integration.cpu_kernels.DenseCall on the CPU (None: dense rows in torch)
     cpu_patterns: dict = field(default_factory=dict)  # CPU: layer (None: every layer) -> PatternBatch
     cpu_layout: str = "vec"  # CPU: the cache layout vLLM's kernels write (ops.paged)
+    cpu_live_blocks: dict = field(default_factory=dict)  # CPU: row -> physical ids of a compacted row's live blocks
     stats: Any = None  # metrics.worker.WorkerStats
 
     @property
