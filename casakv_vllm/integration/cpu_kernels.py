@@ -78,6 +78,8 @@ class CpuKernels:
             return None
         if head_size not in CPUAttentionBackend.get_supported_head_sizes() or block_size % 16:
             return None
+        if not hasattr(torch.ops._C, "cpu_attn_reshape_and_cache"):   # vLLM's Python layer without its CPU ops
+            return None
         try:
             first = _get_attn_isa(dtype, block_size, head_size, kv_cache_dtype)
         except NotImplementedError:

@@ -84,9 +84,9 @@ def test_gpu_plan_kinds(harness):
     for server, xargs, kind, layers in [({}, [{"casakv_policy": "dense"}, None], "decode", set()),
                                         ({"policy": "streaming", "kv_budget": 64}, [None, None], "sparse", {None})]:
         vc = harness.config(server or None, num_heads=h, num_kv_heads=hkv, head_size=d, device=DEVICE)
-        builder, impl = harness.backend(vc, BS, "cpu")
+        builder, impl = harness.backend(vc, BS, DEVICE)
         params = harness.requests([(300, xargs[0]), (100, xargs[1])])
-        batch = harness.batch(impl, [1, 1], [299, 99], BS, torch.bfloat16, "cpu")
+        batch = harness.batch(impl, [1, 1], [299, 99], BS, torch.bfloat16, DEVICE)
         md = builder.build(0, batch.cm)
         gp = plan_gpu(md.plan, batch.cm.query_start_loc, md.seq_lens, md.block_table, 2, 1, 300, h, hkv, d, BS,
                       torch.bfloat16, None)
