@@ -109,10 +109,10 @@ def build_parser() -> argparse.ArgumentParser:
                     help="time vLLM's Triton kernel from a folder staged by scripts/stage_vllm_kernel.py "
                          "(default: the installed vLLM, if any)")
     pk.set_defaults(func=_cmd_bench_kernels)
-    pc = bench_sub.add_parser("cpu", help="casakv's CPU path vs vLLM's CPU backend through two real servers")
+    pc = bench_sub.add_parser("cpu", help="casakv's CPU path vs vLLM's CPU backend through two real servers, side by side")
     pc.add_argument("--json", help="where to write the results JSON")
     pc.add_argument("--md", help="also write a Markdown summary here")
-    pc.add_argument("--runs", type=int, default=3, help="prompts per server (median reported)")
+    pc.add_argument("--runs", type=int, default=5, help="prompts per server, alternating between them (median reported)")
     pc.add_argument("--prompt-tokens", type=int, default=4450)
     pc.add_argument("--decode-tokens", type=int, default=64)
     pc.add_argument("--policy", default="snapkv", help="also time this policy at 4x on casakv ('' for none)")

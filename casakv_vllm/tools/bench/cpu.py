@@ -1,14 +1,15 @@
 """`casakv bench cpu`: casakv's CPU serving path against vLLM's own CPU backend, side by side.
 
-Two real ``vllm serve`` processes on loopback, one after the other, with the
+Two real ``vllm serve`` processes on loopback, both up at once, with the
 same flags and the demo model: stock (vLLM's CPU_ATTN) and casakv
 (``--attention-backend casakv``, dense policy).  Each gets a warm-up request,
 then ``--runs`` long prompts (different ones per run, the same ones for both
-servers, so the prefix cache never hits), each streamed with ``ignore_eos``:
+servers, so the prefix cache never hits), sent to the two servers in
+alternating order, each streamed with ``ignore_eos``:
 prefill time = time to the first token, decode time = the rest of the
 ``--decode-tokens`` tokens.  casakv also serves the same prompts under a
 compressing policy per request (``--policy``), to show what a policy costs
-on top of dense.  Ratios are casakv / stock (below 1 is faster).
+on top of dense (on prompts of its own).  Ratios are casakv / stock (below 1 is faster).
 """
 
 from __future__ import annotations
@@ -50,42 +51,53 @@ def timed_completion(server, prompt: str, max_tokens: int, xargs: dict | None = 
             "prefill_s": round(first - t0, 3), "decode_s": round(end - first, 3)}
 
 
-def run_server(name: str, backend: str | None, texts: list[str], decode_tokens: int, policies: dict,
-               model: str, progress) -> dict:
+def _cell(runs: list[dict]) -> dict:
+    return {"runs": runs, "prefill_s": statistics.median(r["prefill_s"] for r in runs),
+            "decode_s": statistics.median(r["decode_s"] for r in runs)}
+
+
+def run(json_path: Path | None, md_path: Path | None, runs: int = 5, prompt_tokens: int = 4450,
+        decode_tokens: int = 64, policy: str | None = "snapkv", progress=print, model: str | None = None) -> dict:
+    """Both servers up at once, requests alternating between them (stock first on even runs,
+    casakv first on odd ones), so drift on a shared machine falls on both sides alike."""
+    from contextlib import ExitStack
+
+    from casakv_vllm.tools.demo_model import demo_model_path
     from casakv_vllm.tools.serving import VllmServer, cpu_env
 
-    t0 = time.monotonic()
-    with VllmServer(model=model, attention_backend=backend, extra_args=SERVER_ARGS, env=cpu_env(4)) as server:
-        progress(f"[{name}] server ready in {time.monotonic() - t0:.0f}s")
-        timed_completion(server, "Warm up: count to ten.", 8)
-        out = {}
-        for label, xargs in policies.items():
-            runs = []
-            for i, text in enumerate(texts):
-                r = timed_completion(server, text, decode_tokens + 1, xargs)
-                runs.append(r)
-                progress(f"[{name}:{label}] run {i + 1}/{len(texts)}: {r['prompt_tokens']} prompt tokens, "
-                         f"prefill {r['prefill_s']:.2f}s, decode {r['decode_s']:.2f}s")
-            out[label] = {"runs": runs, "prefill_s": statistics.median(r["prefill_s"] for r in runs),
-                          "decode_s": statistics.median(r["decode_s"] for r in runs)}
-    return out
-
-
-def run(json_path: Path | None, md_path: Path | None, runs: int = 3, prompt_tokens: int = 4450,
-        decode_tokens: int = 64, policy: str | None = "snapkv", progress=print, model: str | None = None) -> dict:
-    from casakv_vllm.tools.demo_model import demo_model_path
-
     model = model or demo_model_path()
-    texts = prompts(runs, prompt_tokens)
-    stock = run_server("stock", None, texts, decode_tokens, {"dense": None}, model, progress)["dense"]
-    policies = {"dense": None}
-    if policy:
-        policies[f"{policy}/4x"] = {"casakv_policy": policy, "casakv_kv_ratio": 0.25}
-    ours = run_server("casakv", "casakv", texts, decode_tokens, policies, model, progress)
+    texts = prompts(2 * runs, prompt_tokens)   # the policy's prompts differ too: no prefix-cache hit
+    cells: dict[str, list[dict]] = {"stock": [], "dense": []}
+    label = f"{policy}/4x" if policy else None
+    if label:
+        cells[label] = []
+    with ExitStack() as stack:
+        servers = {}
+        for name, backend in (("stock", None), ("casakv", "casakv")):
+            t0 = time.monotonic()
+            servers[name] = stack.enter_context(VllmServer(model=model, attention_backend=backend,
+                                                           extra_args=SERVER_ARGS, env=cpu_env(4)))
+            progress(f"[{name}] server ready in {time.monotonic() - t0:.0f}s")
+            timed_completion(servers[name], "Warm up: count to ten.", 8)
+        for i in range(runs):
+            order = [("stock", "stock"), ("dense", "casakv")]
+            for cell, name in order if i % 2 == 0 else order[::-1]:
+                r = timed_completion(servers[name], texts[i], decode_tokens + 1)
+                cells[cell].append(r)
+                progress(f"[{cell}] run {i + 1}/{runs}: {r['prompt_tokens']} prompt tokens, "
+                         f"prefill {r['prefill_s']:.2f}s, decode {r['decode_s']:.2f}s")
+            if label:
+                r = timed_completion(servers["casakv"], texts[runs + i], decode_tokens + 1,
+                                     {"casakv_policy": policy, "casakv_kv_ratio": 0.25})
+                cells[label].append(r)
+                progress(f"[{label}] run {i + 1}/{runs}: prefill {r['prefill_s']:.2f}s, decode {r['decode_s']:.2f}s")
+    stock = _cell(cells.pop("stock"))
+    ours = {k: _cell(v) for k, v in cells.items()}
     result = {
         "benchmark": "casakv bench cpu", "machine": platform.processor() or platform.machine(),
         "cpu_count": __import__("os").cpu_count(), "server_args": SERVER_ARGS, "model": model,
-        "prompt_tokens_target": prompt_tokens, "decode_tokens": decode_tokens, "runs": runs, "stock": stock,
+        "prompt_tokens_target": prompt_tokens, "decode_tokens": decode_tokens, "runs": runs,
+        "order": "both servers up, requests alternating (stock first on even runs)", "stock": stock,
         "casakv": ours,
         "ratio_prefill": round(ours["dense"]["prefill_s"] / stock["prefill_s"], 3),
         "ratio_decode": round(ours["dense"]["decode_s"] / stock["decode_s"], 3),
