@@ -43,6 +43,8 @@ class CasakvConfig(BaseModel):
     kv_budget: int | None = Field(None, ge=1, description="KV tokens kept per request, layer and head")
     kv_ratio: float | None = Field(None, gt=0.0, le=1.0, description="fraction of KV kept (0.25 = 4x)")
     policy_params: dict[str, Any] = Field(default_factory=dict, description="parameters of the chosen policy")
+    chunk_size: int | None = Field(256, ge=16, description="generated tokens between compactions of an "
+                                   "evicting policy's cache (null: compact once, when decoding starts)")
     metrics: bool = Field(True, description="export casakv_* Prometheus series")
 
     @field_validator("policy")

@@ -9,9 +9,10 @@
   attend through their pattern's mask, evicting rows that decode read their
   request's keep-set (made at the first decode step, then updated by the
   policy's eviction hooks).
-- Compaction (``compress``): in a request's first decode step each layer,
-  after its attention, moves the kept tokens into the leading slots; later
-  steps gather only the live blocks (the scheduler frees the others).
+- Compaction (``compress``): in a request's first decode step, and every
+  ``chunk_size`` generated tokens after it, each layer, after its attention,
+  moves the kept tokens into the leading slots; later steps gather only the
+  live blocks (the scheduler frees the others).
 - Prefill rows record their prompt's observations.
 """
 
@@ -23,7 +24,7 @@ from dataclasses import dataclass, field
 import torch
 
 from casakv_kernels.patterns import pattern_mask
-from casakv_vllm.compress.compact import compact_cpu, live_columns, plan_layer
+from casakv_vllm.compress.compact import compact_cpu, plan_layer
 from casakv_vllm.observe.record import record_layer
 from casakv_vllm.ops.paged import gather_kv
 from casakv_vllm.ops.torch_attention import attend, decode_attention
@@ -60,13 +61,12 @@ def run_layer_cpu(query: torch.Tensor, kv_cache: torch.Tensor, md: CasakvMetadat
 
     def kv_of(row: RowPlan) -> tuple[torch.Tensor, torch.Tensor]:
         if row.index not in gathered:
-            terms = _compacted(row)
-            if terms is None:
+            if row.read is None:
                 blocks = md.block_table[row.index, : -(-row.seq_len // block_size)].long()
                 gathered[row.index] = gather_kv(kv_cache, blocks, row.seq_len, plan.cpu_layout)
             else:  # only the live blocks (planned by the builder): the freed ones may be another request's now
                 gathered[row.index] = gather_kv(kv_cache, plan.cpu_live_blocks[row.index],
-                                                terms.live_slots(row.seq_len), plan.cpu_layout)
+                                                row.read.width(row.seq_len), plan.cpu_layout)
         return gathered[row.index]
 
     patterns = plan.cpu_patterns.get(layer, plan.cpu_patterns.get(None)) if plan.cpu_patterns else None
@@ -87,20 +87,20 @@ def run_layer_cpu(query: torch.Tensor, kv_cache: torch.Tensor, md: CasakvMetadat
     return counts
 
 
-def _compacted(row: RowPlan):
-    """The terms of a row whose blocks were compacted in an earlier step (None otherwise)."""
-    return row.state.compaction if row.state is not None and not row.compact else None
-
-
 def _compact_row(row: RowPlan, layer: int, kv_cache: torch.Tensor, table_row: torch.Tensor, plan) -> None:
-    """After the first decode step's attention at ``layer``: compact the request's blocks; its keep-set
-    becomes a mask over its live slots (``[0, head_end)`` then ``[tail_start, ...)``), so later steps
-    read a prefix of it."""
+    """After a compaction event's attention at ``layer``: move what the layer keeps of ``[shared, T)``
+    into the compacted region; its keep-set (and scores) become columns of the new live layout, so later
+    steps read a prefix of them."""
     t0 = time.perf_counter()
     keep = row.state.keep[layer]
-    step = plan_layer(keep.mask, row.state.compaction)
+    step = plan_layer(keep.mask, row.state.compaction, row.read, row.compact_tail, keep.scores)
     compact_cpu(kv_cache, table_row, step, plan.cpu_layout)
-    keep.mask = live_columns(step.slot_mask, row.state.compaction, keep.capacity)
+    keep.pos = step.remap(keep.positions(keep.capacity), -1)
+    keep.mask = step.remap(keep.mask, False)
+    if keep.scores is not None:
+        keep.scores = step.remap(keep.scores, 0.0)
+    elif row.state.compaction.chunk:  # later events rank what to keep by the decode steps' attention
+        keep.scores = torch.zeros(keep.mask.shape, device=keep.mask.device)
     if plan.stats is not None:
         plan.stats.record_compaction(time.perf_counter() - t0)
 
@@ -118,13 +118,13 @@ def _torch_row(row: RowPlan, query: torch.Tensor, kv: tuple[torch.Tensor, torch.
         if keep is None:
             obs = row.obs.layer(layer) if row.obs is not None else None
             keep = row.state.keep[layer] = row.policy.start(layer, row.prompt_len, k, obs, scale, seq_len)
-        row.policy.prepare_step(keep, layer, row.prompt_len, seq_len)
-        terms = _compacted(row)
-        visible = keep.visible(seq_len if terms is None else terms.live_slots(seq_len))
-        allowed = visible.unsqueeze(1)  # [Hkv, 1, S]: a decode row sees every position before it
+        layout = row.read
+        width = seq_len if layout is None else layout.width(seq_len)
+        row.policy.prepare_step(keep, layer, row.prompt_len, seq_len, width)  # over live columns once compacted
+        allowed = keep.visible(width).unsqueeze(1)  # [Hkv, 1, S]: a decode row sees every position before it
         if row.q_len > 1:  # positions of the columns: causal order among the queries' own tokens
-            cols = torch.arange(seq_len) if terms is None else \
-                torch.cat([torch.zeros(terms.head_end, dtype=torch.long), torch.arange(terms.tail_start, seq_len)])
+            cols = torch.arange(seq_len) if layout is None else \
+                torch.cat([torch.zeros(layout.head_end, dtype=torch.long), torch.arange(layout.tail, seq_len)])
             allowed = allowed & (cols.unsqueeze(0) <= torch.arange(ctx, seq_len).unsqueeze(1))
     elif not row.dense:
         allowed = pattern_mask(patterns, row.index, torch.arange(ctx, seq_len), seq_len)
@@ -134,6 +134,8 @@ def _torch_row(row: RowPlan, query: torch.Tensor, kv: tuple[torch.Tensor, torch.
         o, probs = decode_attention(q, k, v, scale, allowed)
         if keep is not None and row.policy.caps.observes_decode:
             row.policy.observe(keep, probs)
+        elif keep is not None and keep.scores is not None:  # ranks a long generation's compaction events
+            keep.accumulate(probs)
     else:
         o = attend(q, k, v, ctx, scale, allowed)
     out[row.q_start:row.q_start + row.q_len] = o.transpose(0, 1).to(out.dtype)

@@ -1,11 +1,16 @@
 """Compaction of one request's layer: its keep-set's tokens move into the leading slots of its blocks.
 
-After compaction a request's slots are no longer its positions: slot ``s <
-shared`` is position ``s``; slots ``[shared, shared + n_h)`` of KV head ``h``
-hold the ``n_h`` tokens it kept from ``[shared, tail_start)`` in position
-order; slots from ``tail_start`` on are positions again.  Keys carry their
-rotary position already, so attention over slots equals attention over the
-kept positions.  The keep-set becomes a mask over slots (``slot_mask``).
+Before its first compaction a request's slots are its positions.  After a
+compaction event with tail ``T`` (``compress.rule``): slot ``s < shared`` is
+position ``s``; slots ``[shared, shared + n_h)`` of KV head ``h`` hold the
+``n_h`` tokens it kept from ``[shared, T)``, in position order; slots from
+``T`` on are positions again.  Keys carry their rotary position already, so
+attention over slots equals attention over the kept positions.
+
+The keep-set (and H2O's scores) live over *live columns*: the slots
+``[0, head_end)`` followed by ``[T, ...)`` (``rule.LiveLayout``), exactly the
+order in which ``live_blocks`` gathers the cache.  A compaction event maps
+the columns of one layout onto the next.
 """
 
 from __future__ import annotations
@@ -14,46 +19,99 @@ from dataclasses import dataclass
 
 import torch
 
-from casakv_vllm.compress.rule import CompactionTerms, cdiv
+from casakv_vllm.compress.rule import CompactionTerms, LiveLayout, cdiv
 from casakv_vllm.ops.paged import set_token_kv, token_kv
 
 
 @dataclass
 class LayerCompaction:
-    """What one layer moves: ``keep_pos[h, :count[h]]`` (ascending) go to slots ``0 .. count[h] - 1``."""
+    """What one layer moves and how its keep-set's columns map afterwards.
 
-    keep_pos: torch.Tensor  # [Hkv, M] long
+    ``src_slot[h, :count[h]]`` (ascending) go to slots ``shared .. shared + count[h] - 1``;
+    ``src_col[h, c]`` is the old column of new column ``c`` (-1: an empty slot).
+    """
+
+    shared: int
+    src_slot: torch.Tensor  # [Hkv, M] long
     count: torch.Tensor  # [Hkv] long
-    slot_mask: torch.Tensor  # [Hkv, capacity] bool: the keep-set over slots afterwards
+    src_col: torch.Tensor  # [Hkv, new width] long
+
+    def remap(self, values: torch.Tensor, empty) -> torch.Tensor:
+        """``values`` ``[Hkv, old width]`` (the keep mask, scores) over the new columns."""
+        out = values.gather(1, self.src_col.clamp_min(0))
+        return out.masked_fill(self.src_col < 0, empty)
 
 
-def plan_layer(mask: torch.Tensor, terms: CompactionTerms) -> LayerCompaction:
-    """From the keep-set over positions ``mask`` ``[Hkv, capacity]`` (capacity >= tail_start)."""
-    shared, tail = terms.shared, terms.tail_start
-    region = mask[:, :tail].clone()
-    region[:, :shared] = True  # the shared prefix stays where it is
-    count = region.sum(1)
-    if int(count.max()) > shared + terms.slots:
-        raise RuntimeError(f"casakv: a keep-set holds {int(count.max()) - shared} tokens, more than the "
-                           f"{terms.slots} compacted slots its policy promised")
-    order = torch.sort((~region).to(torch.int8), dim=1, stable=True).indices  # kept positions first, ascending
-    keep_pos = order[:, : int(count.max())]
-    slot_mask = mask.clone()
-    slot_mask[:, :tail] = torch.arange(tail, device=mask.device).unsqueeze(0) < count.unsqueeze(1)
-    return LayerCompaction(keep_pos, count, slot_mask)
+def _column_slots(layout: LiveLayout | None, width: int) -> torch.Tensor:
+    """Slot of each live column (``layout`` None: the slots are the positions)."""
+    if layout is None:
+        return torch.arange(width)
+    head = torch.arange(layout.head_end)
+    return torch.cat([head, torch.arange(layout.tail, layout.tail + width - layout.head_end)])
+
+
+def plan_layer(mask: torch.Tensor, terms: CompactionTerms, read: LiveLayout | None, tail: int,
+               scores: torch.Tensor | None = None) -> LayerCompaction:
+    """One layer's compaction event.
+
+    Args:
+        mask: the keep-set over the live columns of ``read`` (None: over positions), ``[Hkv, width]``.
+        tail: ``T`` of this event; what is kept of slots ``[shared, T)`` moves to the compacted region.
+        scores: the policy's running scores over the same columns (H2O's accumulated attention); when a
+            head keeps more than the region holds (a long generation under a select-once policy) the
+            lowest-scored tokens go (without scores: the oldest).
+    """
+    shared, head_end = terms.shared, terms.head_end
+    num_kv, width = mask.shape
+    slot = _column_slots(read, width).to(mask.device)
+    region = (slot >= shared) & (slot < tail)
+    kept = mask & region.unsqueeze(0)
+    room = head_end - shared
+    count = kept.sum(1)
+    if int(count.max()) > room:
+        if read is None:  # the prompt's keep-set is the policy's own choice: it must fit its promise
+            raise RuntimeError(f"casakv: a keep-set holds {int(count.max())} tokens, more than the "
+                               f"{room} compacted slots its policy promised")
+        kept = _fit(kept, scores, room)
+        count = kept.sum(1)
+    order = torch.sort((~kept).to(torch.int8), dim=1, stable=True).indices  # kept columns first, in order
+    m = int(count.max())
+    src_slot = slot[order[:, :m]]
+    # the new columns: [0, shared) as they were, the compacted region, then the tail from T on
+    first_tail = (read.column_of(tail) if read is not None else tail)
+    new_width = head_end + width - first_tail
+    src_col = torch.full((num_kv, new_width), -1, dtype=torch.long, device=mask.device)
+    src_col[:, :shared] = torch.arange(shared, device=mask.device)
+    idx = torch.arange(room, device=mask.device).unsqueeze(0)
+    region_cols = torch.cat([order[:, :m], torch.zeros(num_kv, max(0, room - m), dtype=torch.long,
+                                                       device=mask.device)], 1)[:, :room]
+    src_col[:, shared:head_end] = torch.where(idx < count.unsqueeze(1), region_cols, -1)
+    src_col[:, head_end:] = torch.arange(first_tail, width, device=mask.device)
+    return LayerCompaction(shared, src_slot, count, src_col)
+
+
+def _fit(kept: torch.Tensor, scores: torch.Tensor | None, room: int) -> torch.Tensor:
+    """Keep at most ``room`` columns per head: the highest scores (ties and no scores: the latest)."""
+    width = kept.shape[1]
+    rank = torch.arange(width, device=kept.device, dtype=torch.float32).unsqueeze(0) / (width + 1)
+    value = rank if scores is None else scores.float() + rank * 1e-6
+    value = value.masked_fill(~kept, float("-inf"))
+    top = torch.topk(value, room, dim=1).indices
+    fitted = torch.zeros_like(kept).scatter_(1, top, True)
+    return fitted & kept
 
 
 def compact_cpu(kv_cache: torch.Tensor, blocks: torch.Tensor, plan: LayerCompaction, layout: str = "vec") -> None:
     """Move the tokens in place, in a CPU cache layout (``ops.paged``).
 
-    ``blocks``: the request's physical block ids (logical order), covering ``tail_start``.
+    ``blocks``: the request's physical block ids (logical order; freed ones are never touched).
     All sources are read before anything is written (sources and destinations overlap).
     """
-    num_kv, width = plan.keep_pos.shape
+    num_kv, width = plan.src_slot.shape
     cols = torch.arange(width).unsqueeze(0).expand(num_kv, width)
     valid = cols < plan.count.unsqueeze(1)
     heads = torch.arange(num_kv).unsqueeze(1).expand(num_kv, width)[valid]
-    src, dst = plan.keep_pos[valid], cols[valid]
+    src, dst = plan.src_slot[valid], cols[valid] + plan.shared
     moving = src != dst
     heads, src, dst = heads[moving], src[moving], dst[moving]
     if src.numel() == 0:
@@ -63,12 +121,7 @@ def compact_cpu(kv_cache: torch.Tensor, blocks: torch.Tensor, plan: LayerCompact
     set_token_kv(kv_cache, blocks[dst // block_size], heads, dst % block_size, k, v, layout)
 
 
-def live_blocks(table_row: torch.Tensor, terms: CompactionTerms, seq_len: int) -> torch.Tensor:
-    """Physical ids of a compacted request's live blocks: ``[0, head_end)`` and ``[tail_start, seq_len)``."""
-    bs = terms.block_size
-    return torch.cat([table_row[: terms.head_end // bs], table_row[terms.tail_start // bs: cdiv(seq_len, bs)]])
-
-
-def live_columns(slot_mask: torch.Tensor, terms: CompactionTerms, seq_len: int) -> torch.Tensor:
-    """The slot mask restricted to the live slots (the columns ``live_blocks`` gathers), up to ``seq_len``."""
-    return torch.cat([slot_mask[:, : terms.head_end], slot_mask[:, terms.tail_start: seq_len]], dim=1)
+def live_blocks(table_row: torch.Tensor, layout: LiveLayout, seq_len: int, block_size: int) -> torch.Tensor:
+    """Physical ids of a compacted request's live blocks: ``[0, head_end)`` and ``[tail, seq_len)``."""
+    return torch.cat([table_row[: layout.head_end // block_size],
+                      table_row[layout.tail // block_size: cdiv(seq_len, block_size)]])

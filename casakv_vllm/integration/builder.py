@@ -91,9 +91,9 @@ class CasakvMetadataBuilder(AttentionMetadataBuilder[CasakvMetadata]):
                                                          cm.num_actual_tokens, self.num_heads, self.num_kv_heads,
                                                          self.head_size)
         for row in plan.rows:  # compacted in an earlier step: every layer reads the same live blocks
-            terms = row.state.compaction if row.state is not None and not row.compact else None
-            if terms is not None and row.q_len > 0:
-                plan.cpu_live_blocks[row.index] = live_blocks(table[row.index].long(), terms, row.seq_len)
+            if row.read is not None and row.q_len > 0:
+                plan.cpu_live_blocks[row.index] = live_blocks(table[row.index].long(), row.read, row.seq_len,
+                                                              self.block_size)
         for layer in pattern_layers(plan):
             plan.cpu_patterns[layer] = batch_patterns(plan, 0 if layer is None else layer, self.num_kv_heads,
                                                       torch.device("cpu"))

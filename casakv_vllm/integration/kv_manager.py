@@ -7,10 +7,12 @@ serves it:
 
 - ``remove_skipped_blocks`` (vLLM calls it at every scheduling of a running
   request, with the processed-token count: tokens whose forward has settled)
-  frees the request's blocks ``[head_end, tail_start)`` once the first decode
-  step's forward, which compacted them, has settled.  Like vLLM's R-SWA
-  manager it puts ``null_block`` in their place, so the other blocks keep
-  their logical index and the slot mapping of new tokens does not change.
+  frees the request's blocks ``[head_end, T_j)`` once the forward of
+  compaction event ``j`` has settled: ``[head_end, tail_start)`` after the
+  first decode step, then one chunk of generated tokens' blocks after each
+  later event.  Like vLLM's R-SWA manager it puts ``null_block`` in their
+  place, so the other blocks keep their logical index and the slot mapping
+  of new tokens does not change.
 - ``cache_blocks`` hashes only the request's shared prefix (``[0, shared)``):
   the blocks compaction writes into or frees never enter the prefix cache, so
   no other request can hit content that is about to move.
@@ -36,7 +38,7 @@ from casakv_vllm.requests.params import request_overrides
 @dataclass
 class _Life:
     terms: CompactionTerms | None
-    freed: bool = False
+    freed_to: int = -1  # logical blocks [head_end / B, freed_to) are freed (-1: none yet)
 
 
 class CompressingManager(FullAttentionManager):
@@ -44,7 +46,7 @@ class CompressingManager(FullAttentionManager):
 
     requests: dict | None = None  # the scheduler's request_id -> Request
     resolver = None  # casakv's PolicyResolver (server config + per-request overrides)
-    on_free = None  # callback(blocks_freed: int, held: int, dense: int), for metrics
+    on_free = None  # callback(blocks_freed, held, dense, first_event), for metrics
 
     def attach(self, requests: dict, resolver, on_free=None) -> None:
         self.requests, self.resolver, self.on_free = requests, resolver, on_free
@@ -89,16 +91,23 @@ class CompressingManager(FullAttentionManager):
                               num_prompt_tokens: int | None = None) -> None:
         super().remove_skipped_blocks(request_id, processed_computed_tokens, num_prompt_tokens)
         life = self._lives.get(request_id) if self.resolver is not None else None
-        if life is None or life.terms is None or life.freed or not life.terms.settled(processed_computed_tokens):
+        if life is None or life.terms is None:
             return
-        freed = life.terms.freed_blocks
-        self._remove_blocks_in_range(request_id, freed.start, freed.stop)
-        life.freed = True
-        self.blocks_freed += len(freed)
+        tail = life.terms.settled_tail(processed_computed_tokens)
+        if tail is None:
+            return
+        first = life.freed_to < 0
+        start = life.terms.head_end // self.block_size if first else life.freed_to
+        stop = tail // self.block_size
+        if stop <= start:
+            return
+        self._remove_blocks_in_range(request_id, start, stop)
+        life.freed_to = stop
+        self.blocks_freed += stop - start
         if self.on_free is not None:
             blocks = self.req_to_blocks.get(request_id, [])
             held = sum(1 for b in blocks if not b.is_null)
-            self.on_free(len(freed), held, len(blocks))
+            self.on_free(stop - start, held, len(blocks), first)
 
     def cache_blocks(self, request, num_tokens: int, *args, **kwargs) -> None:
         terms = self._terms_of(request.request_id)

@@ -65,9 +65,13 @@ class WorkerStats:
         self.forward_calls += 1
         self.touch()
 
-    def record_free(self, freed: int, held: int, dense: int) -> None:
-        """A request's compacted blocks went back to the pool: it now holds ``held`` of ``dense``."""
+    def record_free(self, freed: int, held: int, dense: int, first: bool = True) -> None:
+        """A request's compacted blocks went back to the pool: it now holds ``held`` of ``dense``.
+        The compression ratio is observed once per request, at its first compaction."""
         self.kv_blocks_freed += freed
+        if not first:
+            self.touch()
+            return
         ratio = held / dense if dense else 1.0
         self.compression[next((i for i, b in enumerate(RATIO_BUCKETS) if ratio <= b), len(RATIO_BUCKETS))] += 1
         self.compression_sum += ratio

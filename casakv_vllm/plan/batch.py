@@ -13,7 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from casakv_vllm.compress.rule import compaction_terms
+from casakv_vllm.compress.rule import LiveLayout, compaction_terms
 from casakv_vllm.observe.record import RecordJob, plan_record
 from casakv_vllm.observe.store import ObservationStore, PromptObservations
 from casakv_vllm.policies import Policy
@@ -31,8 +31,10 @@ class RowPlan:
             attend to KV positions ``0 .. seq_len - 1``.
         dense: attention this step is dense causal.
         obs: the prompt's observations (evicting rows that decode).
-        compact: this step compacts the request's blocks (its first decode step;
-            ``state.compaction`` holds the terms).
+        read: the live layout the row's attention reads this step (None: its slots are its
+            positions; ``compress.rule.LiveLayout``).
+        compact_tail: this step is a compaction event with this tail (``T_j``), after attention;
+            ``state.compaction`` holds the terms and ``state.layout`` the layout afterwards.
     """
 
     index: int
@@ -44,7 +46,12 @@ class RowPlan:
     seq_len: int
     dense: bool
     obs: PromptObservations | None = None
-    compact: bool = False
+    read: LiveLayout | None = None
+    compact_tail: int | None = None
+
+    @property
+    def compact(self) -> bool:
+        return self.compact_tail is not None
 
     @property
     def context_len(self) -> int:
@@ -125,6 +132,25 @@ class CompactionSetup:
     num_kv_heads: int
 
 
+def _plan_compaction(row: RowPlan, state: RequestState, policy: Policy, setup: CompactionSetup) -> None:
+    """The row's live layout this step, and whether it is a compaction event (``compress.rule``)."""
+    if state.compaction is None:  # the first event: the first decode step of the request's first life
+        if state.restarts or row.context_len != state.prompt_len:
+            return
+        state.compaction = compaction_terms(policy, state.prompt_len, state.first_context,
+                                            setup.block_size, setup.num_kv_heads)
+        if state.compaction is None:
+            return
+        j = 0
+    else:
+        row.read = state.layout
+        j = state.compaction.event_in(row.context_len, row.seq_len)
+        if j is None:
+            return
+    row.compact_tail = state.compaction.event_tail(j)
+    state.layout = state.compaction.layout(row.compact_tail)
+
+
 def plan_batch(requests: RequestTable | None, resolver: PolicyResolver, store: ObservationStore,
                query_start_loc: list[int], seq_lens: list[int],
                compaction: CompactionSetup | None = None) -> BatchPlan:
@@ -139,11 +165,8 @@ def plan_batch(requests: RequestTable | None, resolver: PolicyResolver, store: O
         policy, label = resolver.resolve(state.overrides) if state is not None else (resolver.default,
                                                                                      resolver.default_label)
         row = RowPlan(i, state, policy, label, q_start, q_len, seq_len, _row_is_dense(policy, state, seq_len - q_len))
-        if compaction is not None and row.evicting and state.compaction is None and state.restarts == 0 \
-                and row.context_len == state.prompt_len:
-            state.compaction = compaction_terms(policy, state.prompt_len, state.first_context,
-                                                compaction.block_size, compaction.num_kv_heads)
-            row.compact = state.compaction is not None
+        if compaction is not None and row.evicting:
+            _plan_compaction(row, state, policy, compaction)
         if state is not None and state.prompt_key is not None and q_len > 0:
             if row.context_len < state.prompt_len:  # every prefill row records its prompt's observations
                 obs = store.get(state.prompt_key, state.prompt_len)

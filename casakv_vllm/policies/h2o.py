@@ -5,7 +5,6 @@ from __future__ import annotations
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from casakv_vllm.ops.probs import group_sum
 from casakv_vllm.policies.keep import KeepPolicy
 from casakv_vllm.policies.keepset import LayerKeep
 from casakv_vllm.policies.registry import register_policy
@@ -53,22 +52,20 @@ class H2OPolicy(KeepPolicy):
             state.scores[:, :prompt_len] = scores
         return state
 
-    def evict(self, keep: LayerKeep, layer: int, prompt_len: int, seq_len: int) -> None:
+    def evict(self, keep: LayerKeep, layer: int, prompt_len: int, seq_len: int, width: int) -> None:
         budget = self.decode_budget(layer, prompt_len)
         mask, acc = keep.mask, keep.scores
-        mask[:, seq_len:] = False  # not yet generated
-        mask[:, seq_len - 1] = True
-        over = mask[:, :seq_len].sum(1) - budget
+        mask[:, width:] = False  # not yet generated
+        mask[:, width - 1] = True
+        over = mask[:, :width].sum(1) - budget
         if int(over.max()) <= 0:
             return
         recent = self.recent(budget)
-        candidates = mask[:, :seq_len].clone()
-        candidates[:, max(0, seq_len - recent):] = False
-        score = acc[:, :seq_len].masked_fill(~candidates, float("inf"))
+        candidates = mask[:, :width] & (keep.positions(width) < seq_len - recent)
+        score = acc[:, :width].masked_fill(~candidates, float("inf"))
         for head in torch.nonzero(over > 0).flatten().tolist():
             idx = torch.topk(score[head], int(over[head]), largest=False).indices
             mask[head, idx] = False
 
     def observe(self, keep: LayerKeep, probs: torch.Tensor) -> None:
-        acc = keep.scores
-        acc[:, : probs.shape[-1]] += group_sum(probs, acc.shape[0]).reshape(acc.shape[0], -1)
+        keep.accumulate(probs)

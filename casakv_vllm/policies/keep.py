@@ -93,9 +93,9 @@ class KeepPolicy(Policy):
     # --- compaction (``compress.rule``) -------------------------------------------------------------
 
     def compacts(self) -> bool:
-        """Selects once, when decoding starts, and never evicts later: its keep-set can be compacted
-        into fewer blocks (decode-time evictors such as H2O only mask, for now)."""
-        return type(self).evict is KeepPolicy.evict and not self.caps.observes_decode
+        """Its keep-set can be compacted into fewer blocks: at the first decode step, then every
+        ``chunk_size`` generated tokens (``compress.rule``).  Every evicting policy does."""
+        return self.caps.evicts
 
     def slot_budget(self, prompt_len: int, num_kv_heads: int) -> int:
         """The most prompt tokens any layer and KV head keeps: the compacted slots per head.
@@ -111,13 +111,16 @@ class KeepPolicy(Policy):
         """First decode step of a request at ``layer``: its keep-set (``keys``: ``[Hkv, >= prompt_len, D]``)."""
         return LayerKeep.new(self.select(layer, prompt_len, keys[:, :prompt_len], obs, scale), seq_len)
 
-    def prepare_step(self, keep: LayerKeep, layer: int, prompt_len: int, seq_len: int) -> None:
-        """Before a decode step over ``seq_len`` positions: room for the new token, then eviction."""
-        keep.grow(seq_len)
-        self.evict(keep, layer, prompt_len, seq_len)
+    def prepare_step(self, keep: LayerKeep, layer: int, prompt_len: int, seq_len: int,
+                     width: int | None = None) -> None:
+        """Before a decode step over ``seq_len`` positions, read through ``width`` live columns
+        (default: the positions themselves): room for the new token, then eviction."""
+        width = seq_len if width is None else width
+        keep.grow(width)
+        self.evict(keep, layer, prompt_len, seq_len, width)
 
-    def evict(self, keep: LayerKeep, layer: int, prompt_len: int, seq_len: int) -> None:
-        """Drop positions before the step reads the cache (default: keep every generated token)."""
+    def evict(self, keep: LayerKeep, layer: int, prompt_len: int, seq_len: int, width: int) -> None:
+        """Drop columns before the step reads the cache (default: keep every generated token)."""
 
     def observe(self, keep: LayerKeep, probs: torch.Tensor) -> None:
         """After a decode step: ``probs`` ``[num_heads, 1, seq_len]`` (policies with ``observes_decode``)."""

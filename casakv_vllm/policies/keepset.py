@@ -6,6 +6,8 @@ from dataclasses import dataclass
 
 import torch
 
+from casakv_vllm.ops.probs import group_sum
+
 #: spare positions allocated past the current length (generated tokens to come)
 SPARE = 64
 
@@ -20,11 +22,17 @@ class LayerKeep:
         scores: ``[Hkv, capacity]`` fp32 accumulated attention (H2O), or None.
         window: recent tokens kept by a sliding policy (decode-scope
             streaming), or None.
+        pos: ``[Hkv, capacity]`` long, the position each column holds (-1: an empty
+            slot), once the request's cache was compacted (``compress.compact``);
+            None while columns are positions.  Columns are live slots then:
+            eviction rules that speak of positions (a recent window, sinks) read
+            ``positions``.
     """
 
     mask: torch.Tensor
     scores: torch.Tensor | None = None
     window: int | None = None
+    pos: torch.Tensor | None = None
 
     @classmethod
     def new(cls, prompt_keep: torch.Tensor, seq_len: int) -> "LayerKeep":
@@ -39,7 +47,7 @@ class LayerKeep:
         return self.mask.shape[1]
 
     def grow(self, seq_len: int) -> None:
-        """Make room for ``seq_len`` positions (new positions start kept, with zero score)."""
+        """Make room for ``seq_len`` columns (new ones start kept, with zero score)."""
         if self.capacity >= seq_len:
             return
         mask = torch.ones(self.mask.shape[0], 2 * seq_len, dtype=torch.bool, device=self.mask.device)
@@ -49,6 +57,21 @@ class LayerKeep:
             scores = torch.zeros(self.scores.shape[0], 2 * seq_len, device=self.scores.device)
             scores[:, :self.scores.shape[1]] = self.scores
             self.scores = scores
+        if self.pos is not None:  # the columns past the last one are the next positions
+            old = self.pos.shape[1]
+            more = self.pos[:, -1:] + torch.arange(1, 2 * seq_len - old + 1, device=self.pos.device)
+            self.pos = torch.cat([self.pos, more], dim=1)
+
+    def positions(self, width: int) -> torch.Tensor:
+        """``[Hkv, width]`` positions of the first ``width`` columns (-1: an empty slot)."""
+        if self.pos is None:
+            return torch.arange(width, device=self.mask.device).expand(self.mask.shape[0], width)
+        return self.pos[:, :width]
+
+    def accumulate(self, probs: torch.Tensor) -> None:
+        """Add a decode step's attention ``probs`` ``[num_heads, 1, width]`` to ``scores`` (per KV head)."""
+        acc = self.scores
+        acc[:, : probs.shape[-1]] += group_sum(probs, acc.shape[0]).reshape(acc.shape[0], -1)
 
     def visible(self, seq_len: int) -> torch.Tensor:
         """``[Hkv, seq_len]`` bool: what a step over ``seq_len`` positions reads (a view)."""

@@ -71,11 +71,14 @@ class StreamingPolicy(KeepPolicy):
         keep[:, max(0, prompt_len - self.window_for(prompt_len)):] = True
         return keep, None
 
+    def slot_budget(self, prompt_len: int, num_kv_heads: int) -> int:
+        return min(prompt_len, self.params.sink + self.window_for(prompt_len))
+
     def start(self, layer, prompt_len, keys, obs, scale, seq_len) -> LayerKeep:
         state = super().start(layer, prompt_len, keys, obs, scale, seq_len)
         state.window = self.window_for(prompt_len)
         return state
 
-    def evict(self, keep: LayerKeep, layer: int, prompt_len: int, seq_len: int) -> None:
-        sink = self.params.sink
-        keep.mask[:, sink: max(sink, seq_len - keep.window)] = False
+    def evict(self, keep: LayerKeep, layer: int, prompt_len: int, seq_len: int, width: int) -> None:
+        pos = keep.positions(width)
+        keep.mask[:, :width] &= ~((pos >= self.params.sink) & (pos < seq_len - keep.window))

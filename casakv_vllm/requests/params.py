@@ -18,6 +18,7 @@ XARGS = {
     "casakv_kv_budget": "kv_budget",
     "casakv_kv_ratio": "kv_ratio",
     "casakv_policy_params": "policy_params",
+    "casakv_chunk_size": "chunk_size",
 }
 
 

@@ -23,7 +23,7 @@ import weakref
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from casakv_vllm.compress.rule import CompactionTerms
+from casakv_vllm.compress.rule import CompactionTerms, LiveLayout
 from casakv_vllm.policies.keepset import LayerKeep
 
 _ids = itertools.count()
@@ -43,6 +43,7 @@ class RequestState:
         first_context: context length of its first scheduled step (its prefix-cache hit).
         compaction: where its compacted region lies, once its blocks were compacted
             (``compress.rule``; only in its first life).
+        layout: its live slots after the latest compaction event (``rule.LiveLayout``).
         uid: process-unique number, for logs and tests.
     """
 
@@ -54,6 +55,7 @@ class RequestState:
     restarts: int = 0
     first_context: int = 0
     compaction: CompactionTerms | None = None
+    layout: LiveLayout | None = None
     uid: int = field(default_factory=lambda: next(_ids))
 
     def advance(self, context_len: int, seq_len: int) -> bool:
@@ -68,7 +70,7 @@ class RequestState:
     def restart(self) -> None:
         """Recomputed from scratch: what it kept is gone (``advance`` already reset ``kv_len``)."""
         self.keep.clear()
-        self.compaction = None
+        self.compaction = self.layout = None
         self.restarts += 1
 
 

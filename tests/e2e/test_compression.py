@@ -49,3 +49,28 @@ def test_a_request_sharing_the_prefix_gets_its_own_tokens(casakv_server, prompts
     after, _ = _ask(casakv_server, doc + " Again:")
     d = divergence(after, alone)
     assert d is None or d.is_near_tie(0.5), d
+
+
+@pytest.mark.parametrize("xargs", [{"casakv_policy": "h2o", "casakv_kv_budget": 64},
+                                   {"casakv_policy": "streaming", "casakv_kv_budget": 64,
+                                    "casakv_policy_params": '{"scope": "decode"}'},
+                                   {"casakv_policy": "snapkv", "casakv_kv_budget": 64}])
+def test_long_generations_free_a_chunk_at_each_event(casakv_server, prompts, xargs):
+    """Re-compaction every ``chunk_size`` generated tokens: the blocks freed are the rule's (the first
+    event's plus one chunk's per later event); a policy that evicts as it goes (H2O, decode-scope
+    streaming) answers as it does when compacted only once; a select-once policy keeps its budget."""
+    _, long_doc = prompts
+    prompt, tokens, chunk = "Keep generating. " + long_doc[:3000], 120, 32
+    before = casakv_server.metric_values(SERIES)
+    ours, prompt_len = _ask(casakv_server, prompt, {**xargs, "casakv_chunk_size": chunk}, salt=uuid.uuid4().hex,
+                            max_tokens=tokens)
+    freed = casakv_server.metric_values(SERIES)["casakv_kv_blocks_freed_total"] - before["casakv_kv_blocks_freed_total"]
+    terms = CompactionTerms(16, prompt_len, 0, 64, chunk)
+    # the last scheduling of the request computes position prompt_len + tokens - 2
+    want = terms.settled_tail(prompt_len + tokens - 2) // 16 - terms.head_end // 16
+    assert want > len(terms.freed_blocks) and freed == want, (freed, want)
+    if xargs["casakv_policy"] != "snapkv":
+        once, _ = _ask(casakv_server, prompt, {**xargs, "casakv_chunk_size": 4096}, salt=uuid.uuid4().hex,
+                       max_tokens=tokens)
+        d = divergence(ours, once)
+        assert d is None or d.is_near_tie(0.5), d

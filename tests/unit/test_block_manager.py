@@ -26,13 +26,15 @@ from casakv_vllm.requests.resolve import PolicyResolver  # noqa: E402
 BS = 16
 POLICIES = [None, {"casakv_policy": "snapkv", "casakv_kv_budget": 40}, {"casakv_policy": "snapkv",
             "casakv_kv_ratio": 0.3}, {"casakv_policy": "pyramidkv", "casakv_kv_ratio": 0.5},
-            {"casakv_policy": "h2o", "casakv_kv_budget": 48}]
+            {"casakv_policy": "h2o", "casakv_kv_budget": 48, "casakv_chunk_size": 16},
+            {"casakv_policy": "streaming", "casakv_kv_budget": 40, "casakv_chunk_size": 24,
+             "casakv_policy_params": {"scope": "decode"}}, {"casakv_policy": "streaming", "casakv_kv_budget": 40}]
 
 
 class Sim:
     """A small synchronous scheduler around vLLM's KVCacheManager (chunked prefill, decode)."""
 
-    def __init__(self, rng: random.Random, num_blocks: int, chunk: int):
+    def __init__(self, rng: random.Random, num_blocks: int, chunk: int, policies=POLICIES, max_tokens=120):
         use_compressing_manager(None)
         spec = FullAttentionSpec(block_size=BS, num_kv_heads=2, head_size=8, dtype=torch.float32)
         config = KVCacheConfig(num_blocks=num_blocks, kv_cache_tensors=[],
@@ -42,20 +44,27 @@ class Sim:
         self.manager = self.kv.coordinator.single_type_managers[0]
         assert isinstance(self.manager, CompressingManager)
         self.requests: dict[str, Request] = {}
-        self.manager.attach(self.requests, PolicyResolver(CasakvConfig(), 4))
+        self.events = 0  # frees of a later compaction event (a generated chunk)
+        self.manager.attach(self.requests, PolicyResolver(CasakvConfig(), 4), self._freed)
+        self.processed: dict[str, int] = {}  # processed tokens the last allocation saw, per request
         init_none_hash(sha256)
         self.hasher = get_request_block_hasher(BS, sha256)
         self.rng, self.chunk, self.num_blocks = rng, chunk, num_blocks
+        self.policies, self.max_tokens = policies, max_tokens
         self.waiting: list[Request] = []
         self.running: list[Request] = []
         self.prefixes = [[rng.randrange(1000) for _ in range(rng.choice([32, 48, 100]))] for _ in range(3)]
         self.ids = 0
 
+    def _freed(self, freed: int, held: int, dense: int, first: bool) -> None:
+        assert 0 < freed and held <= dense
+        self.events += not first
+
     def add(self) -> None:
         rng = self.rng
         prompt = list(rng.choice(self.prefixes)) if rng.random() < 0.6 else []
         prompt += [rng.randrange(1000) for _ in range(rng.randrange(8, 400))]
-        params = SamplingParams(max_tokens=rng.randrange(1, 60), extra_args=rng.choice(POLICIES))
+        params = SamplingParams(max_tokens=rng.randrange(1, self.max_tokens), extra_args=rng.choice(self.policies))
         req = Request(f"r{self.ids}", prompt, params, None, block_hasher=self.hasher)
         self.ids += 1
         self.requests[req.request_id] = req
@@ -82,6 +91,7 @@ class Sim:
                 continue
             todo = req.num_tokens - req.num_computed_tokens
             n = min(todo, self.chunk) if todo > 1 else 1
+            self.processed[req.request_id] = req.num_computed_tokens
             if self.kv.allocate_slots(req, n) is None:
                 self.preempt(self.running[-1])
                 continue
@@ -110,8 +120,9 @@ class Sim:
                     holders[b.block_id] = holders.get(b.block_id, 0) + 1
             life = self.manager._lives.get(rid)
             nulls = [i for i, b in enumerate(blocks) if b.is_null]
-            if life is not None and life.freed:
-                assert nulls == list(life.terms.freed_blocks), (rid, nulls, life.terms)
+            if life is not None and life.freed_to >= 0:  # the rule's range, up to the latest settled event
+                assert life.freed_to * BS == life.terms.settled_tail(self.processed[rid])
+                assert nulls == list(range(life.terms.head_end // BS, life.freed_to)), (rid, nulls, life.terms)
             else:
                 assert not nulls, rid
         assert not free_ids & set(holders), "a block is both free and in use"
@@ -121,11 +132,8 @@ class Sim:
         assert len(free_ids) + len(holders) == self.num_blocks - 1  # every block but the null one
 
 
-@pytest.mark.parametrize("seed", range(12))
-def test_random_schedules_keep_the_pool_consistent(seed):
-    rng = random.Random(seed)
-    sim = Sim(rng, num_blocks=rng.choice([60, 120, 400]), chunk=rng.choice([32, 64, 256]))
-    for _ in range(250):
+def _run(sim: Sim, rng: random.Random, steps: int = 250) -> None:
+    for _ in range(steps):
         if rng.random() < 0.3 and len(sim.requests) < 12:
             sim.add()
         if sim.running and rng.random() < 0.03:
@@ -142,4 +150,20 @@ def test_random_schedules_keep_the_pool_consistent(seed):
         sim.check()
     assert sim.manager.live_requests() == 0
     assert sim.kv.block_pool.get_num_free_blocks() == sim.num_blocks - 1
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_random_schedules_keep_the_pool_consistent(seed):
+    rng = random.Random(seed)
+    sim = Sim(rng, num_blocks=rng.choice([60, 120, 400]), chunk=rng.choice([32, 64, 256]))
+    _run(sim, rng)
     assert sim.manager.blocks_freed > 0  # every schedule compacted something
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_long_generations_free_a_chunk_at_each_event(seed):
+    """Only requests that compact while generating, with generations of many chunks."""
+    rng = random.Random(100 + seed)
+    sim = Sim(rng, num_blocks=200, chunk=64, policies=POLICIES[4:6], max_tokens=300)
+    _run(sim, rng, steps=400)
+    assert sim.events > 3

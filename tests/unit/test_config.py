@@ -39,9 +39,9 @@ def test_yaml_file(tmp_path):
     assert cfg.kv_ratio == 0.25 and cfg.policy == "h2o"
 
 
-@pytest.mark.parametrize("field", ["chunk_size", "reprofile_interval", "recall_threshold", "predictor"])
+@pytest.mark.parametrize("field", ["reprofile_interval", "recall_threshold", "predictor"])
 def test_fields_nothing_reads_are_refused(field):
-    """Settings for work that has not landed (chunk-wise compression, re-profiling, the predictor)
+    """Settings for work that has not landed (re-profiling, the predictor)
     are unknown fields until something reads them."""
     with pytest.raises(CasakvConfigError, match=f"unknown field '{field}'"):
         load_config({"casakv": {field: 1}}, environ={})
@@ -56,7 +56,18 @@ BAD = [
     ({"metrics": "often"}, "metrics", "often"),
     ({"policy_params": {"window": 4}}, "policy_params", "window"),
     ({"kv_budget": "lots"}, "kv_budget", "lots"),
+    ({"chunk_size": 8}, "chunk_size", "8"),
 ]
+
+
+def test_chunk_size_per_request():
+    from casakv_vllm.requests.params import check_request
+
+    base = load_config({"casakv": {"policy": "h2o", "kv_budget": 64}}, environ={})
+    assert base.chunk_size == 256
+    assert check_request(base, {"casakv_chunk_size": 32}, "cpu").chunk_size == 32
+    with pytest.raises(ValueError, match="chunk_size=4"):
+        check_request(base, {"casakv_chunk_size": 4}, "cpu")
 
 
 @pytest.mark.parametrize("value,field,shown", BAD, ids=[b[1] + "-" + str(i) for i, b in enumerate(BAD)])
