@@ -1,8 +1,11 @@
 """CUDA forward of one layer: launch the kernel the batch's device plan chose (``plan.gpu``).
 
 No host synchronisation and no index building here: the builder planned
-everything once per batch.  Prefill rows also record their prompt's
-observations (window queries, on the device).
+everything once per batch.  The rows the kernels cannot express
+(``GpuPlan.torch_rows``: compaction events and evicting rows with per-step
+work) are computed again in torch over their live blocks
+(``attention.masked``), then compacted where this step is an event.  Prefill
+rows also record their prompt's observations (window queries, on the device).
 """
 
 from __future__ import annotations
@@ -10,8 +13,8 @@ from __future__ import annotations
 import torch
 
 import casakv_vllm.ops.custom as ops
+from casakv_vllm.attention.masked import RowKV, attend_row, compact_row
 from casakv_vllm.observe.record import record_layer
-from casakv_vllm.ops.paged import gather_kv
 from casakv_vllm.plan.metadata import CasakvMetadata
 
 
@@ -27,7 +30,7 @@ def run_layer_gpu(query: torch.Tensor, kv_cache: torch.Tensor, md: CasakvMetadat
     if gp.kind == "decode":
         sel, cnt = gp.decode_sel
         ops.sparse_decode(query, kv_cache, md.block_table, md.seq_lens, sel, cnt, scale, out, gp.workspace,
-                          sel_physical=True)
+                          sel_physical=True, hole=gp.holes[layer] if gp.holes is not None else None)
     elif gp.kind == "dense":
         torch.ops.casakv.paged_attention(query, kv_cache, md.block_table, md.query_start_loc, md.seq_lens, scale,
                                          out, md.max_query_len, md.max_seq_len)
@@ -35,9 +38,12 @@ def run_layer_gpu(query: torch.Tensor, kv_cache: torch.Tensor, md: CasakvMetadat
         patterns, index = gp.layer_patterns(layer)
         ops.sparse_attention(query, kv_cache, md.block_table, md.query_start_loc, md.seq_lens, scale, out,
                              patterns, index, md.max_query_len, md.max_seq_len)
-    block_size = kv_cache.shape[2]
+    kv_of = RowKV(kv_cache, md)
+    for i in gp.torch_rows:
+        row = md.plan.rows[i]
+        if row.q_len > 0:
+            attend_row(row, query, kv_of(row), layer, scale, out, None, count=False)
+        if row.compact:
+            compact_row(row, layer, kv_cache, md.block_table[i], md.plan)
     for job in md.plan.records:
-        row = md.plan.rows[job.row]
-        record_layer(job, layer, query, scale,
-                     lambda: gather_kv(kv_cache, md.block_table[row.index, :-(-row.seq_len // block_size)].long(),
-                                       row.seq_len)[0])
+        record_layer(job, layer, query, scale, lambda: kv_of(md.plan.rows[job.row])[0])

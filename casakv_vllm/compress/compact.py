@@ -68,14 +68,20 @@ def plan_layer(mask: torch.Tensor, terms: CompactionTerms, read: LiveLayout | No
     kept = mask & region.unsqueeze(0)
     room = head_end - shared
     count = kept.sum(1)
-    if int(count.max()) > room:
-        if read is None:  # the prompt's keep-set is the policy's own choice: it must fit its promise
-            raise RuntimeError(f"casakv: a keep-set holds {int(count.max())} tokens, more than the "
-                               f"{room} compacted slots its policy promised")
+    if mask.device.type == "cpu":  # host checks are free here; on CUDA nothing below reads the device
+        if int(count.max()) > room:
+            if read is None:  # the prompt's keep-set is the policy's own choice: it must fit its promise
+                raise RuntimeError(f"casakv: a keep-set holds {int(count.max())} tokens, more than the "
+                                   f"{room} compacted slots its policy promised")
+            kept = _fit(kept, scores, room)
+            count = kept.sum(1)
+    elif read is not None:  # a later event: fitting is a no-op where the region has room
         kept = _fit(kept, scores, room)
         count = kept.sum(1)
+    else:
+        count = count.clamp_max(room)
     order = torch.sort((~kept).to(torch.int8), dim=1, stable=True).indices  # kept columns first, in order
-    m = int(count.max())
+    m = min(room, width)  # entries past count[h] are never moved
     src_slot = slot[order[:, :m]]
     # the new columns: [0, shared) as they were, the compacted region, then the tail from T on
     first_tail = (read.column_of(tail) if read is not None else tail)
@@ -83,8 +89,8 @@ def plan_layer(mask: torch.Tensor, terms: CompactionTerms, read: LiveLayout | No
     src_col = torch.full((num_kv, new_width), -1, dtype=torch.long, device=mask.device)
     src_col[:, :shared] = torch.arange(shared, device=mask.device)
     idx = torch.arange(room, device=mask.device).unsqueeze(0)
-    region_cols = torch.cat([order[:, :m], torch.zeros(num_kv, max(0, room - m), dtype=torch.long,
-                                                       device=mask.device)], 1)[:, :room]
+    region_cols = torch.cat([order[:, :m], torch.zeros(num_kv, room - m, dtype=torch.long,
+                                                       device=mask.device)], 1)
     src_col[:, shared:head_end] = torch.where(idx < count.unsqueeze(1), region_cols, -1)
     src_col[:, head_end:] = torch.arange(first_tail, width, device=mask.device)
     return LayerCompaction(shared, src_slot, count, src_col)
@@ -119,6 +125,23 @@ def compact_cpu(kv_cache: torch.Tensor, blocks: torch.Tensor, plan: LayerCompact
     block_size = kv_cache.shape[2]
     k, v = token_kv(kv_cache, blocks[src // block_size], heads, src % block_size, layout)  # copies
     set_token_kv(kv_cache, blocks[dst // block_size], heads, dst % block_size, k, v, layout)
+
+
+def compact_gpu(kv_cache: torch.Tensor, table_row: torch.Tensor, plan: LayerCompaction,
+                scratch: torch.Tensor | None = None) -> None:
+    """Move the tokens in place on CUDA (``casakv::compact_kv``; no host sync).
+
+    The op moves the ``j``-th listed position of each head to position ``j``: the list is the dense
+    prefix ``[0, shared)`` (left in place) followed by the head's kept slots.
+    ``scratch``: ``[1, Hkv, shared + M, 2 * D]`` in the cache dtype (``M``: ``src_slot``'s width).
+    """
+    from casakv_kernels.compaction import compact_kv
+
+    num_kv = plan.src_slot.shape[0]
+    prefix = torch.arange(plan.shared, device=kv_cache.device).expand(num_kv, plan.shared)
+    keep = torch.cat([prefix, plan.src_slot], 1).to(torch.int32).unsqueeze(0)
+    count = (plan.count + plan.shared).to(torch.int32).unsqueeze(0)
+    compact_kv(kv_cache, table_row.to(torch.int32).unsqueeze(0), keep, count, scratch)
 
 
 def live_blocks(table_row: torch.Tensor, layout: LiveLayout, seq_len: int, block_size: int) -> torch.Tensor:

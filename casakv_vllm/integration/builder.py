@@ -45,7 +45,7 @@ class CasakvMetadataBuilder(AttentionMetadataBuilder[CasakvMetadata]):
         self.context = worker_context()
         # the scheduler frees compacted blocks (same answer in its process): compact at first decode
         self.compaction = CompactionSetup(self.block_size, self.num_kv_heads) \
-            if device.type == "cpu" and compaction_enabled(vllm_config) else None
+            if compaction_enabled(vllm_config) else None
         self.stats = self.context.stats_for(config.policy, config.metrics)
         self._workspace = None
         self.cpu_kernels = None
@@ -90,10 +90,7 @@ class CasakvMetadataBuilder(AttentionMetadataBuilder[CasakvMetadata]):
             plan.cpu_dense = self.cpu_kernels.plan_dense(plan, cm.query_start_loc, seq_lens, table,
                                                          cm.num_actual_tokens, self.num_heads, self.num_kv_heads,
                                                          self.head_size)
-        for row in plan.rows:  # compacted in an earlier step: every layer reads the same live blocks
-            if row.read is not None and row.q_len > 0:
-                plan.cpu_live_blocks[row.index] = live_blocks(table[row.index].long(), row.read, row.seq_len,
-                                                              self.block_size)
+        self._plan_live_blocks(plan, table, [r.index for r in plan.rows])
         for layer in pattern_layers(plan):
             plan.cpu_patterns[layer] = batch_patterns(plan, 0 if layer is None else layer, self.num_kv_heads,
                                                       torch.device("cpu"))
@@ -108,3 +105,12 @@ class CasakvMetadataBuilder(AttentionMetadataBuilder[CasakvMetadata]):
         plan.gpu = plan_gpu(plan, cm.query_start_loc, seq_lens, table, cm.num_actual_tokens, cm.max_query_len,
                             cm.max_seq_len, self.num_heads, self.num_kv_heads, self.head_size, self.block_size,
                             self.dtype, self._workspace)
+        self._plan_live_blocks(plan, table, plan.gpu.torch_rows)
+
+    def _plan_live_blocks(self, plan: BatchPlan, table, rows: list[int]) -> None:
+        """The live blocks of ``rows`` compacted in an earlier step, for torch attention (every layer reads
+        the same ones)."""
+        for i in rows:
+            row = plan.rows[i]
+            if row.read is not None and row.q_len > 0:
+                plan.live_blocks[i] = live_blocks(table[i].long(), row.read, row.seq_len, self.block_size)

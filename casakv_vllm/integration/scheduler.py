@@ -1,4 +1,12 @@
-"""vLLM's scheduler with casakv's block-manager plugin in it (``--attention-backend casakv``, CPU).
+"""vLLM's scheduler with casakv's block-manager plugin in it (``--attention-backend casakv``).
+
+Two twins, one per scheduling mode: :class:`CasakvScheduler` (synchronous, the
+CPU platform's only mode) and :class:`CasakvAsyncScheduler` (vLLM's async
+scheduling, the CUDA default, where the scheduler plans step ``n + 1`` before
+step ``n``'s output is back).  The same rule serves both: vLLM hands the
+managers the *processed* token count (computed tokens minus those still in
+flight), so blocks are freed only once the forward that compacted out of
+them has returned its output, however far ahead scheduling runs.
 
 vLLM builds its KV-cache managers inside the scheduler, from a registry of
 KV-cache specs.  :class:`CasakvScheduler` (named in ``scheduler_cls`` at
@@ -15,11 +23,13 @@ position 0 (and neither side compacts it in its second life).
 
 from __future__ import annotations
 
+from vllm.v1.core.sched.async_scheduler import AsyncScheduler
 from vllm.v1.core.sched.scheduler import Scheduler
 
 from casakv_vllm.integration.kv_manager import CompressingManager
 
 PATH = f"{__name__}.CasakvScheduler"
+ASYNC_PATH = f"{__name__}.CasakvAsyncScheduler"
 
 
 def use_compressing_manager(vllm_config) -> None:
@@ -36,10 +46,12 @@ def use_compressing_manager(vllm_config) -> None:
 def compaction_enabled(vllm_config) -> bool:
     """True when the scheduler frees compacted blocks (so workers compact): the same answer in every process."""
     cls = vllm_config.scheduler_config.scheduler_cls
-    return cls == PATH or cls is CasakvScheduler
+    return cls in (PATH, ASYNC_PATH) or cls in (CasakvScheduler, CasakvAsyncScheduler)
 
 
-class CasakvScheduler(Scheduler):
+class _Compressing:
+    """What both twins add to vLLM's scheduler (a mixin before the vLLM class)."""
+
     def __init__(self, vllm_config, *args, **kwargs) -> None:
         use_compressing_manager(vllm_config)
         super().__init__(vllm_config, *args, **kwargs)
@@ -57,3 +69,11 @@ class CasakvScheduler(Scheduler):
         if any(m._terms_of(request.request_id) is not None for m in self.compressing_managers):
             request.skip_reading_prefix_cache = True
         super()._preempt_request(request, *args, **kwargs)
+
+
+class CasakvScheduler(_Compressing, Scheduler):
+    """Synchronous scheduling."""
+
+
+class CasakvAsyncScheduler(_Compressing, AsyncScheduler):
+    """Async scheduling (one step ahead)."""

@@ -111,13 +111,14 @@ def _sparse_decode(
     ws_m: torch.Tensor,
     ws_l: torch.Tensor,
     sel_physical: bool,
+    hole: torch.Tensor | None = None,
 ) -> None:
-    """Split-KV decode over the selected blocks (logical or physical block ids);
-    CUDA-graph capturable (workspace given)."""
+    """Split-KV decode over the selected blocks (logical or physical block ids), minus each
+    (row, KV head)'s ``hole`` of the selected token stream; CUDA-graph capturable (workspace given)."""
     from casakv_kernels.sparse_decode import SparseDecodeWorkspace, sparse_paged_decode
 
     sparse_paged_decode(query, kv_cache, block_table, seq_lens, sel_blocks, sel_count, scale, out,
-                        workspace=SparseDecodeWorkspace(ws_acc, ws_m, ws_l), sel_physical=sel_physical)
+                        workspace=SparseDecodeWorkspace(ws_acc, ws_m, ws_l), sel_physical=sel_physical, hole=hole)
 
 
 _register("paged_attention", _paged_attention, ["out"])
@@ -137,8 +138,9 @@ def sparse_attention(query, kv_cache, block_table, query_start_loc, seq_lens, sc
 
 
 def sparse_decode(query, kv_cache, block_table, seq_lens, sel_blocks, sel_count, scale, out, workspace,
-                  sel_physical: bool = False) -> None:
+                  sel_physical: bool = False, hole: torch.Tensor | None = None) -> None:
     """``torch.ops.casakv.sparse_decode`` taking a ``SparseDecodeWorkspace``;
-    ``sel_physical``: ``sel_blocks`` holds physical block ids."""
+    ``sel_physical``: ``sel_blocks`` holds physical block ids; ``hole``: ``[R, Hkv, 2]`` int32 token
+    ranges of the selection that are skipped."""
     torch.ops.casakv.sparse_decode(query, kv_cache, block_table, seq_lens, sel_blocks, sel_count, scale, out,
-                                   workspace.acc, workspace.m, workspace.l, sel_physical)
+                                   workspace.acc, workspace.m, workspace.l, sel_physical, hole)

@@ -87,7 +87,7 @@ class BatchPlan:
     cpu_dense: Any = None  # integration.cpu_kernels.DenseCall on the CPU (None: dense rows in torch)
     cpu_patterns: dict = field(default_factory=dict)  # CPU: layer (None: every layer) -> PatternBatch
     cpu_layout: str = "vec"  # CPU: the cache layout vLLM's kernels write (ops.paged)
-    cpu_live_blocks: dict = field(default_factory=dict)  # CPU: row -> physical ids of a compacted row's live blocks
+    live_blocks: dict = field(default_factory=dict)  # row -> physical ids of a compacted row's live blocks (torch rows)
     stats: Any = None  # metrics.worker.WorkerStats
 
     @property

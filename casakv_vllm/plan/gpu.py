@@ -2,18 +2,28 @@
 
 Built once per batch by the metadata builder; the layers only launch:
 
-- every row dense, pure decode (one new token per row): the split-KV decode
+- pure decode (one new token per row), no pattern rows: the split-KV decode
   kernel over each row's blocks (``decode_sel``: physical block ids and
-  per-(row, KV head) valid counts, built once for all layers);
+  per-(row, KV head) valid counts, built once for all layers).  A compacted
+  row whose policy selected once reads only its live blocks, minus each
+  layer and head's empty compacted slots (``holes``, ``[layers, rows, Hkv,
+  2]``, from the request's ``state.holes``);
 - every row dense otherwise: the dense paged kernel;
 - any row with a pattern: the sparse paged kernel over one ``PatternBatch``
   of the whole batch (dense rows as full heads) and its tile index
   (``index``), built once, or once per layer when a policy's patterns differ
   between layers.
 
+Evicting rows the kernels cannot express (``torch_rows``: a compaction
+event, eviction while generating, a long generation whose next event ranks by
+attention, any evicting decode row in a batch with prefill rows) are computed
+again by ``attention.masked`` over their live blocks, after the kernel (their
+kernel output is overwritten; in a decode batch the kernel skips them).
+
 The decode workspace belongs to the builder (fixed addresses across batches).
-Evicting rows are not served on CUDA yet (refused at start-up and in request
-validation).
+Not served yet: start-up and request validation still refuse evicting policies
+on CUDA, and only the CPU platform installs the block-manager plugin, until this
+path has run on a GPU (``tests/kernels/test_gpu_path.py`` does not drive it yet).
 """
 
 from __future__ import annotations
@@ -38,6 +48,8 @@ class GpuPlan:
     decode_sel: tuple[torch.Tensor, torch.Tensor] | None = None
     patterns: dict[int | None, PatternBatch] = field(default_factory=dict)  # layer (None: every layer) -> patterns
     index: dict[int | None, SparseIndex] = field(default_factory=dict)
+    holes: torch.Tensor | None = None  # [layers, rows, Hkv, 2] int32 (decode with compacted rows)
+    torch_rows: list[int] = field(default_factory=list)
 
     def layer_patterns(self, layer: int) -> tuple[PatternBatch, SparseIndex]:
         key = layer if layer in self.patterns else None
@@ -57,17 +69,24 @@ def plan_gpu(plan: BatchPlan, query_start_loc: torch.Tensor, seq_lens: torch.Ten
              head_size: int, block_size: int, dtype: torch.dtype,
              workspace: SparseDecodeWorkspace | None) -> GpuPlan:
     """The device plan of ``plan`` (tensors on the metadata's device; no host sync)."""
-    evicting = [r.index for r in plan.rows if r.evicting]
-    if evicting:
-        raise RuntimeError(f"casakv on CUDA does not serve evicting policies yet (rows {evicting})")
     num_reqs = len(plan.rows)
-    if plan.all_dense:
-        if max_query_len == 1 and num_tokens == num_reqs:
+    pure_decode = max_query_len == 1 and num_tokens == num_reqs
+    has_patterns = any(not r.dense and not r.evicting for r in plan.rows)
+    hole_rows = [r for r in plan.rows if r.evicting and pure_decode and _kernel_reads_compacted(r)]
+    served = {r.index for r in hole_rows}
+    torch_rows = [r.index for r in plan.rows if r.evicting and r.index not in served]
+    if pure_decode and not has_patterns:
+        if not hole_rows and not torch_rows:
             sel = dense_physical_selection(block_table[:num_reqs], seq_lens, block_size, num_kv_heads)
             return GpuPlan("decode", workspace, decode_sel=sel)
-        return GpuPlan("dense", workspace)
+        sel = live_physical_selection(plan, block_table[:num_reqs], seq_lens, block_size, num_kv_heads, hole_rows,
+                                      torch_rows)
+        return GpuPlan("decode", workspace, decode_sel=sel, torch_rows=torch_rows,
+                       holes=_batch_holes(plan, hole_rows, num_kv_heads, seq_lens.device) if hole_rows else None)
+    if not has_patterns:
+        return GpuPlan("dense", workspace, torch_rows=torch_rows)
     device = seq_lens.device
-    out = GpuPlan("sparse", workspace)
+    out = GpuPlan("sparse", workspace, torch_rows=torch_rows)
     group = num_heads // num_kv_heads
     for layer in pattern_layers(plan):
         patterns = batch_patterns(plan, 0 if layer is None else layer, num_kv_heads, device)
@@ -76,3 +95,52 @@ def plan_gpu(plan: BatchPlan, query_start_loc: torch.Tensor, seq_lens: torch.Ten
         out.index[layer] = build_prefill_index(patterns, query_start_loc, seq_lens, max_query_len, max_seq_len,
                                                block_q, block_n)
     return out
+
+
+def _kernel_reads_compacted(row) -> bool:
+    """The decode kernel serves this evicting row: it was compacted before this step, by a policy that
+    selected once and will not compact it again (its keep-set is its region's first slots per head,
+    which ``state.holes`` describe), so it needs no per-step torch work."""
+    from casakv_vllm.policies.keep import KeepPolicy
+
+    state = row.state
+    # the prompt's last partial block stays in the tail unmoved, masked by the keep-set: only a prompt
+    # that ends on a block boundary leaves the tail wholly kept
+    return (row.read is not None and not row.compact and state.holes is not None
+            and row.prompt_len % state.compaction.block_size == 0
+            and not state.compaction.chunk and not row.policy.caps.observes_decode
+            and type(row.policy).evict is KeepPolicy.evict)
+
+
+def live_physical_selection(plan: BatchPlan, block_table: torch.Tensor, seq_lens: torch.Tensor, block_size: int,
+                            num_kv_heads: int, hole_rows: list, torch_rows: list[int]):
+    """Decode selection over live blocks: every block of a dense row, ``[0, head_end)`` and
+    ``[tail, ...)`` of a compacted row, nothing of a torch row.  One host-to-device copy of three ints per
+    row, no sync."""
+    num_reqs, max_blocks = block_table.shape
+    head = [0] * num_reqs
+    tail = [0] * num_reqs
+    skip = [0] * num_reqs
+    for r in hole_rows:
+        head[r.index], tail[r.index] = r.read.head_end // block_size, r.read.tail // block_size
+    for i in torch_rows:
+        skip[i] = 1
+    host = torch.tensor([head, tail, skip], dtype=torch.int32)
+    if block_table.is_cuda:
+        host = host.pin_memory()
+    head_b, tail_b, skip_b = host.to(block_table.device, non_blocking=True).unbind(0)
+    nblk = torch.div(seq_lens.to(torch.int32) + (block_size - 1), block_size, rounding_mode="floor")
+    count = torch.where(skip_b.bool(), 0, nblk - tail_b + head_b)
+    idx = torch.arange(max_blocks, dtype=torch.int32, device=block_table.device).unsqueeze(0)
+    logical = torch.where(idx < head_b.unsqueeze(1), idx, idx - head_b.unsqueeze(1) + tail_b.unsqueeze(1))
+    phys = block_table.gather(1, logical.clamp(0, max_blocks - 1).long()).to(torch.int32)
+    sel = phys.unsqueeze(1).expand(num_reqs, num_kv_heads, max_blocks)
+    return sel, count.view(-1, 1).expand(num_reqs, num_kv_heads).contiguous().to(torch.int32)
+
+
+def _batch_holes(plan: BatchPlan, hole_rows: list, num_kv_heads: int, device) -> torch.Tensor:
+    """``[layers, rows, Hkv, 2]``: the compacted rows' empty slots per layer and head (``[0, 0)`` elsewhere)."""
+    holes = torch.zeros(plan.num_layers, len(plan.rows), num_kv_heads, 2, dtype=torch.int32, device=device)
+    rows = torch.tensor([r.index for r in hole_rows], dtype=torch.long).to(device, non_blocking=True)
+    holes.index_copy_(1, rows, torch.stack([r.state.holes for r in hole_rows], 1))
+    return holes

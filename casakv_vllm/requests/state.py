@@ -44,6 +44,8 @@ class RequestState:
         compaction: where its compacted region lies, once its blocks were compacted
             (``compress.rule``; only in its first life).
         layout: its live slots after the latest compaction event (``rule.LiveLayout``).
+        holes: CUDA, once compacted: ``[num_layers, Hkv, 2]`` int32, each layer and head's empty
+            slots ``[shared + kept, head_end)`` (what the decode kernel skips).
         uid: process-unique number, for logs and tests.
     """
 
@@ -56,6 +58,7 @@ class RequestState:
     first_context: int = 0
     compaction: CompactionTerms | None = None
     layout: LiveLayout | None = None
+    holes: Any = None
     uid: int = field(default_factory=lambda: next(_ids))
 
     def advance(self, context_len: int, seq_len: int) -> bool:
@@ -70,7 +73,7 @@ class RequestState:
     def restart(self) -> None:
         """Recomputed from scratch: what it kept is gone (``advance`` already reset ``kv_len``)."""
         self.keep.clear()
-        self.compaction = self.layout = None
+        self.compaction = self.layout = self.holes = None
         self.restarts += 1
 
 

@@ -24,10 +24,11 @@ def test_fake_impls_trace_without_running():
                                            torch.empty(4, dtype=torch.int64))
 
 
-def test_sparse_decode_schema_takes_physical_flag():
+def test_sparse_decode_schema_takes_physical_flag_and_holes():
     schema = torch.ops.casakv.sparse_decode.default._schema
     names = [a.name for a in schema.arguments]
-    assert names[-1] == "sel_physical" and str(schema.arguments[-1].type) == "bool"
+    assert names[-2] == "sel_physical" and str(schema.arguments[-2].type) == "bool"
+    assert names[-1] == "hole" and str(schema.arguments[-1].type) == "Optional[Tensor]"
     assert [a.name for a in schema.arguments if a.alias_info and a.alias_info.is_write] == [
         "out", "ws_acc", "ws_m", "ws_l"]
 

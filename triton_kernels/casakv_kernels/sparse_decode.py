@@ -90,6 +90,7 @@ def _sparse_decode_split_kernel(
     seq_lens_ptr,  # [R] int32
     sel_blocks_ptr,  # [R, num_kv_heads, MAXSEL] int32 logical block ids
     sel_count_ptr,  # [R, num_kv_heads] int32
+    hole_ptr,  # [R, num_kv_heads, 2] int32 (read only if HAS_HOLE)
     qk_scale,  # softmax scale * log2(e)
     num_splits,  # int (runtime: one compile serves every split count)
     stride_q_tok, stride_q_head, stride_q_d,
@@ -99,6 +100,7 @@ def _sparse_decode_split_kernel(
     stride_c_blk, stride_c_head, stride_c_tok, stride_c_d,
     stride_sb_seq, stride_sb_head, stride_sb_idx,
     stride_sc_seq, stride_sc_head,
+    stride_h_seq, stride_h_head,
     stride_wa_seq, stride_wa_head, stride_wa_split,
     stride_wm_seq, stride_wm_head,
     HEAD_SIZE: tl.constexpr,
@@ -113,6 +115,7 @@ def _sparse_decode_split_kernel(
     PHYS_SEL: tl.constexpr,  # sel_blocks hold physical block ids
     PAGE_LOADS: tl.constexpr,  # PHYS_SEL: one id per page (see _load_kv_tile)
     PDL: tl.constexpr,  # the merge kernel is a programmatic dependent launch
+    HAS_HOLE: tl.constexpr,  # skip the stream tokens [hole[0], hole[1]) of each (row, KV head)
 ):
     if PDL:  # the merge grid may launch now; it waits for this grid's end
         tl.extra.cuda.gdc_launch_dependents()
@@ -160,6 +163,10 @@ def _sparse_decode_split_kernel(
                        (last_blk + 1) * BLOCK_SIZE - seq_len, 0)
         kv_end = n_tok - pad
         slice_row = sel_row + sel_start.to(tl.int64) * stride_sb_idx
+    if HAS_HOLE:
+        hole_row = hole_ptr + seq.to(tl.int64) * stride_h_seq + kv_head * stride_h_head
+        hole_lo = tl.load(hole_row) - sel_start * BLOCK_SIZE  # in this slice's token coordinates
+        hole_hi = tl.load(hole_row + 1) - sel_start * BLOCK_SIZE
 
     for t0 in range(0, n_tok, BLOCK_N):
         if PHYS_SEL:  # the slice is this program's block table
@@ -167,6 +174,9 @@ def _sparse_decode_split_kernel(
                                  stride_sb_idx, stride_c_blk, stride_c_tok, stride_c_d,
                                  HEAD_SIZE, BLOCK_SIZE, BLOCK_N, BLOCK_D, True, PAGE_LOADS)
             valid = t0 + tl.arange(0, BLOCK_N) < kv_end
+            if HAS_HOLE:
+                t_slice = t0 + tl.arange(0, BLOCK_N)
+                valid = valid & ((t_slice < hole_lo) | (t_slice >= hole_hi))
             v = tl.where(valid[:, None], v, 0.0)
         else:
             offs_t = t0 + tl.arange(0, BLOCK_N)
@@ -175,6 +185,8 @@ def _sparse_decode_split_kernel(
                            mask=t_mask, other=0)
             in_blk = offs_t % BLOCK_SIZE
             valid = t_mask & (lblk * BLOCK_SIZE + in_blk < seq_len)
+            if HAS_HOLE:
+                valid = valid & ((offs_t < hole_lo) | (offs_t >= hole_hi))
             phys = tl.load(bt_row + lblk * stride_bt_blk, mask=valid, other=0).to(tl.int64)
             tok_off = phys * stride_c_blk + head_off + in_blk.to(tl.int64) * stride_c_tok
             kv_mask = valid[:, None] & d_mask[None, :]
@@ -351,6 +363,7 @@ def sparse_paged_decode(
     num_stages: int = 3,
     sel_physical: bool = False,
     pdl: bool | None = None,
+    hole: torch.Tensor | None = None,  # [R, num_kv_heads, 2] int32
 ) -> torch.Tensor:
     """Decode attention of ``query`` over the selected blocks only; writes
     ``out`` (and ``lse``, natural log) rows ``0 .. R-1`` and returns ``out``.
@@ -363,7 +376,11 @@ def sparse_paged_decode(
     (:func:`physical_selection`), which saves the kernel one dependent load
     per tile.  ``pdl``: launch the merge as a programmatic dependent launch
     (default: ``MERGE_PDL`` on Hopper and newer, for one-wave split grids).
-    CUDA-graph capturable when ``workspace`` is given.
+    ``hole``: per (row, KV head) a range ``[lo, hi)`` of the row's selected
+    token stream (the tokens of its selected blocks, in order, counted from 0)
+    that is not attended: a compacted request's empty slots
+    (``casakv_vllm.compress``).  CUDA-graph capturable when ``workspace`` is
+    given.
     """
     num_seqs, num_heads, head_size = query.shape
     num_blocks, num_kv_heads, block_size, two_hs = kv_cache.shape
@@ -375,6 +392,8 @@ def sparse_paged_decode(
     assert out.shape[1:] == query.shape[1:] and out.shape[0] >= num_seqs
     if lse is not None:
         assert lse.dtype == torch.float32 and lse.shape[1] == num_heads
+    if hole is not None:
+        assert hole.dtype == torch.int32 and hole.shape == (num_seqs, num_kv_heads, 2) and hole.stride(2) == 1
     if num_seqs == 0:
         return out
     max_sel = sel_blocks.shape[2]
@@ -419,6 +438,7 @@ def sparse_paged_decode(
     _sparse_decode_split_kernel[(num_seqs, num_kv_heads, num_splits)](
         out, lse_arg, ws_acc, ws_m, ws_l,
         query, kv_cache, block_table, seq_lens, sel_blocks, sel_count,
+        hole if hole is not None else sel_count,
         scale * math.log2(math.e), num_splits,
         query.stride(0), query.stride(1), query.stride(2),
         *o_strides, *lse_strides,
@@ -426,11 +446,12 @@ def sparse_paged_decode(
         kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2), kv_cache.stride(3),
         sel_blocks.stride(0), sel_blocks.stride(1), sel_blocks.stride(2),
         sel_count.stride(0), sel_count.stride(1),
+        *((hole.stride(0), hole.stride(1)) if hole is not None else (0, 0)),
         *wa_strides, *wm_strides,
         HEAD_SIZE=head_size, GROUP=group, BLOCK_SIZE=block_size,
         BLOCK_M=block_m, BLOCK_N=bn, BLOCK_D=block_d,
         SINGLE_SPLIT=single, WRITE_LSE=lse is not None, FP32_DOT=fp32_dot,
-        PHYS_SEL=bool(sel_physical), PDL=pdl,
+        PHYS_SEL=bool(sel_physical), PDL=pdl, HAS_HOLE=hole is not None,
         PAGE_LOADS=bool(block_size & (block_size - 1) == 0 and bn % block_size == 0),
         num_warps=num_warps, num_stages=num_stages,
     )

@@ -26,6 +26,7 @@ def sparse_paged_decode_ref(
     sel_count: torch.Tensor,  # [R, num_kv_heads]
     scale: float,
     return_lse: bool = False,
+    hole: torch.Tensor | None = None,  # [R, num_kv_heads, 2]: skipped range of the selected token stream
 ):
     """fp32 attention of each request's decode query over exactly the
     positions of its selected blocks (per KV head; query head ``h`` uses KV
@@ -41,9 +42,14 @@ def sparse_paged_decode_ref(
                      device=query.device)
     lens = seq_lens.tolist()
     counts = sel_count.tolist()
+    holes = hole.tolist() if hole is not None else None
     for r in range(num_seqs):
         for h in range(num_kv_heads):
             pos = selected_positions(sel_blocks[r, h], counts[r][h], block_size, lens[r])
+            if holes is not None:  # stream index i is the i-th selected position
+                lo, hi = holes[r][h]
+                idx = torch.arange(pos.numel())
+                pos = pos[(idx < lo) | (idx >= hi)]
             if pos.numel() == 0:
                 continue
             pos = pos.to(kv_cache.device)

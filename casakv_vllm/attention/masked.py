@@ -1,0 +1,126 @@
+"""Rows a policy restricts, in torch, on either device: masked attention and compaction events.
+
+- Pattern rows attend through their pattern's mask; evicting rows that
+  decode read their request's keep-set (made at the first decode step, then
+  updated by the policy's eviction hooks).  The CPU path runs every such row
+  here; the CUDA path runs here only what its kernels cannot express
+  (``plan.gpu``: eviction while generating, long generations whose events rank
+  by attention, batches mixing prefill and decode).
+- Compaction (:func:`compact_row`): in a compaction event, each layer, after
+  its attention, moves what it keeps into the leading slots (CPU: torch
+  copies in vLLM's CPU layout; CUDA: ``casakv::compact_kv``), and the keep-set
+  becomes columns of the new live layout.
+
+On CUDA nothing here synchronises with the host: the KV counts for metrics
+are only taken on the CPU (``count``).
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from casakv_kernels.patterns import pattern_mask
+from casakv_vllm.compress.compact import compact_cpu, compact_gpu, plan_layer
+from casakv_vllm.ops.paged import gather_kv
+from casakv_vllm.ops.torch_attention import attend, decode_attention
+from casakv_vllm.plan.batch import RowPlan
+
+
+class RowKV:
+    """Each row's keys and values over the columns it reads, gathered once per layer call: its positions,
+    or once compacted only its live blocks (planned by the builder: the freed ones may be another
+    request's now)."""
+
+    def __init__(self, kv_cache: torch.Tensor, md, layout: str = "vec") -> None:
+        self.kv_cache, self.md, self.layout = kv_cache, md, layout
+        self.gathered: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def __call__(self, row: RowPlan) -> tuple[torch.Tensor, torch.Tensor]:
+        if row.index not in self.gathered:
+            if row.read is None:
+                blocks = self.md.block_table[row.index, : -(-row.seq_len // self.kv_cache.shape[2])].long()
+                kv = gather_kv(self.kv_cache, blocks, row.seq_len, self.layout)
+            else:
+                kv = gather_kv(self.kv_cache, self.md.plan.live_blocks[row.index], row.read.width(row.seq_len),
+                               self.layout)
+            self.gathered[row.index] = kv
+        return self.gathered[row.index]
+
+
+def causal_pairs(row: RowPlan) -> int:
+    return row.q_len * row.context_len + row.q_len * (row.q_len + 1) // 2
+
+
+def attend_row(row: RowPlan, query: torch.Tensor, kv: tuple[torch.Tensor, torch.Tensor], layer: int,
+               scale: float, out: torch.Tensor, patterns, count: bool = True) -> int | None:
+    """Attention of one row in torch; returns the KV tokens it read (None unless ``count``).
+
+    ``kv``: the row's keys and values over the columns it reads (its positions, or once compacted its
+    live slots), ``[Hkv, width, D]`` each.
+    """
+    k, v = kv
+    ctx, seq_len = row.context_len, row.seq_len
+    device = query.device
+    q = query[row.q_start:row.q_start + row.q_len].transpose(0, 1)  # [H, q_len, D]
+    keep = None
+    if row.evicting:
+        keep = row.state.keep.get(layer)
+        if keep is None:
+            obs = row.obs.layer(layer) if row.obs is not None else None
+            keep = row.state.keep[layer] = row.policy.start(layer, row.prompt_len, k, obs, scale, seq_len)
+        layout = row.read
+        width = seq_len if layout is None else layout.width(seq_len)
+        row.policy.prepare_step(keep, layer, row.prompt_len, seq_len, width)  # over live columns once compacted
+        allowed = keep.visible(width).unsqueeze(1)  # [Hkv, 1, S]: a decode row sees every position before it
+        if row.q_len > 1:  # positions of the columns: causal order among the queries' own tokens
+            cols = torch.arange(seq_len, device=device) if layout is None else torch.cat(
+                [torch.zeros(layout.head_end, dtype=torch.long, device=device),
+                 torch.arange(layout.tail, seq_len, device=device)])
+            allowed = allowed & (cols.unsqueeze(0) <= torch.arange(ctx, seq_len, device=device).unsqueeze(1))
+    elif not row.dense:
+        allowed = pattern_mask(patterns, row.index, torch.arange(ctx, seq_len, device=device), seq_len)
+    else:
+        allowed = None
+    if row.q_len == 1:
+        o, probs = decode_attention(q, k, v, scale, allowed)
+        if keep is not None and row.policy.caps.observes_decode:
+            row.policy.observe(keep, probs)
+        elif keep is not None and keep.scores is not None:  # ranks a long generation's compaction events
+            keep.accumulate(probs)
+    else:
+        o = attend(q, k, v, ctx, scale, allowed)
+    out[row.q_start:row.q_start + row.q_len] = o.transpose(0, 1).to(out.dtype)
+    if not count:
+        return None
+    return int(allowed.sum()) if allowed is not None else k.shape[0] * causal_pairs(row)
+
+
+def compact_row(row: RowPlan, layer: int, kv_cache: torch.Tensor, table_row: torch.Tensor, plan,
+                scratch: torch.Tensor | None = None) -> None:
+    """After a compaction event's attention at ``layer``: move what the layer keeps of ``[shared, T)``
+    into the compacted region; its keep-set (and scores) become columns of the new live layout, so later
+    steps read a prefix of them.  On CUDA the region's empty slots of each head are noted in
+    ``state.holes`` (what the decode kernel skips)."""
+    t0 = time.perf_counter()
+    state = row.state
+    keep = state.keep[layer]
+    step = plan_layer(keep.mask, state.compaction, row.read, row.compact_tail, keep.scores)
+    if kv_cache.device.type == "cpu":
+        compact_cpu(kv_cache, table_row, step, plan.cpu_layout)
+    else:
+        compact_gpu(kv_cache, table_row, step, scratch)
+        if state.holes is None:
+            state.holes = torch.zeros(plan.num_layers, step.count.shape[0], 2, dtype=torch.int32,
+                                      device=kv_cache.device)
+        state.holes[layer, :, 0] = (step.count + step.shared).to(torch.int32)
+        state.holes[layer, :, 1] = state.compaction.head_end
+    keep.pos = step.remap(keep.positions(keep.capacity), -1)
+    keep.mask = step.remap(keep.mask, False)
+    if keep.scores is not None:
+        keep.scores = step.remap(keep.scores, 0.0)
+    elif state.compaction.chunk:  # later events rank what to keep by the decode steps' attention
+        keep.scores = torch.zeros(keep.mask.shape, device=keep.mask.device)
+    if plan.stats is not None:
+        plan.stats.record_compaction(time.perf_counter() - t0)
