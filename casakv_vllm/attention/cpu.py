@@ -58,7 +58,7 @@ def run_layer_cpu(query: torch.Tensor, kv_cache: torch.Tensor, md: CasakvMetadat
             read = attend_row(row, query, kv_of(row), layer, scale, out, patterns)
         counts.attended += read
         if row.compact:
-            compact_row(row, layer, kv_cache, md.block_table[row.index].long(), plan)
+            compact_row(row, layer, kv_cache, md.block_table[row.index].long(), plan, plan.cpu_layout)
         if row.q_len == 1:
             pair = counts.decode.setdefault(row.label, [0, 0])
             pair[0] += read

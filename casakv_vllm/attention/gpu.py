@@ -38,12 +38,12 @@ def run_layer_gpu(query: torch.Tensor, kv_cache: torch.Tensor, md: CasakvMetadat
         patterns, index = gp.layer_patterns(layer)
         ops.sparse_attention(query, kv_cache, md.block_table, md.query_start_loc, md.seq_lens, scale, out,
                              patterns, index, md.max_query_len, md.max_seq_len)
-    kv_of = RowKV(kv_cache, md)
+    kv_of = RowKV(kv_cache, md, "kv")  # casakv's K|V layout (also under TRITON_INTERPRET on the CPU)
     for i in gp.torch_rows:
         row = md.plan.rows[i]
         if row.q_len > 0:
             attend_row(row, query, kv_of(row), layer, scale, out, None, count=False)
         if row.compact:
-            compact_row(row, layer, kv_cache, md.block_table[i], md.plan)
+            compact_row(row, layer, kv_cache, md.block_table[i], md.plan, "kv")
     for job in md.plan.records:
         record_layer(job, layer, query, scale, lambda: kv_of(md.plan.rows[job.row])[0])

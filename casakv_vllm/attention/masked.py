@@ -98,17 +98,17 @@ def attend_row(row: RowPlan, query: torch.Tensor, kv: tuple[torch.Tensor, torch.
 
 
 def compact_row(row: RowPlan, layer: int, kv_cache: torch.Tensor, table_row: torch.Tensor, plan,
-                scratch: torch.Tensor | None = None) -> None:
+                layout: str, scratch: torch.Tensor | None = None) -> None:
     """After a compaction event's attention at ``layer``: move what the layer keeps of ``[shared, T)``
     into the compacted region; its keep-set (and scores) become columns of the new live layout, so later
-    steps read a prefix of them.  On CUDA the region's empty slots of each head are noted in
+    steps read a prefix of them (``layout``: the cache's, ``ops.paged``).  On CUDA the region's empty slots of each head are noted in
     ``state.holes`` (what the decode kernel skips)."""
     t0 = time.perf_counter()
     state = row.state
     keep = state.keep[layer]
     step = plan_layer(keep.mask, state.compaction, row.read, row.compact_tail, keep.scores)
-    if kv_cache.device.type == "cpu":
-        compact_cpu(kv_cache, table_row, step, plan.cpu_layout)
+    if kv_cache.device.type == "cpu" and layout != "kv":
+        compact_cpu(kv_cache, table_row, step, layout)
     else:
         compact_gpu(kv_cache, table_row, step, scratch)
         if state.holes is None:

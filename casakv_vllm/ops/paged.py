@@ -87,11 +87,12 @@ def write_kv(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor, slo
 def gather_kv(kv_cache: torch.Tensor, blocks: torch.Tensor, seq_len: int,
               layout: str = "vec") -> tuple[torch.Tensor, torch.Tensor]:
     """K and V of one request's first ``seq_len`` positions, ``[num_kv_heads, seq_len, head_size]`` each,
-    in the cache dtype, from either device's layout (``layout``: the CPU one).
+    in the cache dtype, from either device's layout (``layout``: a CPU one, or ``"kv"``, casakv's CUDA
+    layout, which a cache off the CPU always has).
 
     ``blocks``: the request's physical block ids, ``cdiv(seq_len, block_size)`` of them.
     """
-    if kv_cache.device.type != "cpu":
+    if kv_cache.device.type != "cpu" or layout == "kv":
         num_kv, two_d = kv_cache.shape[1], kv_cache.shape[3]
         kv = kv_cache.index_select(0, blocks).transpose(0, 1).reshape(num_kv, -1, two_d)[:, :seq_len]
         return kv[..., : two_d // 2], kv[..., two_d // 2:]

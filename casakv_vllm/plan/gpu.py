@@ -33,8 +33,8 @@ from dataclasses import dataclass, field
 import torch
 
 from casakv_kernels.patterns import PatternBatch
-from casakv_kernels.sparse_decode import (SparseDecodeWorkspace, choose_num_splits, dense_physical_selection,
-                                          device_sm_count)
+from casakv_kernels.sparse_decode import (SparseDecodeWorkspace, _block_counts, choose_num_splits,
+                                          dense_physical_selection, device_sm_count)
 from casakv_kernels.sparse_index import SparseIndex, build_prefill_index
 from casakv_kernels.sparse_prefill import plan_blocks
 from casakv_vllm.plan.batch import BatchPlan
@@ -79,7 +79,7 @@ def plan_gpu(plan: BatchPlan, query_start_loc: torch.Tensor, seq_lens: torch.Ten
         if not hole_rows and not torch_rows:
             sel = dense_physical_selection(block_table[:num_reqs], seq_lens, block_size, num_kv_heads)
             return GpuPlan("decode", workspace, decode_sel=sel)
-        sel = live_physical_selection(plan, block_table[:num_reqs], seq_lens, block_size, num_kv_heads, hole_rows,
+        sel = live_physical_selection(block_table[:num_reqs], seq_lens, block_size, num_kv_heads, hole_rows,
                                       torch_rows)
         return GpuPlan("decode", workspace, decode_sel=sel, torch_rows=torch_rows,
                        holes=_batch_holes(plan, hole_rows, num_kv_heads, seq_lens.device) if hole_rows else None)
@@ -112,7 +112,7 @@ def _kernel_reads_compacted(row) -> bool:
             and type(row.policy).evict is KeepPolicy.evict)
 
 
-def live_physical_selection(plan: BatchPlan, block_table: torch.Tensor, seq_lens: torch.Tensor, block_size: int,
+def live_physical_selection(block_table: torch.Tensor, seq_lens: torch.Tensor, block_size: int,
                             num_kv_heads: int, hole_rows: list, torch_rows: list[int]):
     """Decode selection over live blocks: every block of a dense row, ``[0, head_end)`` and
     ``[tail, ...)`` of a compacted row, nothing of a torch row.  One host-to-device copy of three ints per
@@ -129,7 +129,7 @@ def live_physical_selection(plan: BatchPlan, block_table: torch.Tensor, seq_lens
     if block_table.is_cuda:
         host = host.pin_memory()
     head_b, tail_b, skip_b = host.to(block_table.device, non_blocking=True).unbind(0)
-    nblk = torch.div(seq_lens.to(torch.int32) + (block_size - 1), block_size, rounding_mode="floor")
+    nblk = _block_counts(seq_lens, block_size, max_blocks, 1)[:, 0]
     count = torch.where(skip_b.bool(), 0, nblk - tail_b + head_b)
     idx = torch.arange(max_blocks, dtype=torch.int32, device=block_table.device).unsqueeze(0)
     logical = torch.where(idx < head_b.unsqueeze(1), idx, idx - head_b.unsqueeze(1) + tail_b.unsqueeze(1))

@@ -75,6 +75,41 @@ def test_gpu_layer_matches_reference(harness, case):
     assert params
 
 
+def test_gpu_decode_runs_evicting_rows_in_torch(harness):
+    """An evicting decode row beside a dense one (compaction off): the decode kernel skips it (count 0)
+    and the torch path computes it over its keep-set; without observations SnapKV keeps sinks + recent
+    tokens (``recency_keep``), and the new token."""
+    import casakv_vllm.ops.custom  # noqa: F401
+    from casakv_vllm.plan.gpu import plan_gpu
+    from casakv_vllm.policies.selection import recency_keep
+
+    h, hkv, d = SHAPE
+    vc = harness.config({"policy": "snapkv", "kv_budget": 40}, num_heads=h, num_kv_heads=hkv, head_size=d,
+                        device=DEVICE)
+    builder, impl = harness.backend(vc, BS, DEVICE)
+    ctx = [300, 120]
+    params = harness.requests([(ctx[0], None), (ctx[1], {"casakv_policy": "dense"})])  # prompts: the contexts
+    writer = None if CUDA else (lambda k, v, c, s: torch.ops.casakv.reshape_and_cache(k, v, c, s))
+    batch = harness.batch(impl, [1, 1], ctx, BS, torch.bfloat16, DEVICE, seed=3, writer=writer)
+    out = _gpu_forward(harness, builder, impl, batch)
+
+    def allowed(i, pos, s):
+        if i == 1:
+            return None
+        keep = torch.ones(hkv, 1, s, dtype=torch.bool)
+        keep[:, 0, :ctx[0]] = recency_keep(hkv, ctx[0], 40)
+        return keep
+
+    ref = harness.reference(batch, impl.scale, allowed)
+    err = (out.float().cpu() - ref).norm() / ref.norm()
+    assert torch.isfinite(out).all() and err < 1e-2, f"rel err {err:.2e}"
+    md = builder.build(0, batch.cm)
+    gp = plan_gpu(md.plan, batch.cm.query_start_loc, md.seq_lens, md.block_table, 2, 1, max(ctx) + 1, h, hkv, d,
+                  BS, torch.bfloat16, None)
+    assert gp.kind == "decode" and gp.torch_rows == [0] and gp.decode_sel[1][0].tolist() == [0] * hkv
+    assert params
+
+
 def test_gpu_plan_kinds(harness):
     """One dense request naming the server's policy keeps the batch on the dense decode kernel (the bug
     that made a GPU engine raise); a pattern row makes it sparse with one index for every layer."""
