@@ -144,6 +144,10 @@ def load_config(
         raise CasakvConfigError(_one_line(err, " + ".join(sources) or "defaults")) from None
 
 
+#: devices whose path serves evicting policies (keep-sets, compaction, freed blocks)
+EVICTING_DEVICES = ("cpu", "cuda")
+
+
 def device_support_error(config: CasakvConfig, device_type: str | None) -> str | None:
     """Why ``config`` cannot be served on ``device_type`` (None when it can).
 
@@ -152,7 +156,7 @@ def device_support_error(config: CasakvConfig, device_type: str | None) -> str |
     """
     from casakv_vllm.policies import build_policy
 
-    if device_type in (None, "cpu") or not build_policy(config).caps.evicts:
+    if device_type in (None, *EVICTING_DEVICES) or not build_policy(config).caps.evicts:
         return None
-    return (f"policy '{config.policy}' evicts KV per request, which runs on the CPU path only for now; "
+    return (f"policy '{config.policy}' evicts KV per request, which runs on the CPU and CUDA paths only; "
             f"on {device_type} use dense or streaming (scope: all)")

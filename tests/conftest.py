@@ -37,9 +37,10 @@ class Harness:
         self.root = root
 
     def config(self, casakv: dict | None = None, num_heads=8, num_kv_heads=2, head_size=64, num_layers=4,
-               dtype="bfloat16", max_model_len=4096, max_num_seqs=16, device="cpu"):
+               dtype="bfloat16", max_model_len=4096, max_num_seqs=16, device="cpu", compaction=False):
         """A VllmConfig for a small Llama shape.  ``device`` is named, not inferred: on a GPU box vLLM's
-        Python layer runs without its compiled ops, under a platform that infers no device."""
+        Python layer runs without its compiled ops, under a platform that infers no device.
+        ``compaction``: casakv's scheduler is named, so workers compact (as ``vllm serve`` sets it up)."""
         from vllm.config import DeviceConfig, ModelConfig, SchedulerConfig, VllmConfig
 
         folder = self.root / f"llama-{num_heads}-{num_kv_heads}-{head_size}-{num_layers}"
@@ -52,6 +53,10 @@ class Harness:
         model = ModelConfig(model=str(folder), skip_tokenizer_init=True, dtype=dtype, max_model_len=max_model_len)
         sched = SchedulerConfig(max_num_seqs=max_num_seqs, max_model_len=max_model_len,
                                 max_num_batched_tokens=max(8192, max_model_len), is_encoder_decoder=False)
+        if compaction:
+            from casakv_vllm.integration.scheduler import PATH
+
+            sched.scheduler_cls = PATH
         return VllmConfig(model_config=model, scheduler_config=sched, device_config=DeviceConfig(device=device),
                           additional_config={"casakv": casakv} if casakv else {})
 
@@ -119,6 +124,33 @@ class Harness:
             num_actual_tokens=sum(q_lens), max_query_len=max(q_lens), max_seq_len=max(seq_lens),
             block_table_tensor=table.to(device), slot_mapping=slot_mapping.to(device), seq_lens_cpu_upper_bound=sl)
         return Batch(cm, kv_cache, query, keys, values, list(q_lens), seq_lens)
+
+    @staticmethod
+    def at(batch: Batch, q_lens: list, ctx_lens: list, seed: int = 0) -> Batch:
+        """The same requests, cache and K/V at another step: new queries and lengths (every position's K/V
+        was written by ``batch``, which must cover the new lengths)."""
+        from vllm.v1.attention.backend import CommonAttentionMetadata
+
+        g = torch.Generator().manual_seed(seed)
+        cm = batch.cm
+        device = cm.block_table_tensor.device
+        table = cm.block_table_tensor.cpu()
+        block_size = batch.kv_cache.shape[2]
+        seq_lens = [q + c for q, c in zip(q_lens, ctx_lens)]
+        assert all(s <= k.shape[1] for s, k in zip(seq_lens, batch.keys))
+        h, d = batch.query.shape[1:]
+        query = torch.randn(sum(q_lens), h, d, generator=g).to(batch.query.dtype).to(device)
+        qsl = torch.tensor([0] + q_lens).cumsum(0).to(torch.int32)
+        sl = torch.tensor(seq_lens, dtype=torch.int32)
+        slot_mapping = torch.cat([table[i, torch.arange(c, c + q) // block_size].long() * block_size
+                                  + torch.arange(c, c + q) % block_size
+                                  for i, (q, c) in enumerate(zip(q_lens, ctx_lens))])
+        new = CommonAttentionMetadata(
+            query_start_loc=qsl.to(device), query_start_loc_cpu=qsl, seq_lens=sl.to(device), num_reqs=len(q_lens),
+            num_actual_tokens=sum(q_lens), max_query_len=max(q_lens), max_seq_len=max(seq_lens),
+            block_table_tensor=cm.block_table_tensor, slot_mapping=slot_mapping.to(device),
+            seq_lens_cpu_upper_bound=sl)
+        return Batch(new, batch.kv_cache, query, batch.keys, batch.values, list(q_lens), seq_lens)
 
     @staticmethod
     def forward(builder, impl, batch: Batch, layer: int = 0) -> torch.Tensor:

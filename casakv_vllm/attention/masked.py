@@ -22,8 +22,9 @@ import time
 import torch
 
 from casakv_kernels.patterns import pattern_mask
-from casakv_vllm.compress.compact import compact_cpu, compact_gpu, plan_layer
+from casakv_vllm.compress.compact import compact_cpu, compact_gpu, plan_layer, tail_skip_bits
 from casakv_vllm.ops.paged import gather_kv
+from casakv_vllm.ops.probs import group_sum
 from casakv_vllm.ops.torch_attention import attend, decode_attention
 from casakv_vllm.plan.batch import RowPlan
 
@@ -87,8 +88,10 @@ def attend_row(row: RowPlan, query: torch.Tensor, kv: tuple[torch.Tensor, torch.
         o, probs = decode_attention(q, k, v, scale, allowed)
         if keep is not None and row.policy.caps.observes_decode:
             row.policy.observe(keep, probs)
-        elif keep is not None and keep.scores is not None:  # ranks a long generation's compaction events
-            keep.accumulate(probs)
+        elif keep is not None and row.compact and row.read is not None:  # a later event ranks by this query
+            step = group_sum(probs, keep.mask.shape[0]).reshape(keep.mask.shape[0], -1)
+            keep.rank = torch.zeros(keep.mask.shape, device=step.device)
+            keep.rank[:, :step.shape[1]] = step
     else:
         o = attend(q, k, v, ctx, scale, allowed)
     out[row.q_start:row.q_start + row.q_len] = o.transpose(0, 1).to(out.dtype)
@@ -101,26 +104,33 @@ def compact_row(row: RowPlan, layer: int, kv_cache: torch.Tensor, table_row: tor
                 layout: str, scratch: torch.Tensor | None = None) -> None:
     """After a compaction event's attention at ``layer``: move what the layer keeps of ``[shared, T)``
     into the compacted region; its keep-set (and scores) become columns of the new live layout, so later
-    steps read a prefix of them (``layout``: the cache's, ``ops.paged``).  On CUDA the region's empty slots of each head are noted in
+    steps read a prefix of them (``layout``: the cache's, ``ops.paged``).
+
+    A later event of a select-once policy whose region overflows keeps the tokens this step's query
+    attends to most (TOVA's rule; ``LayerKeep.rank``, set by ``attend_row``).  In casakv's K|V layout
+    (CUDA) each head's empty region slots and its first tail block's evicted tokens are noted in
     ``state.holes`` (what the decode kernel skips)."""
     t0 = time.perf_counter()
     state = row.state
     keep = state.keep[layer]
-    step = plan_layer(keep.mask, state.compaction, row.read, row.compact_tail, keep.scores)
+    scores = keep.scores if keep.scores is not None else keep.rank
+    step = plan_layer(keep.mask, state.compaction, row.read, row.compact_tail, scores)
     if kv_cache.device.type == "cpu" and layout != "kv":
         compact_cpu(kv_cache, table_row, step, layout)
     else:
         compact_gpu(kv_cache, table_row, step, scratch)
-        if state.holes is None:
-            state.holes = torch.zeros(plan.num_layers, step.count.shape[0], 2, dtype=torch.int32,
-                                      device=kv_cache.device)
-        state.holes[layer, :, 0] = (step.count + step.shared).to(torch.int32)
-        state.holes[layer, :, 1] = state.compaction.head_end
     keep.pos = step.remap(keep.positions(keep.capacity), -1)
     keep.mask = step.remap(keep.mask, False)
+    keep.rank = None
     if keep.scores is not None:
         keep.scores = step.remap(keep.scores, 0.0)
-    elif state.compaction.chunk:  # later events rank what to keep by the decode steps' attention
-        keep.scores = torch.zeros(keep.mask.shape, device=keep.mask.device)
+    if layout == "kv":
+        terms = state.compaction
+        if state.holes is None:
+            state.holes = torch.zeros(plan.num_layers, step.count.shape[0], 3, dtype=torch.int32,
+                                      device=kv_cache.device)
+        state.holes[layer, :, 0] = (step.count + step.shared).to(torch.int32)
+        state.holes[layer, :, 1] = terms.head_end
+        state.holes[layer, :, 2] = tail_skip_bits(keep.mask, terms.head_end, terms.block_size)
     if plan.stats is not None:
         plan.stats.record_compaction(time.perf_counter() - t0)

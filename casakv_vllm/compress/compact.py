@@ -144,6 +144,18 @@ def compact_gpu(kv_cache: torch.Tensor, table_row: torch.Tensor, plan: LayerComp
     compact_kv(kv_cache, table_row.to(torch.int32).unsqueeze(0), keep, count, scratch)
 
 
+def tail_skip_bits(mask: torch.Tensor, head_end: int, block_size: int) -> torch.Tensor:
+    """``[Hkv]`` int32 for the decode kernel: bit ``i`` set where the first tail block's ``i``-th token
+    (live column ``head_end + i``, ``i < min(block_size, 32)``) is not kept.  Columns not made yet (tokens
+    to come) count as kept.  No host sync."""
+    n = min(block_size, 32)
+    cols = mask[:, head_end:head_end + n]
+    gone = torch.zeros(mask.shape[0], n, dtype=torch.int64, device=mask.device)
+    gone[:, :cols.shape[1]] = (~cols).to(torch.int64)
+    value = (gone << torch.arange(n, device=mask.device)).sum(1)
+    return torch.where(value >= 2 ** 31, value - 2 ** 32, value).to(torch.int32)
+
+
 def live_blocks(table_row: torch.Tensor, layout: LiveLayout, seq_len: int, block_size: int) -> torch.Tensor:
     """Physical ids of a compacted request's live blocks: ``[0, head_end)`` and ``[tail, seq_len)``."""
     return torch.cat([table_row[: layout.head_end // block_size],

@@ -79,16 +79,18 @@ def validate_startup_config(vllm_config) -> None:
 
 
 def _use_block_manager_plugin(vllm_config) -> None:
-    """Name casakv's scheduler (which carries the block-manager plugin) where it can serve: the CPU
-    platform (synchronous scheduling).  Elsewhere, or beside a scheduler of the user's own, evicting
-    policies only mask (``compaction_enabled`` tells the workers)."""
-    from casakv_vllm.integration.scheduler import PATH
+    """Name casakv's scheduler (which carries the block-manager plugin): the twin of vLLM's synchronous or
+    async scheduler, whichever vLLM chose.  Beside a scheduler of the user's own, evicting policies only
+    mask (``compaction_enabled`` tells the workers)."""
+    from casakv_vllm.config import EVICTING_DEVICES
+    from casakv_vllm.integration.scheduler import ASYNC_PATH, PATH
 
     sched = vllm_config.scheduler_config
-    if SERVER.device_type != "cpu" or getattr(sched, "async_scheduling", False):
+    if SERVER.device_type not in EVICTING_DEVICES:
         return
-    if sched.scheduler_cls not in (None, PATH):
+    ours = ASYNC_PATH if getattr(sched, "async_scheduling", False) else PATH
+    if sched.scheduler_cls not in (None, PATH, ASYNC_PATH):
         logger.warning("casakv: --scheduler-cls %s is set, so evicting policies mask without freeing blocks",
                        sched.scheduler_cls)
         return
-    sched.scheduler_cls = PATH
+    sched.scheduler_cls = ours

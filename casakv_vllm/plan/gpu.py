@@ -6,8 +6,9 @@ Built once per batch by the metadata builder; the layers only launch:
   kernel over each row's blocks (``decode_sel``: physical block ids and
   per-(row, KV head) valid counts, built once for all layers).  A compacted
   row whose policy selected once reads only its live blocks, minus each
-  layer and head's empty compacted slots (``holes``, ``[layers, rows, Hkv,
-  2]``, from the request's ``state.holes``);
+  layer and head's empty compacted slots and its first tail block's evicted
+  tokens (``holes``, ``[layers, rows, Hkv, 3]``, from the request's
+  ``state.holes``);
 - every row dense otherwise: the dense paged kernel;
 - any row with a pattern: the sparse paged kernel over one ``PatternBatch``
   of the whole batch (dense rows as full heads) and its tile index
@@ -15,15 +16,13 @@ Built once per batch by the metadata builder; the layers only launch:
   between layers.
 
 Evicting rows the kernels cannot express (``torch_rows``: a compaction
-event, eviction while generating, a long generation whose next event ranks by
-attention, any evicting decode row in a batch with prefill rows) are computed
+event, eviction or observation while generating (H2O, decode-scope
+streaming), tail blocks over 32 tokens, any evicting decode row in a batch
+with prefill rows) are computed
 again by ``attention.masked`` over their live blocks, after the kernel (their
 kernel output is overwritten; in a decode batch the kernel skips them).
 
 The decode workspace belongs to the builder (fixed addresses across batches).
-Not served yet: start-up and request validation still refuse evicting policies
-on CUDA, and only the CPU platform installs the block-manager plugin, until this
-path has run on a GPU (``tests/kernels/test_gpu_path.py`` does not drive it yet).
 """
 
 from __future__ import annotations
@@ -48,7 +47,7 @@ class GpuPlan:
     decode_sel: tuple[torch.Tensor, torch.Tensor] | None = None
     patterns: dict[int | None, PatternBatch] = field(default_factory=dict)  # layer (None: every layer) -> patterns
     index: dict[int | None, SparseIndex] = field(default_factory=dict)
-    holes: torch.Tensor | None = None  # [layers, rows, Hkv, 2] int32 (decode with compacted rows)
+    holes: torch.Tensor | None = None  # [layers, rows, Hkv, 3] int32 (decode with compacted rows)
     torch_rows: list[int] = field(default_factory=list)
 
     def layer_patterns(self, layer: int) -> tuple[PatternBatch, SparseIndex]:
@@ -98,17 +97,16 @@ def plan_gpu(plan: BatchPlan, query_start_loc: torch.Tensor, seq_lens: torch.Ten
 
 
 def _kernel_reads_compacted(row) -> bool:
-    """The decode kernel serves this evicting row: it was compacted before this step, by a policy that
-    selected once and will not compact it again (its keep-set is its region's first slots per head,
-    which ``state.holes`` describe), so it needs no per-step torch work."""
+    """The decode kernel serves this evicting row: it was compacted before this step (and this step is
+    not an event), by a policy that does no per-step work (it selected once: no decode observation, no
+    eviction while generating).  Its keep-set is then each head's first region slots, all later tokens
+    and its first tail block's kept tokens, which ``state.holes`` describe; the skip bits cover a tail
+    block of at most 32 tokens."""
     from casakv_vllm.policies.keep import KeepPolicy
 
     state = row.state
-    # the prompt's last partial block stays in the tail unmoved, masked by the keep-set: only a prompt
-    # that ends on a block boundary leaves the tail wholly kept
     return (row.read is not None and not row.compact and state.holes is not None
-            and row.prompt_len % state.compaction.block_size == 0
-            and not state.compaction.chunk and not row.policy.caps.observes_decode
+            and state.compaction.block_size <= 32 and not row.policy.caps.observes_decode
             and type(row.policy).evict is KeepPolicy.evict)
 
 
@@ -139,8 +137,9 @@ def live_physical_selection(block_table: torch.Tensor, seq_lens: torch.Tensor, b
 
 
 def _batch_holes(plan: BatchPlan, hole_rows: list, num_kv_heads: int, device) -> torch.Tensor:
-    """``[layers, rows, Hkv, 2]``: the compacted rows' empty slots per layer and head (``[0, 0)`` elsewhere)."""
-    holes = torch.zeros(plan.num_layers, len(plan.rows), num_kv_heads, 2, dtype=torch.int32, device=device)
+    """``[layers, rows, Hkv, 3]``: the compacted rows' empty slots and tail skip bits per layer and head
+    (nothing skipped elsewhere)."""
+    holes = torch.zeros(plan.num_layers, len(plan.rows), num_kv_heads, 3, dtype=torch.int32, device=device)
     rows = torch.tensor([r.index for r in hole_rows], dtype=torch.long).to(device, non_blocking=True)
     holes.index_copy_(1, rows, torch.stack([r.state.holes for r in hole_rows], 1))
     return holes

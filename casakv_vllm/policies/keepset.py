@@ -27,12 +27,16 @@ class LayerKeep:
             None while columns are positions.  Columns are live slots then:
             eviction rules that speak of positions (a recent window, sinks) read
             ``positions``.
+        rank: ``[Hkv, width]`` fp32, the attention of a compaction event's own query
+            (set for that step only): what a select-once policy keeps when its
+            compacted region overflows.
     """
 
     mask: torch.Tensor
     scores: torch.Tensor | None = None
     window: int | None = None
     pos: torch.Tensor | None = None
+    rank: torch.Tensor | None = None
 
     @classmethod
     def new(cls, prompt_keep: torch.Tensor, seq_len: int) -> "LayerKeep":

@@ -44,8 +44,9 @@ class RequestState:
         compaction: where its compacted region lies, once its blocks were compacted
             (``compress.rule``; only in its first life).
         layout: its live slots after the latest compaction event (``rule.LiveLayout``).
-        holes: CUDA, once compacted: ``[num_layers, Hkv, 2]`` int32, each layer and head's empty
-            slots ``[shared + kept, head_end)`` (what the decode kernel skips).
+        holes: CUDA, once compacted: ``[num_layers, Hkv, 3]`` int32, each layer and head's empty
+            slots ``[shared + kept, head_end)`` and the skip bits of its first tail block (what the
+            decode kernel skips).
         uid: process-unique number, for logs and tests.
     """
 

@@ -108,6 +108,8 @@ def build_parser() -> argparse.ArgumentParser:
     pk.add_argument("--vllm-kernel", metavar="DIR",
                     help="time vLLM's Triton kernel from a folder staged by scripts/stage_vllm_kernel.py "
                          "(default: the installed vLLM, if any)")
+    pk.add_argument("--sections", default="decode,prefill,compacted",
+                    help="comma-separated: decode, prefill, compacted (decode over 4x-compacted caches)")
     pk.set_defaults(func=_cmd_bench_kernels)
     pc = bench_sub.add_parser("cpu", help="casakv's CPU path vs vLLM's CPU backend through two real servers, side by side")
     pc.add_argument("--json", help="where to write the results JSON")
@@ -144,10 +146,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _cmd_bench_kernels(args: argparse.Namespace) -> int:
-    from casakv_vllm.tools.bench.kernels import run
+    from casakv_vllm.tools.bench.kernels import SECTIONS, run
 
+    sections = tuple(x.strip() for x in args.sections.split(",") if x.strip())
+    unknown = [x for x in sections if x not in SECTIONS]
+    if unknown or not sections:
+        print(f"casakv bench kernels: --sections takes {', '.join(SECTIONS)} (got {args.sections!r})", file=sys.stderr)
+        return 2
     run(Path(args.json), Path(args.md) if args.md else None, quick=args.quick, progress=lambda m: print(m, flush=True),
-        vllm_kernel=args.vllm_kernel)
+        vllm_kernel=args.vllm_kernel, sections=sections)
     return 0
 
 

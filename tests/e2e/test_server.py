@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from casakv_vllm.tools.greedy import chat_steps, divergence
+from casakv_vllm.tools.greedy import chat_steps, completion_steps, divergence
 
 pytestmark = pytest.mark.e2e
 
@@ -53,12 +53,17 @@ def test_concurrent_requests_match_sequential(casakv_server, prompts):
 
 
 def test_long_prompt_chunked_prefill_and_prefix_cache(casakv_server, prompts):
-    """A ~2k-token prompt is prefilled in 256-token chunks; the repeat hits the prefix cache."""
-    payload = {"model": "demo", "prompt": prompts[1], "max_tokens": 12, "temperature": 0.0}
+    """A ~2k-token prompt is prefilled in 256-token chunks; the repeat hits the prefix cache.
+
+    The repeat computes only the prompt's last tokens, over cached KV: its sums round differently from
+    the chunked prefill's, so the two may part only where the top two tokens are nearly tied (seen at
+    block size 16: a gap of 0.125 nats against 0.0)."""
+    payload = {"model": "demo", "prompt": prompts[1], "max_tokens": 12, "temperature": 0.0, "logprobs": 3}
     first = casakv_server.post("/v1/completions", payload)
     assert first["usage"]["prompt_tokens"] > 1000
     second = casakv_server.post("/v1/completions", payload)
-    assert second["choices"][0]["text"] == first["choices"][0]["text"]
+    d = divergence(completion_steps(second), completion_steps(first))
+    assert d is None or d.is_near_tie(0.5), d
     hits = _metric(casakv_server, r"^vllm:prefix_cache_hits_total\{[^}]*\} ([0-9.e+]+)")
     assert hits > 1000
 

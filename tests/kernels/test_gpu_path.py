@@ -8,6 +8,7 @@ small shapes (the impl would pick its CPU path there, so the test calls the plan
 directly)."""
 
 import random
+from dataclasses import dataclass
 
 import pytest
 import torch
@@ -35,16 +36,24 @@ CASES = {
 }
 
 
-def _gpu_forward(harness, builder, impl, batch):
-    if CUDA:
-        return harness.forward(builder, impl, batch)
+def _gpu_forward(harness, builder, impl, batch, with_plan=False):
+    """The planned GPU layer: ``impl.forward`` on CUDA, its GPU path on CPU tensors elsewhere."""
     from casakv_vllm.attention.gpu import run_layer_gpu
 
-    md = builder.build(0, batch.cm)  # a CPU builder: plan the batch for the GPU path as a CUDA one would
-    builder._plan_gpu(md.plan, batch.cm, md.seq_lens, md.block_table)
+    md = builder.build(0, batch.cm)
+    if not CUDA:  # a CPU builder: plan the batch for the GPU path as a CUDA one would
+        builder._plan_gpu(md.plan, batch.cm, md.seq_lens, md.block_table)
     out = torch.full_like(batch.query, float("nan"))
-    run_layer_gpu(batch.query, batch.kv_cache, md, 0, impl.scale, out)
-    return out
+    if CUDA:
+        impl.forward(_Layer("model.layers.0.self_attn.attn"), batch.query, None, None, batch.kv_cache, md, out)
+    else:
+        run_layer_gpu(batch.query, batch.kv_cache, md, 0, impl.scale, out)
+    return (out, md) if with_plan else out
+
+
+@dataclass
+class _Layer:
+    layer_name: str
 
 
 @pytest.mark.parametrize("case", list(CASES))
@@ -238,3 +247,90 @@ def test_builder_plans_wide_tiles_on_the_sparse_only_promise():
         wide = (ix.block_q, ix.block_n) == (sparse_prefill.WIDE_TILES[0] // 4, sparse_prefill.WIDE_TILES[1])
         assert wide == (not with_dense) and gp.patterns[None].sparse_only == (not with_dense)
         assert keep
+
+
+# Evicting policies with real freeing: a compacting request beside a dense one, prefilled, then decoded
+# through two compaction events (the first decode step, and ``chunk_size`` tokens later).
+EVICTING = {
+    "snapkv": {"policy": "snapkv", "kv_ratio": 0.25},
+    # a window shorter than the prompt's last partial block: some of its tokens go (the tail skip bits)
+    "snapkv-short-window": {"policy": "snapkv", "kv_ratio": 0.25, "policy_params": {"window": 3}},
+    "pyramidkv": {"policy": "pyramidkv", "kv_ratio": 0.25},
+    "adakv": {"policy": "adakv", "kv_ratio": 0.25},
+    "h2o": {"policy": "h2o", "kv_budget": 64},
+    "streaming-decode": {"policy": "streaming", "kv_budget": 64, "policy_params": {"scope": "decode"}},
+}
+CHUNK = 16
+
+
+def _decode_sequence(harness, server, device, gpu_path, prompts, steps):
+    """Per step: (output rows [2, H, D] fp32 on the CPU, rows the kernel did not serve or None)."""
+    import casakv_vllm.ops.custom  # noqa: F401
+    from casakv_vllm.integration.context import worker_context
+    from casakv_vllm.observe.store import ObservationStore
+
+    h, hkv, d = SHAPE
+    vc = harness.config({**server, "chunk_size": CHUNK}, num_heads=h, num_kv_heads=hkv, head_size=d, device=device,
+                        compaction=True)
+    builder, impl = harness.backend(vc, BS, device)
+    worker_context().observations = ObservationStore()  # each run records its own prompts
+    params = harness.requests([(prompts[0], None), (prompts[1], {"casakv_policy": "dense"})])
+    table = worker_context().requests
+    writer = (lambda k, v, c, s: torch.ops.casakv.reshape_and_cache(k, v, c, s)) if gpu_path else None
+    full = harness.batch(impl, [1, 1], [p + steps - 1 for p in prompts], BS, torch.bfloat16, device, seed=11,
+                         writer=writer)
+    forward = (lambda b: _gpu_forward(harness, builder, impl, b, with_plan=True)) if gpu_path else (
+        lambda b: (harness.forward(builder, impl, b), None))
+    results, freed = [], set()
+    for i in range(-1, steps):
+        b = harness.at(full, list(prompts) if i < 0 else [1, 1], [0, 0] if i < 0 else [p + i for p in prompts],
+                       seed=100 + i)
+        out, md = forward(b)
+        results.append((out.float().cpu(), md.plan.gpu.torch_rows if md is not None else None))
+        if gpu_path and CUDA and i == steps - 1 and not md.plan.gpu.torch_rows:
+            _check_graph_replay(impl, b, md, out)
+        state = table.rows[0]
+        terms = state.compaction
+        if terms is not None:  # the scheduler frees once the step settled: another request's blocks now
+            tail = terms.settled_tail(b.seq_lens[0])
+            for blk in range(terms.head_end // BS, tail // BS):
+                if blk not in freed:
+                    freed.add(blk)
+                    full.kv_cache[b.cm.block_table_tensor[0, blk].long()] = float("nan")
+    assert params and freed, "the compacting request freed no block"
+    return results
+
+
+def _check_graph_replay(impl, batch, md, eager):
+    """A kernel-served decode step of a compacted request, captured in a CUDA graph, replays what eager
+    computed (every index it reads was planned by the builder; no host sync in the launch)."""
+    out = torch.full_like(batch.query, float("nan"))
+    layer = _Layer("model.layers.0.self_attn.attn")
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        impl.forward(layer, batch.query, None, None, batch.kv_cache, md, out)
+    out.fill_(float("nan"))
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(out, eager)
+
+
+@pytest.mark.parametrize("policy", list(EVICTING) if CUDA else ["snapkv-short-window", "h2o"])
+def test_compacted_decode_matches_the_torch_path(harness, policy):
+    """The CUDA path (keep-sets chosen on the device, compaction, the decode kernel over the live blocks
+    with each head's hole and tail skip bits) gives the torch path's outputs at every step, through two
+    compaction events, with the freed blocks poisoned after each; a select-once policy's steps between
+    events run on the kernel."""
+    prompts, steps = ((1005, 333) if CUDA else (205, 90)), CHUNK + 4  # the first ends mid-block
+    server = EVICTING[policy]
+    ours = _decode_sequence(harness, server, DEVICE, True, prompts, steps)
+    ref = _decode_sequence(harness, server, "cpu", False, prompts, steps)
+    for i, ((got, torch_rows), (want, _)) in enumerate(zip(ours, ref)):
+        err = (got - want).norm() / want.norm()
+        assert torch.isfinite(got).all() and err < 1e-2, f"step {i - 1}: rel err {err:.2e}"
+    kernel_steps = [i for i, (_, rows) in enumerate(ours[1:]) if 0 not in rows]
+    events = {0, CHUNK}  # decode steps that compact (torch rows)
+    if policy in ("h2o", "streaming-decode"):  # per-step eviction: torch
+        assert not kernel_steps
+    else:
+        assert set(kernel_steps) == set(range(steps)) - events, kernel_steps

@@ -411,26 +411,34 @@ def test_sparse_decode_cuda_graph(dtype, num_splits):
 @pytest.mark.parametrize("physical,num_splits", [(False, 1), (True, 1), (True, 3), (False, 4)])
 def test_sparse_decode_skips_each_heads_hole(physical, num_splits):
     """A compacted request's empty slots: a per-(row, KV head) range of the selected token stream is
-    not attended.  The hole's slots hold NaN, so a stray read shows; holes may be empty, span blocks
-    and split boundaries, or start at 0."""
+    not attended, nor the tokens right after it whose skip bit is set (its tail block's evicted
+    tokens).  Skipped slots hold NaN, so a stray read shows; holes may be empty, span blocks and split
+    boundaries, or start at 0."""
     seq_lens, hkv, bs = [45, 70, 9], 2, 4
     case = _make_case(seq_lens, hkv, 2, 16, bs, torch.bfloat16, "contiguous", ["random", "all", "first_last"],
                       seed=5)
     gen = torch.Generator().manual_seed(7)
-    hole = torch.zeros(len(seq_lens), hkv, 2, dtype=torch.int32)
+    hole = torch.zeros(len(seq_lens), hkv, 3, dtype=torch.int32)
     cache = case["kv_cache"]
     for r, s in enumerate(seq_lens):
         for h in range(hkv):
             pos = selected_positions(case["sel_blocks"][r, h], int(case["sel_count"][r, h]), bs, s)
             n = pos.numel()
             lo = int(torch.randint(0, n, (1,), generator=gen)) if (r + h) % 3 else 0
-            hi = min(n - 1, lo + int(torch.randint(0, 2 * bs + 3, (1,), generator=gen)))  # keeps a token
-            hole[r, h] = torch.tensor([lo, max(lo, hi)])
-            gone = pos[lo:max(lo, hi)].to(DEVICE)
-            phys = case["block_table"][r].long()[gone // bs]
-            cache[phys, h, gone % bs] = float("nan")
+            hi = max(lo, min(n - 1, lo + int(torch.randint(0, 2 * bs + 3, (1,), generator=gen))))
+            bits = int(torch.randint(0, 1 << bs, (1,), generator=gen))
+            idx = torch.arange(n)
+            after = idx - hi
+            gone = ((idx >= lo) & (idx < hi)) | ((after >= 0) & (after < bs) & ((bits >> after.clamp(0, 31)) & 1 == 1))
+            if gone.all():  # keep a token
+                bits = 0
+                gone = (idx >= lo) & (idx < hi)
+            hole[r, h] = torch.tensor([lo, hi, bits])
+            p = pos[gone].to(DEVICE)
+            phys = case["block_table"][r].long()[p // bs]
+            cache[phys, h, p % bs] = float("nan")
     case["hole"] = hole.to(DEVICE)
     ref, ref_lse = sparse_paged_decode_ref(**case, return_lse=True)
     out, lse = _run(case, num_splits=num_splits, physical=physical)
     _check(out, ref, torch.bfloat16, lse, ref_lse)
-    assert (hole[..., 1] > hole[..., 0]).any()
+    assert (hole[..., 1] > hole[..., 0]).any() and (hole[..., 2] != 0).any()

@@ -72,3 +72,14 @@ def test_markdown_has_peer_and_copy_columns():
     assert decode["copy frac"] == "0.69" and decode["HBM frac"] == "0.38" and decode["vLLM"] == "-"
     assert decode["read frac"] == "0.67" and prefill["read frac"] == "-"
     assert prefill["vLLM"] == "113.000" and prefill["vLLM/casakv"] == "5.95" and prefill["copy frac"] == "-"
+
+
+def test_markdown_has_the_compacted_decode_table():
+    row = dict(kind="decode-compacted", seq_len=131072, batch=16, ratio=0.25, dense_ms=4.0, compacted_ms=1.0,
+               speedup=4.0, dense_bytes=8_589_934_592, compacted_bytes=2_147_483_648, dense_hbm_fraction=0.5,
+               compacted_hbm_fraction=0.5, rel_err=1e-3, compact_layer_ms=0.2, compact_share=0.0125)
+    doc = {"gpu": "GPU", "command": "cmd", "torch": "t", "triton": "tr", "copy_TBps": 4.0, "results": [],
+           "compacted": [row]}
+    text = kernels.markdown(doc)
+    line = next(x for x in text.splitlines() if x.startswith("| 131072"))
+    assert "| 4.00 |" in line and "1.250%" in line and "## Decode over a 4x-compacted cache" in text

@@ -52,10 +52,14 @@ def test_streaming_is_served_on_cuda():
     """Bug: the device check read class attributes, and StreamingPolicy's class says it evicts."""
     assert device_support_error(CasakvConfig(policy="streaming", kv_budget=64), "cuda") is None
     assert device_support_error(CasakvConfig(policy="dense"), "cuda") is None
-    assert "evicts" in device_support_error(
-        CasakvConfig(policy="streaming", kv_budget=64, policy_params={"scope": "decode"}), "cuda")
-    assert "evicts" in device_support_error(CasakvConfig(policy="snapkv", kv_budget=64), "cuda")
-    assert device_support_error(CasakvConfig(policy="snapkv", kv_budget=64), "cpu") is None
+
+
+def test_evicting_policies_are_served_on_cpu_and_cuda_only():
+    for cfg in (CasakvConfig(policy="streaming", kv_budget=64, policy_params={"scope": "decode"}),
+                CasakvConfig(policy="snapkv", kv_budget=64), CasakvConfig(policy="h2o", kv_ratio=0.25)):
+        assert device_support_error(cfg, "cuda") is None and device_support_error(cfg, "cpu") is None
+        assert "evicts" in device_support_error(cfg, "xpu")
+    assert device_support_error(CasakvConfig(policy="streaming", kv_budget=64), "xpu") is None
 
 
 def test_a_request_naming_the_server_policy_gets_the_server_policy_object():

@@ -78,6 +78,17 @@ MERGE_PDL = True
 
 
 @triton.jit
+def _outside_hole(t, lo, hi, skip_bits, BLOCK_SIZE: tl.constexpr):
+    """Stream tokens ``t`` that are read: outside ``[lo, hi)``, and not the tokens ``hi + i``
+    (``i < min(BLOCK_SIZE, 32)``) whose bit ``i`` of ``skip_bits`` is set (a compacted request's tail
+    block, partly evicted)."""
+    after = t - hi
+    in_bits = (after >= 0) & (after < BLOCK_SIZE) & (after < 32)
+    skipped = in_bits & (((skip_bits >> tl.minimum(tl.maximum(after, 0), 31)) & 1) != 0)
+    return ((t < lo) | (t >= hi)) & ~skipped
+
+
+@triton.jit
 def _sparse_decode_split_kernel(
     out_ptr,  # [R, num_heads, head_size] (written only if SINGLE_SPLIT)
     lse_ptr,  # [R, num_heads] fp32 (written only if SINGLE_SPLIT and WRITE_LSE)
@@ -90,7 +101,7 @@ def _sparse_decode_split_kernel(
     seq_lens_ptr,  # [R] int32
     sel_blocks_ptr,  # [R, num_kv_heads, MAXSEL] int32 logical block ids
     sel_count_ptr,  # [R, num_kv_heads] int32
-    hole_ptr,  # [R, num_kv_heads, 2] int32 (read only if HAS_HOLE)
+    hole_ptr,  # [R, num_kv_heads, 3] int32 (read only if HAS_HOLE): lo, hi, skip bits after hi
     qk_scale,  # softmax scale * log2(e)
     num_splits,  # int (runtime: one compile serves every split count)
     stride_q_tok, stride_q_head, stride_q_d,
@@ -115,7 +126,8 @@ def _sparse_decode_split_kernel(
     PHYS_SEL: tl.constexpr,  # sel_blocks hold physical block ids
     PAGE_LOADS: tl.constexpr,  # PHYS_SEL: one id per page (see _load_kv_tile)
     PDL: tl.constexpr,  # the merge kernel is a programmatic dependent launch
-    HAS_HOLE: tl.constexpr,  # skip the stream tokens [hole[0], hole[1]) of each (row, KV head)
+    HAS_HOLE: tl.constexpr,  # skip the stream tokens [hole[0], hole[1]) of each (row, KV head), and
+    # the token hole[1] + i where bit i of hole[2] is set (i < min(BLOCK_SIZE, 32))
 ):
     if PDL:  # the merge grid may launch now; it waits for this grid's end
         tl.extra.cuda.gdc_launch_dependents()
@@ -167,6 +179,7 @@ def _sparse_decode_split_kernel(
         hole_row = hole_ptr + seq.to(tl.int64) * stride_h_seq + kv_head * stride_h_head
         hole_lo = tl.load(hole_row) - sel_start * BLOCK_SIZE  # in this slice's token coordinates
         hole_hi = tl.load(hole_row + 1) - sel_start * BLOCK_SIZE
+        hole_bits = tl.load(hole_row + 2)  # tokens skipped right after the hole
 
     for t0 in range(0, n_tok, BLOCK_N):
         if PHYS_SEL:  # the slice is this program's block table
@@ -175,8 +188,7 @@ def _sparse_decode_split_kernel(
                                  HEAD_SIZE, BLOCK_SIZE, BLOCK_N, BLOCK_D, True, PAGE_LOADS)
             valid = t0 + tl.arange(0, BLOCK_N) < kv_end
             if HAS_HOLE:
-                t_slice = t0 + tl.arange(0, BLOCK_N)
-                valid = valid & ((t_slice < hole_lo) | (t_slice >= hole_hi))
+                valid = valid & _outside_hole(t0 + tl.arange(0, BLOCK_N), hole_lo, hole_hi, hole_bits, BLOCK_SIZE)
             v = tl.where(valid[:, None], v, 0.0)
         else:
             offs_t = t0 + tl.arange(0, BLOCK_N)
@@ -186,7 +198,7 @@ def _sparse_decode_split_kernel(
             in_blk = offs_t % BLOCK_SIZE
             valid = t_mask & (lblk * BLOCK_SIZE + in_blk < seq_len)
             if HAS_HOLE:
-                valid = valid & ((offs_t < hole_lo) | (offs_t >= hole_hi))
+                valid = valid & _outside_hole(offs_t, hole_lo, hole_hi, hole_bits, BLOCK_SIZE)
             phys = tl.load(bt_row + lblk * stride_bt_blk, mask=valid, other=0).to(tl.int64)
             tok_off = phys * stride_c_blk + head_off + in_blk.to(tl.int64) * stride_c_tok
             kv_mask = valid[:, None] & d_mask[None, :]
@@ -363,7 +375,7 @@ def sparse_paged_decode(
     num_stages: int = 3,
     sel_physical: bool = False,
     pdl: bool | None = None,
-    hole: torch.Tensor | None = None,  # [R, num_kv_heads, 2] int32
+    hole: torch.Tensor | None = None,  # [R, num_kv_heads, 3] int32
 ) -> torch.Tensor:
     """Decode attention of ``query`` over the selected blocks only; writes
     ``out`` (and ``lse``, natural log) rows ``0 .. R-1`` and returns ``out``.
@@ -376,9 +388,11 @@ def sparse_paged_decode(
     (:func:`physical_selection`), which saves the kernel one dependent load
     per tile.  ``pdl``: launch the merge as a programmatic dependent launch
     (default: ``MERGE_PDL`` on Hopper and newer, for one-wave split grids).
-    ``hole``: per (row, KV head) a range ``[lo, hi)`` of the row's selected
-    token stream (the tokens of its selected blocks, in order, counted from 0)
-    that is not attended: a compacted request's empty slots
+    ``hole``: per (row, KV head) ``(lo, hi, skip_bits)``: the range ``[lo, hi)``
+    of the row's selected token stream (the tokens of its selected blocks, in
+    order, counted from 0) is not attended, nor the token ``hi + i`` where bit
+    ``i`` of ``skip_bits`` is set (``i < min(block_size, 32)``): a compacted
+    request's empty slots and the evicted tokens of its first tail block
     (``casakv_vllm.compress``).  CUDA-graph capturable when ``workspace`` is
     given.
     """
@@ -393,7 +407,7 @@ def sparse_paged_decode(
     if lse is not None:
         assert lse.dtype == torch.float32 and lse.shape[1] == num_heads
     if hole is not None:
-        assert hole.dtype == torch.int32 and hole.shape == (num_seqs, num_kv_heads, 2) and hole.stride(2) == 1
+        assert hole.dtype == torch.int32 and hole.shape == (num_seqs, num_kv_heads, 3) and hole.stride(2) == 1
     if num_seqs == 0:
         return out
     max_sel = sel_blocks.shape[2]

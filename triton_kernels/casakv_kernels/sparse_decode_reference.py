@@ -26,7 +26,8 @@ def sparse_paged_decode_ref(
     sel_count: torch.Tensor,  # [R, num_kv_heads]
     scale: float,
     return_lse: bool = False,
-    hole: torch.Tensor | None = None,  # [R, num_kv_heads, 2]: skipped range of the selected token stream
+    hole: torch.Tensor | None = None,  # [R, num_kv_heads, 3]: skipped range of the selected token stream,
+    # then skip bits of the tokens right after it
 ):
     """fp32 attention of each request's decode query over exactly the
     positions of its selected blocks (per KV head; query head ``h`` uses KV
@@ -47,9 +48,12 @@ def sparse_paged_decode_ref(
         for h in range(num_kv_heads):
             pos = selected_positions(sel_blocks[r, h], counts[r][h], block_size, lens[r])
             if holes is not None:  # stream index i is the i-th selected position
-                lo, hi = holes[r][h]
+                lo, hi, bits = holes[r][h]
                 idx = torch.arange(pos.numel())
-                pos = pos[(idx < lo) | (idx >= hi)]
+                after = idx - hi
+                skipped = (after >= 0) & (after < min(block_size, 32)) & (
+                    ((torch.tensor(bits, dtype=torch.int64) >> after.clamp(0, 31)) & 1) != 0)
+                pos = pos[((idx < lo) | (idx >= hi)) & ~skipped]
             if pos.numel() == 0:
                 continue
             pos = pos.to(kv_cache.device)

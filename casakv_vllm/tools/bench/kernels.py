@@ -26,13 +26,12 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-import triton
-import triton.language as tl
 
-HQ, HKV, D, PAGE = 32, 8, 128, 16
-DTYPE = torch.bfloat16
+from casakv_vllm.tools.bench.gpu_timing import (D, DTYPE, HKV, HQ, PAGE, ROTATE, _bench,  # noqa: F401
+                                                _copy_bandwidth, bench_graph, copy_same_bytes, paged_kv,
+                                                read_same_bytes, rel_err)
+
 SINK, WINDOW, VS_WINDOW, VS_EVERY, VS_BLOCK = 128, 4096, 1024, 16, 128
-ROTATE = 8  # decode: selections timed in rotation (see bench_graph)
 PAIR_ROUNDS = 3  # prefill: casakv and Flex timed alternately this many times (see bench_pair)
 
 
@@ -72,46 +71,6 @@ class Result:
     mem_efficient_rel_err: float | None = None  # its output vs casakv's
 
 
-def _bench(fn, rep_ms: int = 200) -> float:
-    from triton.testing import do_bench
-
-    return float(do_bench(fn, warmup=25, rep=rep_ms, return_mode="median"))
-
-
-def bench_graph(fns, reps: int = 20, rounds: int = 4) -> float:
-    """Median ms per call of ``fns`` (calls over different data, in rotation)
-    captured back to back in one CUDA graph, ``rounds`` times over.
-
-    Decode steps are tiny (tens of us) and are replayed from CUDA graphs in
-    vLLM; timing graph replays leaves out the host's launch overhead, which
-    otherwise shows up as idle GPU time between events.  The rotation keeps
-    the next call's data out of L2 when one call's data would fit there.
-    """
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for f in fns:  # compile / autotune outside the capture
-            f()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(rounds):
-            for f in fns:
-                f()
-    graph.replay()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        graph.replay()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b) / (rounds * len(fns)))
-    del graph
-    return float(sorted(times)[len(times) // 2])
-
-
 def bench_pair(ours, peer, rep_ms: int, rounds: int = PAIR_ROUNDS) -> tuple[list[float], list[float] | None]:
     """Time ``ours`` and ``peer`` alternately, ``rounds`` times each
     (``do_bench`` medians), so drift in clocks or temperature during the run
@@ -139,65 +98,6 @@ def _try_bench(fn, rep_ms: int) -> float | None:
     except Exception as err:  # noqa: BLE001  (inductor/triton errors of the peer, reported as missing)
         print(f"  peer failed: {type(err).__name__}: {str(err).splitlines()[0][:160]}")
         return None
-
-
-def copy_same_bytes(nbytes: int, rotate: int = ROTATE) -> float:
-    """ms of a device copy moving ``nbytes`` through HBM (half read, half
-    written), graph-replayed over ``rotate`` buffer pairs (one pair above
-    256 MB, which L2 cannot hold anyway), as the decode calls are timed."""
-    half = max(1, nbytes // 4)  # bf16 elements per side
-    pairs = [(torch.randn(half, dtype=DTYPE, device="cuda"), torch.empty(half, dtype=DTYPE, device="cuda"))
-             for _ in range(rotate if nbytes < 256 * 1024**2 else 1)]
-    ms = bench_graph([lambda a=a, b=b: b.copy_(a) for a, b in pairs])
-    del pairs
-    torch.cuda.empty_cache()
-    return ms
-
-
-@triton.jit
-def _read_kernel(x_ptr, o_ptr, n, per, BLOCK: tl.constexpr):
-    """Sums its slice ``[pid * per, (pid + 1) * per)`` of ``x`` (so nothing
-    is optimised away) and writes one float."""
-    start = tl.program_id(0).to(tl.int64) * per  # int64: multi-GB cells pass 2**31 elements
-    acc = tl.zeros([BLOCK], dtype=tl.float32)
-    for i in range(start, tl.minimum(start + per, n), BLOCK):
-        offs = i + tl.arange(0, BLOCK)
-        acc += tl.load(x_ptr + offs, mask=offs < n, other=0.0).to(tl.float32)
-    tl.store(o_ptr + tl.program_id(0), tl.sum(acc, 0))
-
-
-def read_same_bytes(nbytes: int, rotate: int = ROTATE, programs=(264, 528, 1056)) -> float:
-    """Best ms of one read-only launch over ``nbytes`` contiguous bytes,
-    graph-replayed over ``rotate`` buffers (one above 256 MB) like the
-    decode calls: how fast any single launch can read that much."""
-    n = max(1, nbytes // 2)  # bf16 elements
-    bufs = [torch.randn(n, dtype=DTYPE, device="cuda") for _ in range(rotate if nbytes < 256 * 1024**2 else 1)]
-    best = None
-    for progs in programs:
-        per = triton.cdiv(triton.cdiv(n, progs), 4096) * 4096
-        o = torch.empty(progs, device="cuda")
-        ms = bench_graph([lambda x=x: _read_kernel[(progs,)](x, o, n, per, BLOCK=4096, num_warps=8) for x in bufs])
-        best = ms if best is None else min(best, ms)
-    del bufs
-    torch.cuda.empty_cache()
-    return best
-
-
-def _copy_bandwidth() -> float:
-    a = torch.randn(512 * 1024**2, dtype=DTYPE, device="cuda")  # 1 GiB
-    b = torch.empty_like(a)
-    ms = _bench(lambda: b.copy_(a))
-    del a, b
-    return 2 * 512 * 1024**2 * 2 / (ms / 1e3)
-
-
-def paged_kv(batch: int, n: int, gen: torch.Generator):
-    """Random paged cache [blocks, HKV, PAGE, 2D] (HND) and a random block table."""
-    per_seq = n // PAGE
-    nblk = batch * per_seq + 1
-    kv = torch.randn(nblk, HKV, PAGE, 2 * D, dtype=DTYPE, device="cuda", generator=gen)
-    perm = torch.randperm(nblk - 1, device="cuda", generator=gen)[: batch * per_seq] + 1
-    return kv, perm.view(batch, per_seq).to(torch.int32)
 
 
 def contiguous_kv(kv, table):
@@ -282,10 +182,6 @@ def _mem_efficient(qb: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: b
 
 def triton_cdiv(a: int, b: int) -> int:
     return -(-a // b)
-
-
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a.float() - b.float()).norm() / b.float().norm())
 
 
 def _add_vllm(res: Result, vllm_attn, q, kv, table, qsl, seq_lens, max_q: int, scale: float, ours, timer) -> None:
@@ -455,8 +351,11 @@ def bench_decode(n: int, batch: int, flex, gen, copy_bps: float, rep_ms: int, vl
     return results
 
 
+SECTIONS = ("decode", "prefill", "compacted")
+
+
 def run(json_path: Path, md_path: Path | None, quick: bool = False, progress=print,
-        command: str = "casakv bench kernels", vllm_kernel: str | None = None) -> dict:
+        command: str = "casakv bench kernels", vllm_kernel: str | None = None, sections=SECTIONS) -> dict:
     if not torch.cuda.is_available():
         raise SystemExit("casakv bench kernels needs a CUDA GPU (this machine has none)")
     from torch.nn.attention.flex_attention import flex_attention
@@ -474,23 +373,31 @@ def run(json_path: Path, md_path: Path | None, quick: bool = False, progress=pri
 
     vllm_attn = load(vllm_kernel)
     progress("vLLM's unified_attention: " + ("timed as a peer" if vllm_attn else "not available"))
+    from casakv_vllm.tools.bench.compacted import bench_compacted
+
     results: list[Result] = []
+    compacted: list = []
     prefill_lens = (8192,) if quick else (8192, 32768, 131072)
     decode_cases = ((32768, 1),) if quick else ((32768, 1), (32768, 16), (131072, 1), (131072, 16))
+    compacted_cases = ((32768, 1),) if quick else tuple((n, b) for n in (32768, 131072) for b in (1, 16, 64))
     # decode first (cheap), then prefill; results are written after every step
-    steps = [("decode", n, b) for n, b in decode_cases] + [("prefill", n, 1) for n in prefill_lens]
+    steps = ([("decode", n, b) for n, b in decode_cases if "decode" in sections]
+             + [("compacted", n, b) for n, b in compacted_cases if "compacted" in sections]
+             + [("prefill", n, 1) for n in prefill_lens if "prefill" in sections])
     for kind, n, b in steps:
         if kind == "decode":
             results += bench_decode(n, b, flex, gen, copy_bps, rep, vllm_attn)
+        elif kind == "compacted":
+            compacted.append(bench_compacted(n, b, gen, copy_bps))
         else:
             results += bench_prefill(n, ("causal", "a-shape", "vertical-slash"), flex, gen, rep, vllm_attn)
         progress(f"{kind} N={n} B={b} done ({time.time() - t0:.0f}s)")
-        _write(json_path, md_path, results, copy_bps, t0, command)
-    return _write(json_path, md_path, results, copy_bps, t0, command)
+        _write(json_path, md_path, results, copy_bps, t0, command, compacted)
+    return _write(json_path, md_path, results, copy_bps, t0, command, compacted)
 
 
 def _write(json_path: Path, md_path: Path | None, results: list[Result], copy_bps: float, t0: float,
-           command: str = "casakv bench kernels") -> dict:
+           command: str = "casakv bench kernels", compacted: list | None = None) -> dict:
     import triton
 
     doc = {
@@ -500,6 +407,7 @@ def _write(json_path: Path, md_path: Path | None, results: list[Result], copy_bp
         "python": platform.python_version(), "copy_TBps": copy_bps / 1e12,
         "shape": {"q_heads": HQ, "kv_heads": HKV, "head_dim": D, "dtype": "bfloat16", "block_size": PAGE},
         "results": [asdict(r) for r in results],
+        "compacted": [asdict(r) for r in compacted or []],
         "wall_s": time.time() - t0,
     }
     json_path.parent.mkdir(parents=True, exist_ok=True)
@@ -535,6 +443,10 @@ def markdown(doc: dict) -> str:
             num(vl / ours if vl else None, ".2f"), num(r["hbm_fraction"], ".2f"),
             num(r.get("copy_same_fraction"), ".2f"), num(r.get("read_same_fraction"), ".2f"),
             f"{r['rel_err']:.1e} |"]))
+    if doc.get("compacted"):
+        from casakv_vllm.tools.bench.compacted import markdown as compacted_markdown
+
+        lines += compacted_markdown(doc["compacted"])
     return "\n".join(lines) + "\n"
 
 
@@ -548,9 +460,11 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--md")
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--vllm-kernel", help="folder staged by scripts/stage_vllm_kernel.py (vLLM's Triton kernel)")
+    ap.add_argument("--sections", default=",".join(SECTIONS), help=f"comma-separated subset of {','.join(SECTIONS)}")
     a = ap.parse_args(argv)
     run(Path(a.json), Path(a.md) if a.md else None, quick=a.quick, progress=lambda m: print(m, flush=True),
-        command="python -m casakv_vllm.tools.bench.kernels", vllm_kernel=a.vllm_kernel)
+        command="python -m casakv_vllm.tools.bench.kernels", vllm_kernel=a.vllm_kernel,
+        sections=tuple(x.strip() for x in a.sections.split(",") if x.strip()))
 
 
 if __name__ == "__main__":
