@@ -53,19 +53,19 @@ class H2OPolicy(KeepPolicy):
         return state
 
     def evict(self, keep: LayerKeep, layer: int, prompt_len: int, seq_len: int, width: int) -> None:
+        """Per head, the ``over`` candidates with the least accumulated attention leave (ties: the
+        earliest column); all heads at once, with no host sync."""
         budget = self.decode_budget(layer, prompt_len)
         mask, acc = keep.mask, keep.scores
         mask[:, width:] = False  # not yet generated
         mask[:, width - 1] = True
-        over = mask[:, :width].sum(1) - budget
-        if int(over.max()) <= 0:
-            return
+        over = (mask[:, :width].sum(1) - budget).clamp_min(0)
         recent = self.recent(budget)
         candidates = mask[:, :width] & (keep.positions(width) < seq_len - recent)
         score = acc[:, :width].masked_fill(~candidates, float("inf"))
-        for head in torch.nonzero(over > 0).flatten().tolist():
-            idx = torch.topk(score[head], int(over[head]), largest=False).indices
-            mask[head, idx] = False
+        order = torch.sort(score, dim=1, stable=True).indices
+        rank = torch.empty_like(order).scatter_(1, order, torch.arange(width, device=order.device).expand_as(order))
+        mask[:, :width] &= ~(candidates & (rank < over.unsqueeze(1)))
 
     def observe(self, keep: LayerKeep, probs: torch.Tensor) -> None:
         keep.accumulate(probs)
