@@ -45,6 +45,10 @@ class CasakvConfig(BaseModel):
     policy_params: dict[str, Any] = Field(default_factory=dict, description="parameters of the chosen policy")
     chunk_size: int | None = Field(256, ge=16, description="generated tokens between compactions of an "
                                    "evicting policy's cache (null: compact once, when decoding starts)")
+    prefill_compression: bool = Field(False, description="compress the KV of a long prompt while it is prefilled, "
+                                      "every chunk_size tokens, ranked by each prefill chunk's last queries "
+                                      "(CASAK-V's chunk-wise compression: the prompt is then attended through "
+                                      "its compressed KV)")
     metrics: bool = Field(True, description="export casakv_* Prometheus series")
 
     @field_validator("policy")
@@ -68,6 +72,12 @@ class CasakvConfig(BaseModel):
             policy_cls.validate_config(policy_cls.validate_params(self.policy_params), self)
         except ValueError as err:
             raise ValueError(f"policy_params for policy '{self.policy}': {err}") from None
+        if self.prefill_compression:
+            if self.chunk_size is None:
+                raise ValueError("prefill_compression compresses every chunk_size tokens: set chunk_size")
+            if not getattr(policy_cls.from_config(self), "selects_once", lambda: False)():
+                raise ValueError(f"prefill_compression needs a policy that selects its tokens once (snapkv, "
+                                 f"pyramidkv, adakv, static-heads, composite), not '{self.policy}'")
         return self
 
     @property

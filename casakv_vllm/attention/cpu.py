@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from casakv_vllm.attention.masked import RowKV, attend_row, causal_pairs, compact_row
+from casakv_vllm.attention.masked import RowKV, attend_row, causal_pairs, compact_row, prefill_rank
 from casakv_vllm.observe.record import record_layer
 from casakv_vllm.plan.batch import RowPlan
 from casakv_vllm.plan.metadata import CasakvMetadata
@@ -58,6 +58,8 @@ def run_layer_cpu(query: torch.Tensor, kv_cache: torch.Tensor, md: CasakvMetadat
             read = attend_row(row, query, kv_of(row), layer, scale, out, patterns)
         counts.attended += read
         if row.compact:
+            if row.context_len < row.prompt_len:  # a prefill event: the chunk's queries rank
+                prefill_rank(row, layer, query, kv_of(row), scale)
             compact_row(row, layer, kv_cache, md.block_table[row.index].long(), plan, plan.cpu_layout)
         if row.q_len == 1:
             pair = counts.decode.setdefault(row.label, [0, 0])

@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 
 import casakv_vllm.ops.custom as ops
-from casakv_vllm.attention.masked import RowKV, attend_row, compact_row
+from casakv_vllm.attention.masked import RowKV, attend_row, compact_row, prefill_rank
 from casakv_vllm.observe.record import record_layer
 from casakv_vllm.plan.metadata import CasakvMetadata
 
@@ -43,7 +43,10 @@ def run_layer_gpu(query: torch.Tensor, kv_cache: torch.Tensor, md: CasakvMetadat
         row = md.plan.rows[i]
         if row.q_len > 0:
             attend_row(row, query, kv_of(row), layer, scale, out, None, count=False)
+    for row in md.plan.rows:
         if row.compact:
-            compact_row(row, layer, kv_cache, md.block_table[i], md.plan, "kv")
+            if row.context_len < row.prompt_len:  # a prefill event: the chunk's queries rank
+                prefill_rank(row, layer, query, kv_of(row), scale)
+            compact_row(row, layer, kv_cache, md.block_table[row.index], md.plan, "kv")
     for job in md.plan.records:
         record_layer(job, layer, query, scale, lambda: kv_of(md.plan.rows[job.row])[0])

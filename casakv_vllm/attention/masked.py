@@ -100,6 +100,40 @@ def attend_row(row: RowPlan, query: torch.Tensor, kv: tuple[torch.Tensor, torch.
     return int(allowed.sum()) if allowed is not None else k.shape[0] * causal_pairs(row)
 
 
+#: the prefill chunk's last queries whose votes rank a prefill event (SnapKV's observation window)
+VOTE_WINDOW = 32
+#: max-pool width over columns of the votes (SnapKV's clustering kernel)
+VOTE_POOL = 7
+
+
+def prefill_rank(row: RowPlan, layer: int, query: torch.Tensor, kv: tuple[torch.Tensor, torch.Tensor],
+                 scale: float) -> None:
+    """A prefill event (``terms.prefill``): rank every live column by the votes of the chunk's last
+    ``VOTE_WINDOW`` queries (attention summed over them and the heads of each group, max-pooled), into
+    ``LayerKeep.rank``; the request's keep-set starts here (everything kept) at its first event."""
+    from casakv_vllm.policies.keepset import LayerKeep
+
+    k, _ = kv  # [Hkv, width, D] over the columns the row read
+    num_kv, width = k.shape[0], k.shape[1]
+    keep = row.state.keep.get(layer)
+    if keep is None:
+        keep = row.state.keep[layer] = LayerKeep.new(torch.ones(num_kv, 0, dtype=torch.bool, device=k.device),
+                                                     row.seq_len)
+    keep.grow(width)
+    w = min(VOTE_WINDOW, row.q_len)
+    end = row.q_start + row.q_len
+    q = query[end - w:end].transpose(0, 1).float()  # [H, w, D]
+    group = q.shape[0] // num_kv
+    logits = torch.matmul(q.reshape(num_kv, group * w, -1), k.float().transpose(1, 2)) * scale  # [Hkv, g*w, S]
+    qpos = torch.arange(row.seq_len - w, row.seq_len, device=k.device).repeat(group)
+    visible = keep.positions(width).unsqueeze(1) <= qpos.view(1, -1, 1)  # causal; empty slots (-1) too
+    visible &= keep.mask[:, :width].unsqueeze(1)
+    probs = torch.softmax(logits.masked_fill(~visible, float("-inf")), dim=-1).nan_to_num_(0.0)
+    votes = torch.nn.functional.max_pool1d(probs.sum(1, keepdim=True), VOTE_POOL, 1, VOTE_POOL // 2).squeeze(1)
+    keep.rank = torch.zeros(keep.mask.shape, device=k.device)
+    keep.rank[:, :width] = votes
+
+
 def compact_row(row: RowPlan, layer: int, kv_cache: torch.Tensor, table_row: torch.Tensor, plan,
                 layout: str, scratch: torch.Tensor | None = None) -> None:
     """After a compaction event's attention at ``layer``: move what the layer keeps of ``[shared, T)``
@@ -114,7 +148,8 @@ def compact_row(row: RowPlan, layer: int, kv_cache: torch.Tensor, table_row: tor
     state = row.state
     keep = state.keep[layer]
     scores = keep.scores if keep.scores is not None else keep.rank
-    step = plan_layer(keep.mask, state.compaction, row.read, row.compact_tail, scores)
+    step = plan_layer(keep.mask, state.compaction, row.read, row.compact_tail, scores,
+                      fit=row.read is not None or state.compaction.prefill)
     if kv_cache.device.type == "cpu" and layout != "kv":
         compact_cpu(kv_cache, table_row, step, layout)
     else:

@@ -51,16 +51,20 @@ def _column_slots(layout: LiveLayout | None, width: int) -> torch.Tensor:
 
 
 def plan_layer(mask: torch.Tensor, terms: CompactionTerms, read: LiveLayout | None, tail: int,
-               scores: torch.Tensor | None = None) -> LayerCompaction:
+               scores: torch.Tensor | None = None, fit: bool | None = None) -> LayerCompaction:
     """One layer's compaction event.
 
     Args:
         mask: the keep-set over the live columns of ``read`` (None: over positions), ``[Hkv, width]``.
         tail: ``T`` of this event; what is kept of slots ``[shared, T)`` moves to the compacted region.
-        scores: the policy's running scores over the same columns (H2O's accumulated attention); when a
-            head keeps more than the region holds (a long generation under a select-once policy) the
-            lowest-scored tokens go (without scores: the oldest).
+        scores: scores over the same columns (H2O's accumulated attention, an event step's attention, a
+            prefill chunk's votes); when a head keeps more than the region holds (a long generation, a
+            prefill event) the lowest-scored tokens go (without scores: the oldest).
+        fit: whether the keep-set may hold more than the region (default: every event but a select-once
+            policy's first, whose keep-set is its own promise).
     """
+    if fit is None:
+        fit = read is not None
     shared, head_end = terms.shared, terms.head_end
     num_kv, width = mask.shape
     slot = _column_slots(read, width).to(mask.device)
@@ -70,12 +74,12 @@ def plan_layer(mask: torch.Tensor, terms: CompactionTerms, read: LiveLayout | No
     count = kept.sum(1)
     if mask.device.type == "cpu":  # host checks are free here; on CUDA nothing below reads the device
         if int(count.max()) > room:
-            if read is None:  # the prompt's keep-set is the policy's own choice: it must fit its promise
+            if not fit:  # the prompt's keep-set is the policy's own choice: it must fit its promise
                 raise RuntimeError(f"casakv: a keep-set holds {int(count.max())} tokens, more than the "
                                    f"{room} compacted slots its policy promised")
             kept = _fit(kept, scores, room)
             count = kept.sum(1)
-    elif read is not None:  # a later event: fitting is a no-op where the region has room
+    elif fit:  # fitting is a no-op where the region has room
         kept = _fit(kept, scores, room)
         count = kept.sum(1)
     else:

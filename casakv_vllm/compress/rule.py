@@ -33,6 +33,23 @@ generated tokens before ``T_j``) into the same ``slots``, and once the
 event's forward has settled (processed tokens ``> e_j``) the scheduler frees
 the blocks ``[T_{j-1}, T_j)``.  So a request holds at most its ``slots``
 plus one chunk (and a block) of generated tokens.
+
+While the prompt is prefilled (``prefill``, the policy's
+``prefill_compression``: CASAK-V's chunk-wise compression): events also fall
+at the positions ``head_end + k * chunk`` (``k >= 1``) before the prompt's
+last token, and at the last token ``P - 1`` itself, which replaces ``e_0``.
+The prefill step computing such a position compacts, after its attention,
+what each layer and head keeps of everything before the block holding it,
+ranked by the votes of that chunk's last queries; later chunks attend through
+the compacted KV.  A step holding several event positions performs the last
+one.  So a long prompt holds at most ``slots``, one chunk and the step's own
+tokens, never the whole prompt.
+
+Every event is named by its position ``e`` and compacts up to
+``tail_at(e)``; the scheduler frees up to the tail of the latest event below
+its processed-token count.  Both sides see every step of a request (the
+worker in its batches, the scheduler when it allocates), so a rule on
+positions is all they share.
 """
 
 from __future__ import annotations
@@ -52,7 +69,8 @@ class CompactionTerms:
     prompt_len: int
     shared: int  # leading positions that stay dense (block-aligned)
     slots: int  # compacted slots per (layer, KV head)
-    chunk: int | None = None  # generated tokens between compaction events (None: compact once)
+    chunk: int | None = None  # tokens between compaction events (None: compact once)
+    prefill: bool = False  # events while the prompt is prefilled too (needs ``chunk``)
 
     @property
     def tail_start(self) -> int:
@@ -69,8 +87,12 @@ class CompactionTerms:
 
     @property
     def freed_blocks(self) -> range:
-        """Logical block indices returned to the pool."""
+        """Logical block indices the first decode-time event leaves freed (compaction at the end of prefill)."""
         return range(self.head_end // self.block_size, self.tail_start // self.block_size)
+
+    def tail_at(self, position: int) -> int:
+        """The tail of the event at ``position``: the first position of its block."""
+        return (position // self.block_size) * self.block_size
 
     def event_position(self, j: int) -> int:
         """``e_j``: the positions read by the decode step of compaction event ``j``."""
@@ -78,21 +100,35 @@ class CompactionTerms:
 
     def event_tail(self, j: int) -> int:
         """``T_j``: where the tail starts after event ``j`` (``T_0 = tail_start``)."""
-        return (self.event_position(j) // self.block_size) * self.block_size
+        return self.tail_at(self.event_position(j))
+
+    def last_event_before(self, limit: int) -> int | None:
+        """The largest event position below ``limit`` (None: no event yet)."""
+        p, c = self.prompt_len, self.chunk
+        if c and limit > p + c:
+            return p + (limit - 1 - p) // c * c
+        if not self.prefill:
+            return p if limit > p else None
+        if limit > p - 1:
+            return p - 1
+        k = (limit - 1 - self.head_end) // c if c else 0
+        return self.head_end + k * c if k >= 1 else None
 
     def event_in(self, context_len: int, seq_len: int) -> int | None:
-        """The event a step computing positions ``context_len .. seq_len - 1`` performs (None: none)."""
-        if context_len < self.prompt_len or (context_len > self.prompt_len and not self.chunk):
-            return None
-        j = -(-(context_len - self.prompt_len) // self.chunk) if self.chunk else 0
-        return j if self.event_position(j) < seq_len else None
+        """The event position a step computing positions ``context_len .. seq_len - 1`` performs (None:
+        none): the last one among them."""
+        e = self.last_event_before(seq_len)
+        return e if e is not None and e >= context_len else None
 
     def settled_tail(self, processed_tokens: int) -> int | None:
-        """``T_j`` of the latest event whose forward has finished (None before the first)."""
-        if processed_tokens <= self.prompt_len:
-            return None
-        j = (processed_tokens - 1 - self.prompt_len) // self.chunk if self.chunk else 0
-        return self.event_tail(j)
+        """The tail of the latest event whose forward has finished (None before the first)."""
+        e = self.last_event_before(processed_tokens)
+        return None if e is None else self.tail_at(e)
+
+    def peak_tokens(self, max_step_tokens: int) -> int:
+        """The most positions a prefill-compressing request holds blocks for: its region, what one chunk
+        leaves before the next event, and a step's own tokens (block-rounded)."""
+        return self.head_end + (self.chunk or 0) + max_step_tokens + 2 * self.block_size
 
     def layout(self, tail: int) -> "LiveLayout":
         return LiveLayout(self.head_end, tail)
@@ -122,5 +158,7 @@ def compaction_terms(policy, prompt_len: int, first_context: int, block_size: in
         return None
     shared = min(cdiv(first_context, block_size) * block_size, prompt_len)
     slots = policy.slot_budget(prompt_len, num_kv_heads)
-    terms = CompactionTerms(block_size, prompt_len, shared, slots, policy.config.chunk_size)
+    config = policy.config
+    terms = CompactionTerms(block_size, prompt_len, shared, slots, config.chunk_size,
+                            bool(config.prefill_compression and config.chunk_size))
     return terms if terms.compacts else None

@@ -16,6 +16,9 @@ serves it:
 - ``cache_blocks`` hashes only the request's shared prefix (``[0, shared)``):
   the blocks compaction writes into or frees never enter the prefix cache, so
   no other request can hit content that is about to move.
+- a prefill-compressing request (``prefill_compression``) is admitted on the blocks it will hold at
+  most (``CompactionTerms.peak_tokens``), not on its whole prompt: that is how compression lets more
+  long requests run at once.
 - per-request terms live from the request's first allocation until its blocks
   are popped for freeing (finish, abort and preemption).  A preempted request is not
   compacted again (``scheduler.CasakvScheduler`` makes its recompute skip the
@@ -48,8 +51,9 @@ class CompressingManager(FullAttentionManager):
     resolver = None  # casakv's PolicyResolver (server config + per-request overrides)
     on_free = None  # callback(blocks_freed, held, dense, first_event), for metrics
 
-    def attach(self, requests: dict, resolver, on_free=None) -> None:
+    def attach(self, requests: dict, resolver, on_free=None, max_step_tokens: int = 0) -> None:
         self.requests, self.resolver, self.on_free = requests, resolver, on_free
+        self.max_step_tokens = max_step_tokens  # the scheduler's token budget per step
         self._lives: dict[str, _Life] = {}
         self._first_context: dict[str, int] = {}
         self.blocks_freed = 0  # by compaction, since start
@@ -64,6 +68,10 @@ class CompressingManager(FullAttentionManager):
                                    *args, **kwargs) -> int:
         if self.resolver is not None and request_id not in self._lives:
             self._first_context[request_id] = total_computed_tokens  # the prefix-cache hit of this life
+            if kwargs.get("apply_admission_cap"):  # admission reserves what the request will hold at most
+                terms = self._new_terms(request_id, pop=False)
+                if terms is not None and terms.prefill:
+                    num_tokens = min(num_tokens, terms.peak_tokens(self.max_step_tokens))
         return super().get_num_blocks_to_allocate(request_id, num_tokens, new_computed_blocks,
                                                   total_computed_tokens, *args, **kwargs)
 
@@ -72,9 +80,9 @@ class CompressingManager(FullAttentionManager):
             self._lives[request_id] = _Life(self._new_terms(request_id))
         return super().allocate_new_blocks(request_id, num_tokens, num_tokens_main_model)
 
-    def _new_terms(self, request_id: str) -> CompactionTerms | None:
+    def _new_terms(self, request_id: str, pop: bool = True) -> CompactionTerms | None:
         request = self.requests.get(request_id) if self.requests is not None else None
-        first = self._first_context.pop(request_id, 0)
+        first = (self._first_context.pop if pop else self._first_context.get)(request_id, 0)
         if request is None or request.num_preemptions > 0 or request.sampling_params is None:
             return None
         try:

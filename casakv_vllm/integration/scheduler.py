@@ -63,7 +63,8 @@ class _Compressing:
         self.compressing_managers = [m for m in self.kv_cache_manager.coordinator.single_type_managers
                                      if isinstance(m, CompressingManager)]
         for manager in self.compressing_managers:
-            manager.attach(self.requests, resolver, stats.record_free if stats is not None else None)
+            manager.attach(self.requests, resolver, stats.record_free if stats is not None else None,
+                           vllm_config.scheduler_config.max_num_batched_tokens)
 
     def _preempt_request(self, request, *args, **kwargs) -> None:
         if any(m._terms_of(request.request_id) is not None for m in self.compressing_managers):

@@ -116,11 +116,11 @@ def batch_counts(query_start_loc: list[int], seq_lens: list[int]) -> BatchCounts
     return BatchCounts(prefill, decode, causal)
 
 
-def _row_is_dense(policy: Policy, state: RequestState | None, context_len: int) -> bool:
+def _row_is_dense(policy: Policy, state: RequestState | None, context_len: int, read) -> bool:
     if policy.caps.attends_all:
         return True
-    if policy.caps.evicts:  # full attention while the prompt is prefilled (and without a request to evict for)
-        return state is None or context_len < state.prompt_len
+    if policy.caps.evicts:  # full attention while the prompt is prefilled, until a prefill event compacted it
+        return state is None or (context_len < state.prompt_len and read is None)
     return False
 
 
@@ -133,22 +133,24 @@ class CompactionSetup:
 
 
 def _plan_compaction(row: RowPlan, state: RequestState, policy: Policy, setup: CompactionSetup) -> None:
-    """The row's live layout this step, and whether it is a compaction event (``compress.rule``)."""
-    if state.compaction is None:  # the first event: the first decode step of the request's first life
-        if state.restarts or row.context_len != state.prompt_len:
-            return
+    """The row's live layout this step, and whether it is a compaction event (``compress.rule``).  The
+    request's terms are fixed at its first step (its prefix-cache hit is known then); a request recomputed
+    after preemption never compacts."""
+    if state.restarts:
+        return
+    if not state.terms_known:
+        state.terms_known = True
         state.compaction = compaction_terms(policy, state.prompt_len, state.first_context,
                                             setup.block_size, setup.num_kv_heads)
-        if state.compaction is None:
-            return
-        j = 0
-    else:
-        row.read = state.layout
-        j = state.compaction.event_in(row.context_len, row.seq_len)
-        if j is None:
-            return
-    row.compact_tail = state.compaction.event_tail(j)
-    state.layout = state.compaction.layout(row.compact_tail)
+    terms = state.compaction
+    if terms is None:
+        return
+    row.read = state.layout
+    event = terms.event_in(row.context_len, row.seq_len)
+    if event is None:
+        return
+    row.compact_tail = terms.tail_at(event)
+    state.layout = terms.layout(row.compact_tail)
 
 
 def plan_batch(requests: RequestTable | None, resolver: PolicyResolver, store: ObservationStore,
@@ -164,9 +166,10 @@ def plan_batch(requests: RequestTable | None, resolver: PolicyResolver, store: O
             requests.restarted(state)
         policy, label = resolver.resolve(state.overrides) if state is not None else (resolver.default,
                                                                                      resolver.default_label)
-        row = RowPlan(i, state, policy, label, q_start, q_len, seq_len, _row_is_dense(policy, state, seq_len - q_len))
-        if compaction is not None and row.evicting:
+        row = RowPlan(i, state, policy, label, q_start, q_len, seq_len, False)
+        if compaction is not None and policy.caps.evicts and state is not None and q_len > 0:
             _plan_compaction(row, state, policy, compaction)
+        row.dense = _row_is_dense(policy, state, row.context_len, row.read)
         if state is not None and state.prompt_key is not None and q_len > 0:
             if row.context_len < state.prompt_len:  # every prefill row records its prompt's observations
                 obs = store.get(state.prompt_key, state.prompt_len)

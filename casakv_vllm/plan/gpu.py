@@ -102,12 +102,9 @@ def _kernel_reads_compacted(row) -> bool:
     eviction while generating).  Its keep-set is then each head's first region slots, all later tokens
     and its first tail block's kept tokens, which ``state.holes`` describe; the skip bits cover a tail
     block of at most 32 tokens."""
-    from casakv_vllm.policies.keep import KeepPolicy
-
     state = row.state
-    return (row.read is not None and not row.compact and state.holes is not None
-            and state.compaction.block_size <= 32 and not row.policy.caps.observes_decode
-            and type(row.policy).evict is KeepPolicy.evict)
+    return (row.read is not None and not row.compact and state.holes is not None and row.q_len == 1
+            and state.compaction.block_size <= 32 and row.policy.selects_once())
 
 
 def live_physical_selection(block_table: torch.Tensor, seq_lens: torch.Tensor, block_size: int,

@@ -97,6 +97,11 @@ class KeepPolicy(Policy):
         ``chunk_size`` generated tokens (``compress.rule``).  Every evicting policy does."""
         return self.caps.evicts
 
+    def selects_once(self) -> bool:
+        """Its keep-set is chosen once and then only grows by generated tokens: no eviction or observation
+        while generating (what prefill compression and the CUDA decode kernel over compacted blocks need)."""
+        return self.caps.evicts and not self.caps.observes_decode and type(self).evict is KeepPolicy.evict
+
     def slot_budget(self, prompt_len: int, num_kv_heads: int) -> int:
         """The most prompt tokens any layer and KV head keeps: the compacted slots per head.
         Host ints only; the scheduler computes it too."""

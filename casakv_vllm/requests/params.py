@@ -19,6 +19,7 @@ XARGS = {
     "casakv_kv_ratio": "kv_ratio",
     "casakv_policy_params": "policy_params",
     "casakv_chunk_size": "chunk_size",
+    "casakv_prefill_compression": "prefill_compression",
 }
 
 

@@ -41,8 +41,9 @@ class RequestState:
         kv_len: KV positions computed so far (the longest sequence seen).
         restarts: times the request was recomputed from scratch (preemption).
         first_context: context length of its first scheduled step (its prefix-cache hit).
-        compaction: where its compacted region lies, once its blocks were compacted
-            (``compress.rule``; only in its first life).
+        compaction: where its compacted region lies (``compress.rule``; fixed at its first step,
+            None when it does not compact; only in its first life).
+        terms_known: ``compaction`` was decided.
         layout: its live slots after the latest compaction event (``rule.LiveLayout``).
         holes: CUDA, once compacted: ``[num_layers, Hkv, 3]`` int32, each layer and head's empty
             slots ``[shared + kept, head_end)`` and the skip bits of its first tail block (what the
@@ -58,6 +59,7 @@ class RequestState:
     restarts: int = 0
     first_context: int = 0
     compaction: CompactionTerms | None = None
+    terms_known: bool = False
     layout: LiveLayout | None = None
     holes: Any = None
     uid: int = field(default_factory=lambda: next(_ids))

@@ -68,6 +68,7 @@ def test_dense_matches_stock_bf16_up_to_near_ties(casakv_server, stock_bf16, pro
     assert exact >= len(ours) // 2, f"only {exact}/{len(ours)} bf16 outputs identical"
 
 
+@pytest.mark.slow  # 53 s (a third server): make test-all
 def test_stock_backend_unchanged_by_plugin(server_factory, stock_bf16, prompts):
     """Stock backend with the plugin disabled (VLLM_PLUGINS allowlist) == with it loaded."""
     server = server_factory(None, env={"VLLM_PLUGINS": "no-such-plugin"})

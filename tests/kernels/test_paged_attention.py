@@ -251,6 +251,7 @@ def test_reference_matches_sdpa():
                                rtol=1e-5)
 
 
+@pytest.mark.slow  # 27 s under TRITON_INTERPRET: make test-all (the GPU suite runs it on the GPU)
 @settings(max_examples=40, deadline=None,
           suppress_health_check=[HealthCheck.too_slow])
 @given(

@@ -28,7 +28,9 @@ POLICIES = [None, {"casakv_policy": "snapkv", "casakv_kv_budget": 40}, {"casakv_
             "casakv_kv_ratio": 0.3}, {"casakv_policy": "pyramidkv", "casakv_kv_ratio": 0.5},
             {"casakv_policy": "h2o", "casakv_kv_budget": 48, "casakv_chunk_size": 16},
             {"casakv_policy": "streaming", "casakv_kv_budget": 40, "casakv_chunk_size": 24,
-             "casakv_policy_params": {"scope": "decode"}}, {"casakv_policy": "streaming", "casakv_kv_budget": 40}]
+             "casakv_policy_params": {"scope": "decode"}}, {"casakv_policy": "streaming", "casakv_kv_budget": 40},
+            {"casakv_policy": "snapkv", "casakv_kv_ratio": 0.25, "casakv_chunk_size": 32,
+             "casakv_prefill_compression": True}]
 
 
 class Sim:
@@ -167,3 +169,42 @@ def test_long_generations_free_a_chunk_at_each_event(seed):
     sim = Sim(rng, num_blocks=200, chunk=64, policies=POLICIES[4:6], max_tokens=300)
     _run(sim, rng, steps=400)
     assert sim.events > 3
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_prefill_compression_frees_while_the_prompt_is_prefilled(seed):
+    """Requests that compress while their prompt is prefilled never hold much more than their region,
+    one compression chunk and one scheduling chunk."""
+    rng = random.Random(200 + seed)
+    sim = Sim(rng, num_blocks=300, chunk=64, policies=POLICIES[-1:])
+    peak = {}
+    for _ in range(300):
+        if rng.random() < 0.3 and len(sim.requests) < 8:
+            sim.add()
+        sim.step()
+        sim.check()
+        for rid, blocks in sim.manager.req_to_blocks.items():
+            life = sim.manager._lives.get(rid)
+            if life is not None and life.terms is not None:
+                held = sum(not b.is_null for b in blocks)
+                peak[rid] = (max(peak.get(rid, (0, 0))[0], held), life.terms.prompt_len)
+                assert held * BS <= life.terms.peak_tokens(sim.chunk), (rid, held, life.terms)
+    assert sim.manager.blocks_freed > 0
+    assert any(held * BS < prompt_len for held, prompt_len in peak.values())  # never held the whole prompt
+
+
+def test_admission_reserves_what_a_prefill_compressing_request_holds_at_most():
+    """A waiting request that compresses its prompt while prefilling is admitted with fewer free blocks than
+    its prompt needs (vLLM's full-sequence check asks the manager); a dense one is not."""
+    rng = random.Random(7)
+    sim = Sim(rng, num_blocks=40, chunk=64)  # 39 usable blocks = 624 tokens
+    prompt = [rng.randrange(1000) for _ in range(1000)]
+    for xargs, admitted in ((None, False), (POLICIES[-1], True)):
+        req = Request(f"adm{admitted}", prompt, SamplingParams(max_tokens=4, extra_args=xargs), None,
+                      block_hasher=sim.hasher)
+        sim.requests[req.request_id] = req
+        got = sim.kv.allocate_slots(req, 64, full_sequence_must_fit=True)
+        assert (got is not None) == admitted
+        if got is not None:
+            sim.kv.free(req)
+        del sim.requests[req.request_id]

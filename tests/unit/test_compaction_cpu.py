@@ -18,7 +18,7 @@ def test_terms_free_the_blocks_between_the_compacted_head_and_the_tail():
     assert t.freed_blocks == range(18, 62) and t.compacts
     assert t.settled_tail(1000) is None and t.settled_tail(1001) == 992  # after the first decode step's forward
     assert t.settled_tail(5000) == 992  # compact once (no chunk)
-    assert t.event_in(1000, 1001) == 0 and t.event_in(1001, 1002) is None and t.event_in(999, 1000) is None
+    assert t.event_in(1000, 1001) == 1000 and t.event_in(1001, 1002) is None and t.event_in(999, 1000) is None
     assert not CompactionTerms(16, 100, 0, 90).compacts  # 90 slots round up past the tail block
 
 
@@ -26,10 +26,27 @@ def test_terms_of_events_while_generating():
     t = CompactionTerms(block_size=16, prompt_len=1000, shared=0, slots=250, chunk=100)
     assert [t.event_position(j) for j in range(3)] == [1000, 1100, 1200]
     assert [t.event_tail(j) for j in range(3)] == [992, 1088, 1200]
-    assert [t.event_in(c, c + 1) for c in (1000, 1050, 1099, 1100, 1101, 1200)] == [0, None, None, 1, None, 2]
-    assert t.event_in(1095, 1105) == 1  # a step computing several positions, one of them e_1
+    assert [t.event_in(c, c + 1) for c in (1000, 1050, 1099, 1100, 1101, 1200)] == [1000, None, None, 1100, None,
+                                                                                  1200]
+    assert t.event_in(1095, 1105) == 1100  # a step computing several positions, one of them e_1
+    assert t.event_in(1095, 1205) == 1200  # ... two of them: the last one
     # the scheduler frees a block range only once the event's forward has settled
     assert [t.settled_tail(p) for p in (1000, 1001, 1100, 1101, 1200, 1201)] == [None, 992, 992, 1088, 1088, 1200]
+
+
+def test_terms_of_prefill_events():
+    """Prefill compression: events every chunk past the region while the prompt is prefilled, the last
+    at the prompt's last token (instead of the first decode step), then every chunk while generating."""
+    t = CompactionTerms(block_size=16, prompt_len=1000, shared=0, slots=250, chunk=100, prefill=True)
+    assert t.head_end == 256
+    assert [t.last_event_before(n) for n in (356, 357, 456, 457, 999, 1000, 1100, 1101)] == \
+        [None, 356, 356, 456, 956, 999, 999, 1100]
+    assert t.event_in(0, 256) is None and t.event_in(256, 512) == 456 and t.event_in(512, 768) == 756
+    assert t.event_in(768, 1000) == 999 and t.event_in(1000, 1001) is None  # no event at P any more
+    assert [t.settled_tail(p) for p in (357, 512, 999, 1000)] == [352, 448, 944, 992]
+    assert t.peak_tokens(256) == 256 + 100 + 256 + 32
+    plain = CompactionTerms(block_size=16, prompt_len=1000, shared=0, slots=250, chunk=100)
+    assert plain.event_in(256, 512) is None and plain.event_in(1000, 1001) == 1000
 
 
 def test_terms_follow_the_policy_budget_and_the_prefix_hit():
@@ -88,6 +105,7 @@ def test_attention_over_compacted_layer_equals_masked_attention(layout):
         for j in range(3):
             seq = terms.event_position(j) + 1
             tail = terms.event_tail(j)
+            assert terms.event_in(seq - 1, seq) == terms.event_position(j) and terms.tail_at(seq - 1) == tail
             step = plan_layer(mask, terms, read, tail, scores)
             kept_before = {(h, pos[h][s]) for h in range(num_kv)
                            for s in step.src_slot[h, : int(step.count[h])].tolist()}
