@@ -62,7 +62,8 @@ def merged_config(base, overrides: tuple[tuple[str, Any], ...]):
     """``base`` (a ``CasakvConfig``) with a request's overrides applied.
 
     A request naming a policy or a budget starts from that policy's defaults:
-    it does not inherit the server's ``policy_params`` or the other budget.
+    it does not inherit the server's ``policy_params``, ``prefill_compression``
+    or the other budget.
     """
     from casakv_vllm.config import CasakvConfig
 
@@ -72,6 +73,7 @@ def merged_config(base, overrides: tuple[tuple[str, Any], ...]):
     data = base.model_dump()
     if "policy" in cfg and cfg["policy"] != base.policy:
         data["policy_params"] = {}
+        data["prefill_compression"] = False
     if "kv_budget" in cfg or "kv_ratio" in cfg:
         data["kv_budget"] = data["kv_ratio"] = None
     data.update(cfg)

@@ -259,11 +259,13 @@ EVICTING = {
     "adakv": {"policy": "adakv", "kv_ratio": 0.25},
     "h2o": {"policy": "h2o", "kv_budget": 64},
     "streaming-decode": {"policy": "streaming", "kv_budget": 64, "policy_params": {"scope": "decode"}},
+    # compression while the prompt is prefilled, chunk by chunk (the prompt's chunks attend through it)
+    "snapkv-prefill": {"policy": "snapkv", "kv_ratio": 0.25, "prefill_compression": True},
 }
 CHUNK = 16
 
 
-def _decode_sequence(harness, server, device, gpu_path, prompts, steps):
+def _decode_sequence(harness, server, device, gpu_path, prompts, steps, prefill_chunk):
     """Per step: (output rows [2, H, D] fp32 on the CPU, rows the kernel did not serve or None)."""
     import casakv_vllm.ops.custom  # noqa: F401
     from casakv_vllm.integration.context import worker_context
@@ -282,23 +284,39 @@ def _decode_sequence(harness, server, device, gpu_path, prompts, steps):
     forward = (lambda b: _gpu_forward(harness, builder, impl, b, with_plan=True)) if gpu_path else (
         lambda b: (harness.forward(builder, impl, b), None))
     results, freed = [], set()
-    for i in range(-1, steps):
-        b = harness.at(full, list(prompts) if i < 0 else [1, 1], [0, 0] if i < 0 else [p + i for p in prompts],
-                       seed=100 + i)
+    chunks = [(c, min(prompts[0], c + prefill_chunk)) for c in range(0, prompts[0], prefill_chunk)]
+    schedule = [([e - c, max(0, prompts[1] - c) if k == len(chunks) - 1 else 0], [c, 0])  # the dense row prefills last
+                for k, (c, e) in enumerate(chunks)]
+    schedule[-1] = (schedule[-1][0][:1] + [prompts[1]], [schedule[-1][1][0], 0])
+    schedule += [([1, 1], [p + i for p in prompts]) for i in range(steps)]
+    for i, (q_lens, ctx) in enumerate(schedule):
+        if q_lens[1] == 0:  # the dense request has not started yet: a batch of one
+            b = harness.at(_first_row(full), q_lens[:1], ctx[:1], seed=100 + i)
+        else:
+            b = harness.at(full, q_lens, ctx, seed=100 + i)
         out, md = forward(b)
         results.append((out.float().cpu(), md.plan.gpu.torch_rows if md is not None else None))
-        if gpu_path and CUDA and i == steps - 1 and not md.plan.gpu.torch_rows:
+        if gpu_path and CUDA and i == len(schedule) - 1 and not md.plan.gpu.torch_rows:
             _check_graph_replay(impl, b, md, out)
         state = table.rows[0]
         terms = state.compaction
-        if terms is not None:  # the scheduler frees once the step settled: another request's blocks now
-            tail = terms.settled_tail(b.seq_lens[0])
+        tail = terms.settled_tail(b.seq_lens[0]) if terms is not None else None
+        if tail is not None:  # the scheduler frees once the step settled: another request's blocks now
             for blk in range(terms.head_end // BS, tail // BS):
                 if blk not in freed:
                     freed.add(blk)
                     full.kv_cache[b.cm.block_table_tensor[0, blk].long()] = float("nan")
     assert params and freed, "the compacting request freed no block"
-    return results
+    return results[-steps:], results[:-steps]
+
+
+def _first_row(batch):
+    """``batch`` with only its first request (same cache and block table)."""
+    from dataclasses import replace
+
+    cm = batch.cm
+    return replace(batch, cm=replace(cm, block_table_tensor=cm.block_table_tensor[:1]), keys=batch.keys[:1],
+                   values=batch.values[:1])
 
 
 def _check_graph_replay(impl, batch, md, eager):
@@ -315,7 +333,7 @@ def _check_graph_replay(impl, batch, md, eager):
     assert torch.equal(out, eager)
 
 
-@pytest.mark.parametrize("policy", list(EVICTING) if CUDA else ["snapkv-short-window", "h2o"])
+@pytest.mark.parametrize("policy", list(EVICTING) if CUDA else ["snapkv-short-window", "h2o", "snapkv-prefill"])
 def test_compacted_decode_matches_the_torch_path(harness, policy):
     """The CUDA path (keep-sets chosen on the device, compaction, the decode kernel over the live blocks
     with each head's hole and tail skip bits) gives the torch path's outputs at every step, through two
@@ -323,13 +341,15 @@ def test_compacted_decode_matches_the_torch_path(harness, policy):
     events run on the kernel."""
     prompts, steps = ((1005, 333) if CUDA else (205, 90)), CHUNK + 4  # the first ends mid-block
     server = EVICTING[policy]
-    ours = _decode_sequence(harness, server, DEVICE, True, prompts, steps)
-    ref = _decode_sequence(harness, server, "cpu", False, prompts, steps)
-    for i, ((got, torch_rows), (want, _)) in enumerate(zip(ours, ref)):
+    prefill_chunk = (256 if CUDA else 48) if server.get("prefill_compression") else prompts[0]
+    ours, ours_prefill = _decode_sequence(harness, server, DEVICE, True, prompts, steps, prefill_chunk)
+    ref, ref_prefill = _decode_sequence(harness, server, "cpu", False, prompts, steps, prefill_chunk)
+    for i, ((got, _), (want, _)) in enumerate(zip(ours_prefill + ours, ref_prefill + ref)):
         err = (got - want).norm() / want.norm()
-        assert torch.isfinite(got).all() and err < 1e-2, f"step {i - 1}: rel err {err:.2e}"
-    kernel_steps = [i for i, (_, rows) in enumerate(ours[1:]) if 0 not in rows]
-    events = {0, CHUNK}  # decode steps that compact (torch rows)
+        assert torch.isfinite(got).all() and err < 1e-2, f"step {i - len(ours_prefill)}: rel err {err:.2e}"
+    kernel_steps = [i for i, (_, rows) in enumerate(ours) if 0 not in rows]
+    # decode steps that compact (torch rows): the first decode step, unless the last prefill step did
+    events = {CHUNK} if server.get("prefill_compression") else {0, CHUNK}
     if policy in ("h2o", "streaming-decode"):  # per-step eviction: torch
         assert not kernel_steps
     else:

@@ -57,7 +57,25 @@ BAD = [
     ({"policy_params": {"window": 4}}, "policy_params", "window"),
     ({"kv_budget": "lots"}, "kv_budget", "lots"),
     ({"chunk_size": 8}, "chunk_size", "8"),
+    ({"policy": "h2o", "kv_budget": 64, "prefill_compression": True}, "casakv", "selects its tokens once"),
+    ({"policy": "snapkv", "kv_budget": 64, "prefill_compression": True, "chunk_size": None}, "casakv",
+     "set chunk_size"),
 ]
+
+
+def test_prefill_compression_per_request():
+    from casakv_vllm.requests.params import check_request
+
+    base = load_config({"casakv": {"policy": "snapkv", "kv_ratio": 0.25, "prefill_compression": True}}, environ={})
+    assert check_request(base, {"casakv_kv_ratio": 0.5}, "cpu").prefill_compression  # kept with the policy
+    assert not check_request(base, {"casakv_policy": "dense"}, "cpu").prefill_compression  # another policy: off
+    dense = load_config({}, environ={})
+    cfg = check_request(dense, {"casakv_policy": "snapkv", "casakv_kv_budget": 64,
+                                "casakv_prefill_compression": True}, "cuda")
+    assert cfg.prefill_compression and cfg.chunk_size == 256
+    with pytest.raises(ValueError, match="selects its tokens once"):
+        check_request(dense, {"casakv_policy": "h2o", "casakv_kv_budget": 64, "casakv_prefill_compression": True},
+                      "cpu")
 
 
 def test_chunk_size_per_request():
