@@ -92,3 +92,18 @@ def test_kl_columns_stay_out_of_the_average():
     (row,) = report.rows(report.validate(recs))
     assert row["avg"] == pytest.approx(0.8)
     assert "| snapkv | 4x | 0.250 | 0.800 | 0.300 | **0.800** |" in report.markdown(recs)
+
+
+def test_prefill_variant_of_a_policy_prefills_its_own_prompt():
+    """``snapkv+prefill`` in the quality suite: snapkv with prefill compression, a cache salt of its own
+    (a prefix-cache hit would stay dense), the server's metric label of snapkv."""
+    from casakv_vllm.tools.quality.runner import _extra, eval_configs
+
+    cfg, = eval_configs(["snapkv+prefill"], ["4x"])
+    extra = _extra(cfg)
+    assert extra["vllm_xargs"] == {"casakv_policy": "snapkv", "casakv_kv_ratio": 0.25,
+                                   "casakv_prefill_compression": True}
+    assert len(extra["cache_salt"]) == 32 and extra["cache_salt"] != _extra(cfg)["cache_salt"]
+    assert cfg.metric_label == "snapkv/kv_ratio=0.25"
+    plain, = eval_configs(["snapkv"], ["4x"])
+    assert "cache_salt" not in _extra(plain) and "casakv_prefill_compression" not in plain.xargs()

@@ -31,10 +31,18 @@ POLICY_PARAMS = {"composite": {"members": [{"policy": "streaming", "share": 0.25
 GAUGES = ["vllm:kv_cache_usage_perc", "vllm:num_requests_running"]
 
 
-def xargs_for(policy: str | None, ratio: float, assignment: str | None) -> dict | None:
-    if policy is None:
+#: the suffix of a policy's label when it also compresses while the prompt is prefilled
+PREFILL = "+prefill"
+
+
+def xargs_for(label: str | None, ratio: float, assignment: str | None) -> dict | None:
+    """``vllm_xargs`` of a cell: a policy name, or ``policy+prefill`` (``prefill_compression`` on)."""
+    if label is None:
         return None
+    policy = label.removesuffix(PREFILL)
     x = {"casakv_policy": policy, "casakv_kv_ratio": ratio}
+    if label.endswith(PREFILL):
+        x["casakv_prefill_compression"] = True
     params = dict(POLICY_PARAMS.get(policy, {}))
     if policy == "static-heads":
         params["assignment"] = assignment
@@ -98,7 +106,8 @@ def burst(server, texts: list[str], decode_tokens: int, xargs: dict | None, pool
 
 def quick_quality(server, policy: str, ratio: float) -> dict:
     """The quick quality suite (passkey + longdoc, 2 samples of 1024 tokens) on ``server``, dense and
-    ``policy`` at ``ratio``: mean score per side (``casakv eval quality``, in a subprocess)."""
+    ``policy`` at ``ratio`` (``snapkv+prefill``: with prefill compression): mean score per side (``casakv eval
+    quality``, in a subprocess)."""
     import subprocess
     import sys
     import tempfile
@@ -121,7 +130,9 @@ def quick_quality(server, policy: str, ratio: float) -> dict:
 
 def run(json_path: Path | None, md_path: Path | None, plot_path: Path | None, lengths=(2000, 4000, 7000),
         policies=POLICIES, ratio: float = 0.25, decode_tokens: int = 48, pool_blocks: int = 1400,
-        burst_requests: int = 8, progress=print, model: str | None = None) -> dict:
+        burst_requests: int = 12, progress=print, model: str | None = None, prefill: bool = True) -> dict:
+    """``prefill``: also run the main policy with prefill compression (``<policy>+prefill``), which is then
+    the one the burst and the quality suite measure against dense."""
     from casakv_vllm.tools.bench.cpu import prompts
     from casakv_vllm.tools.demo_model import demo_model_path
     from casakv_vllm.tools.serving import VllmServer, cpu_env
@@ -133,15 +144,17 @@ def run(json_path: Path | None, md_path: Path | None, plot_path: Path | None, le
     args = ["--max-model-len", "8192", "--dtype", "bfloat16", "--block-size", str(BLOCK), "--max-num-seqs",
             str(max(8, burst_requests)), "--max-num-batched-tokens", "512", "--enable-prefix-caching",
             "--num-gpu-blocks-override", str(pool_blocks)]
+    main = policies[0] + PREFILL if prefill else policies[0]
+    labels = [*policies, *([main] if prefill else [])]
     result = {"benchmark": "casakv bench memory", "machine": platform.processor() or platform.machine(),
               "model": model, "server_args": args, "pool_blocks": pool_blocks, "block_size": BLOCK, "ratio": ratio,
-              "decode_tokens": decode_tokens, "cells": {}}
+              "decode_tokens": decode_tokens, "cells": {}, "main_policy": main}
     t0 = time.monotonic()
     with VllmServer(model=model, attention_backend="casakv", extra_args=args, env=cpu_env(4)) as server:
         progress(f"server ready in {time.monotonic() - t0:.0f}s")
         seed = 0
         for n in lengths:
-            for policy in [None, *policies]:
+            for policy in [None, *labels]:
                 seed += 1
                 text = prompts(1, n, seed=seed)[0]
                 label = policy or "dense"
@@ -149,15 +162,15 @@ def run(json_path: Path | None, md_path: Path | None, plot_path: Path | None, le
                 result["cells"].setdefault(str(n), {})[label] = cell
                 progress(f"[{n} tokens] {label}: {cell['prompt_tokens']} prompt tokens, peak {cell['peak_blocks']} "
                          f"blocks, steady {cell['steady_blocks']}")
-        for label, policy in (("dense", None), (policies[0], policies[0])):
+        for label, policy in (("dense", None), (main, main)):
             texts = prompts(burst_requests, lengths[-1], seed=1000 + len(label))  # new prompts: no cache hits
             result.setdefault("burst", {})[label] = b = burst(server, texts, decode_tokens,
                                                              xargs_for(policy, ratio, assignment), pool_blocks)
             progress(f"[burst x{burst_requests}] {label}: at most {b['max_running']} running, "
                      f"{b['output_tokens_per_s']} output tokens/s")
-        result["quality"] = quick_quality(server, policies[0], ratio)
-        progress(f"[quality] dense {result['quality']['dense']}, {policies[0]} {result['quality']['casakv']}")
-    longest, main = str(lengths[-1]), policies[0]
+        result["quality"] = quick_quality(server, main, ratio)
+        progress(f"[quality] dense {result['quality']['dense']}, {main} {result['quality']['casakv']}")
+    longest = str(lengths[-1])
     cells = result["cells"][longest]
     result.update({
         "dense_blocks_per_request": cells["dense"]["steady_blocks"],
@@ -167,7 +180,6 @@ def run(json_path: Path | None, md_path: Path | None, plot_path: Path | None, le
         "max_concurrent_dense": result["burst"]["dense"]["max_running"],
         "max_concurrent_casakv": result["burst"][main]["max_running"],
         "quality_dense": result["quality"]["dense"], "quality_casakv": result["quality"]["casakv"],
-        "main_policy": main,
     })
     if json_path:
         Path(json_path).write_text(json.dumps(result, indent=1) + "\n")
@@ -200,9 +212,11 @@ def markdown(r: dict) -> str:
     q = r["quality"]
     lines += ["", f"Quick quality suite ({', '.join(q['tasks'])}, 2 samples of 1024 tokens, mean score): dense "
                   f"{q['dense']}, {main} at {q['budget']} {q['casakv']}."]
+    dense = max(1, r['dense_blocks_per_request'])
     lines += ["", f"Headline ({main}): {r['casakv_blocks_per_request']} steady blocks per long request against "
-                  f"{r['dense_blocks_per_request']} dense "
-                  f"({r['casakv_blocks_per_request'] / max(1, r['dense_blocks_per_request']):.2f}x); "
+                  f"{r['dense_blocks_per_request']} dense ({r['casakv_blocks_per_request'] / dense:.2f}x), peak "
+                  f"{r['casakv_peak_blocks_per_request']} against {r['dense_peak_blocks_per_request']} "
+                  f"({r['casakv_peak_blocks_per_request'] / max(1, r['dense_peak_blocks_per_request']):.2f}x); "
                   f"{r['max_concurrent_casakv']} against {r['max_concurrent_dense']} requests running at once.", ""]
     return "\n".join(lines)
 

@@ -21,7 +21,9 @@ def add_parser(sub) -> None:
     ev = p.add_subparsers(dest="eval_target", metavar="TARGET", required=True)
 
     q = ev.add_parser("quality", help="every policy x budget on offline long-context tasks, through a real server")
-    q.add_argument("--policies", default=",".join(BASELINES), help=f"comma-separated (default: {','.join(BASELINES)})")
+    q.add_argument("--policies", default=",".join(BASELINES),
+                   help=f"comma-separated (default: {','.join(BASELINES)}); a name ending in +prefill also compresses "
+                        "while the prompt is prefilled (e.g. snapkv+prefill)")
     q.add_argument("--budgets", default=",".join(BUDGETS), help="token budgets and/or reduction factors, e.g. 256,4x")
     q.add_argument("--tasks", default=",".join(TASKS), help=f"comma-separated (default: {','.join(TASKS)})")
     q.add_argument("--samples", type=int, default=20, help="samples per task")
@@ -87,9 +89,10 @@ def cmd_search_heads(args: argparse.Namespace) -> int:
     return 0
 
 
-def _parse_list(text: str, allowed, what: str) -> list[str]:
+def _parse_list(text: str, allowed, what: str, suffix: str = "") -> list[str]:
+    """Comma-separated names from ``allowed`` (each may end in ``suffix``)."""
     items = [x.strip() for x in text.split(",") if x.strip()]
-    bad = [x for x in items if allowed is not None and x not in allowed]
+    bad = [x for x in items if allowed is not None and (x.removesuffix(suffix) if suffix else x) not in allowed]
     if not items or bad:
         raise ValueError(f"unknown {what} {', '.join(bad) or '(none given)'}; choose from {', '.join(allowed)}")
     return items
@@ -97,11 +100,13 @@ def _parse_list(text: str, allowed, what: str) -> list[str]:
 
 def cmd_quality(args: argparse.Namespace) -> int:
     from casakv_vllm.tools.quality import report
-    from casakv_vllm.tools.quality.runner import BASELINES, budget_fields, eval_configs, run_quality
+    from casakv_vllm.tools.quality.runner import BASELINES, PREFILL, budget_fields, eval_configs, run_quality
     from casakv_vllm.tools.quality.tasks import TASKS, make_samples
 
     try:
-        policies = _parse_list(args.policies, BASELINES, "policy")
+        policies = _parse_list(args.policies, BASELINES, "policy", PREFILL)
+        if f"full{PREFILL}" in policies:
+            raise ValueError(f"full{PREFILL}: full attention does not compress")
         tasks = _parse_list(args.tasks, TASKS, "task")
         budgets = _parse_list(args.budgets, None, "budget")
         for b in budgets:

@@ -31,6 +31,9 @@ from casakv_vllm.tools.quality.tasks import Sample
 
 FULL = "full"
 BASELINES = (FULL, "streaming", "snapkv", "h2o", "pyramidkv", "adakv", "static-heads")
+#: a policy name ending so also compresses while the prompt is prefilled (``prefill_compression``): such a
+#: request prefills its own prompt (a cache salt of its own), since a prefix-cache hit stays dense
+PREFILL = "+prefill"
 BUDGETS = ("128", "256", "512", "1024", "2x", "4x", "8x")
 LOGPROBS = 5
 _METRIC = "casakv_decode_kv_tokens_{}_total"
@@ -65,10 +68,20 @@ class EvalConfig:
     def is_full(self) -> bool:
         return self.policy == FULL
 
+    @property
+    def base_policy(self) -> str:
+        return self.policy.removesuffix(PREFILL)
+
+    @property
+    def prefill(self) -> bool:
+        return self.policy.endswith(PREFILL)
+
     def xargs(self) -> dict | None:
         if self.is_full:
             return None
-        out = {"casakv_policy": self.policy}
+        out = {"casakv_policy": self.base_policy}
+        if self.prefill:
+            out["casakv_prefill_compression"] = True
         out.update({f"casakv_{k}": v for k, v in budget_fields(self.budget).items()})
         if self.params:
             out["casakv_policy_params"] = json.dumps(dict(self.params), sort_keys=True)
@@ -80,7 +93,8 @@ class EvalConfig:
         if self.is_full:
             return "dense"
         (key, value), = budget_fields(self.budget).items()
-        return f"{self.policy}/{key}={value:g}" if isinstance(value, float) else f"{self.policy}/{key}={value}"
+        name = self.base_policy
+        return f"{name}/{key}={value:g}" if isinstance(value, float) else f"{name}/{key}={value}"
 
 
 def eval_configs(policies: Sequence[str], budgets: Sequence[str], heads_file: str | None = None) -> list[EvalConfig]:
@@ -91,9 +105,10 @@ def eval_configs(policies: Sequence[str], budgets: Sequence[str], heads_file: st
             out.append(EvalConfig(FULL, FULL))
             continue
         params: dict = {}
-        if policy == "streaming":
+        base = policy.removesuffix(PREFILL)
+        if base == "streaming":
             params = {"scope": "decode"}  # evict after a full prefill, like the other baselines
-        if policy == "static-heads":
+        if base == "static-heads":
             if not heads_file:
                 raise ValueError("static-heads needs a head assignment (--heads PATH; `casakv eval search-heads`)")
             params = {"assignment": heads_file}
@@ -141,8 +156,13 @@ def run_sample(server, sample: Sample, configs: list[EvalConfig], concurrency: i
 
 
 def _extra(cfg: EvalConfig) -> dict:
+    import uuid
+
     xargs = cfg.xargs()
-    return {"vllm_xargs": xargs} if xargs else {}
+    out = {"vllm_xargs": xargs} if xargs else {}
+    if cfg.prefill:
+        out["cache_salt"] = uuid.uuid4().hex
+    return out
 
 
 def kv_counters(server, configs: list[EvalConfig]) -> dict[str, tuple[float, float]]:
