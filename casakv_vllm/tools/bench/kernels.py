@@ -351,7 +351,7 @@ def bench_decode(n: int, batch: int, flex, gen, copy_bps: float, rep_ms: int, vl
     return results
 
 
-SECTIONS = ("decode", "prefill", "compacted")
+SECTIONS = ("decode", "prefill", "compacted", "layer")
 
 
 def run(json_path: Path, md_path: Path | None, quick: bool = False, progress=print,
@@ -380,24 +380,31 @@ def run(json_path: Path, md_path: Path | None, quick: bool = False, progress=pri
     prefill_lens = (8192,) if quick else (8192, 32768, 131072)
     decode_cases = ((32768, 1),) if quick else ((32768, 1), (32768, 16), (131072, 1), (131072, 16))
     compacted_cases = ((32768, 1),) if quick else tuple((n, b) for n in (32768, 131072) for b in (1, 16, 64))
+    layer_cases = ((8192, 2),) if quick else ((32768, 1), (32768, 16), (131072, 1))
+    layers: list = []
     # decode first (cheap), then prefill; results are written after every step
     steps = ([("decode", n, b) for n, b in decode_cases if "decode" in sections]
              + [("compacted", n, b) for n, b in compacted_cases if "compacted" in sections]
+             + [("layer", n, b) for n, b in layer_cases if "layer" in sections]
              + [("prefill", n, 1) for n in prefill_lens if "prefill" in sections])
     for kind, n, b in steps:
         if kind == "decode":
             results += bench_decode(n, b, flex, gen, copy_bps, rep, vllm_attn)
         elif kind == "compacted":
             compacted.append(bench_compacted(n, b, gen, copy_bps))
+        elif kind == "layer":
+            from casakv_vllm.tools.bench.layer import bench_layer
+
+            layers.append(bench_layer(n, b))
         else:
             results += bench_prefill(n, ("causal", "a-shape", "vertical-slash"), flex, gen, rep, vllm_attn)
         progress(f"{kind} N={n} B={b} done ({time.time() - t0:.0f}s)")
-        _write(json_path, md_path, results, copy_bps, t0, command, compacted)
-    return _write(json_path, md_path, results, copy_bps, t0, command, compacted)
+        _write(json_path, md_path, results, copy_bps, t0, command, compacted, layers)
+    return _write(json_path, md_path, results, copy_bps, t0, command, compacted, layers)
 
 
 def _write(json_path: Path, md_path: Path | None, results: list[Result], copy_bps: float, t0: float,
-           command: str = "casakv bench kernels", compacted: list | None = None) -> dict:
+           command: str = "casakv bench kernels", compacted: list | None = None, layers: list | None = None) -> dict:
     import triton
 
     doc = {
@@ -408,6 +415,7 @@ def _write(json_path: Path, md_path: Path | None, results: list[Result], copy_bp
         "shape": {"q_heads": HQ, "kv_heads": HKV, "head_dim": D, "dtype": "bfloat16", "block_size": PAGE},
         "results": [asdict(r) for r in results],
         "compacted": [asdict(r) for r in compacted or []],
+        "layer": [asdict(r) for r in layers or []],
         "wall_s": time.time() - t0,
     }
     json_path.parent.mkdir(parents=True, exist_ok=True)
@@ -447,6 +455,10 @@ def markdown(doc: dict) -> str:
         from casakv_vllm.tools.bench.compacted import markdown as compacted_markdown
 
         lines += compacted_markdown(doc["compacted"])
+    if doc.get("layer"):
+        from casakv_vllm.tools.bench.layer import markdown as layer_markdown
+
+        lines += layer_markdown(doc["layer"])
     return "\n".join(lines) + "\n"
 
 

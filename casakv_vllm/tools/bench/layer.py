@@ -1,0 +1,138 @@
+"""The GPU layer harness (``casakv bench kernels --sections layer``): one attention layer of casakv's
+real builder and impl, driven with hand-built vLLM metadata (``tools.harness``), as a CUDA server runs it.
+
+A batch of requests with long prompts (Llama-3-8B attention shapes) is prefilled,
+then decoded: under ``dense``, and under an evicting policy at 4x whose first
+decode step compacts every request (the event) and whose later steps run the
+decode kernel over the compacted blocks.  Per decode step: the builder's
+planning on the host (once per batch, for every layer: divided by the model's
+layers here) and the layer's kernel time (CUDA events); per event: the whole
+step (torch keep-set selection, attention and compaction).  The event happens
+once every ``chunk_size`` steps, so its share of a step is ``event / chunk``.
+
+Needs vLLM's Python layer (the GPU box gets it staged: ``scripts/stage_vllm_python.py``).
+"""
+
+from __future__ import annotations
+
+import statistics
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from casakv_vllm.tools.bench.gpu_timing import D, HKV, HQ, PAGE
+
+MODEL_LAYERS = 32  # Llama-3-8B: the builder's plan serves this many layers
+STEPS = 12  # timed decode steps after the event
+
+
+@dataclass
+class LayerResult:
+    kind: str  # "layer"
+    seq_len: int
+    batch: int
+    policy: str
+    dense_step_ms: float  # one layer's decode step, dense policy (kernel only)
+    step_ms: float  # the same step under the policy, compacted (kernel only)
+    plan_ms: float  # the builder's host planning of one decode batch (all layers)
+    event_ms: float  # the compaction event's step at one layer (selection, attention, compaction)
+    chunk: int
+    speedup: float  # dense_step_ms / step_ms
+    bookkeeping_share: float  # (plan_ms / MODEL_LAYERS + event_ms / chunk) / step_ms
+
+
+def _time(fn, device: str) -> float:
+    """ms of ``fn`` (CUDA events on the GPU; the wall clock elsewhere, for smoke runs)."""
+    if device != "cuda":
+        t0 = time.perf_counter()
+        fn()
+        return (time.perf_counter() - t0) * 1e3
+    torch.cuda.synchronize()
+    a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    a.record()
+    fn()
+    b.record()
+    b.synchronize()
+    return a.elapsed_time(b)
+
+
+def _decode_run(harness, server: dict, n: int, batch: int, chunk: int, shape=(HQ, HKV, D),
+                device: str = "cuda") -> dict:
+    """Prefill ``batch`` requests of about ``n`` tokens, then decode: the first step's time (the event, if
+    the policy compacts) and ``STEPS`` later steps' kernel and planning times."""
+    from casakv_vllm.integration.context import worker_context
+    from casakv_vllm.observe.store import ObservationStore
+    from casakv_vllm.tools.harness import _Layer
+
+    vc = harness.config({**server, "chunk_size": chunk} if server else None, num_heads=shape[0],
+                        num_kv_heads=shape[1], head_size=shape[2], num_layers=MODEL_LAYERS, device=device,
+                        compaction=True, max_model_len=n + batch + 2 * STEPS + 64, max_num_seqs=batch)
+    builder, impl = harness.backend(vc, PAGE, device)
+    worker_context().observations = ObservationStore()
+    prompts = [n + i for i in range(batch)]  # distinct prompts (observations are kept per prompt)
+    params = harness.requests([(p, None) for p in prompts])
+    full = harness.batch(impl, [1] * batch, [p + STEPS + 1 for p in prompts], PAGE, torch.bfloat16, device, seed=1)
+    layer = _Layer("model.layers.0.self_attn.attn")
+
+    def step(q_lens, ctx, seed):
+        b = harness.at(full, q_lens, ctx, seed=seed)
+        if device == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        md = builder.build(0, b.cm)
+        if device == "cuda":
+            torch.cuda.synchronize()
+        plan_ms = (time.perf_counter() - t0) * 1e3
+        out = torch.empty_like(b.query)
+        ms = _time(lambda: impl.forward(layer, b.query, None, None, b.kv_cache, md, out), device)
+        assert torch.isfinite(out).all()
+        return plan_ms, ms
+
+    step(prompts, [0] * batch, 0)  # prefill (records the observation windows)
+    _, event_ms = step([1] * batch, prompts, 1)
+    if server:  # every request was compacted by the event
+        assert all(worker_context().requests.rows[i].layout is not None for i in range(batch))
+    plans, kernels = [], []
+    for i in range(STEPS):
+        plan_ms, ms = step([1] * batch, [p + 1 + i for p in prompts], 2 + i)
+        plans.append(plan_ms)
+        kernels.append(ms)
+    assert params
+    del full
+    if device == "cuda":
+        torch.cuda.empty_cache()
+    return {"event_ms": event_ms, "plan_ms": statistics.median(plans), "step_ms": statistics.median(kernels)}
+
+
+def bench_layer(n: int, batch: int, policy: str = "snapkv", ratio: float = 0.25, chunk: int = 256,
+                shape=(HQ, HKV, D), device: str = "cuda") -> LayerResult:
+    from casakv_vllm.integration.plugin import register
+    from casakv_vllm.tools.harness import Harness
+
+    register()
+    with tempfile.TemporaryDirectory() as tmp:
+        harness = Harness(Path(tmp))
+        dense = _decode_run(harness, {}, n, batch, chunk, shape, device)
+        ours = _decode_run(harness, {"policy": policy, "kv_ratio": ratio}, n, batch, chunk, shape, device)
+    share = (ours["plan_ms"] / MODEL_LAYERS + ours["event_ms"] / chunk) / ours["step_ms"]
+    return LayerResult("layer", n, batch, f"{policy}/kv_ratio={ratio:g}", dense["step_ms"], ours["step_ms"],
+                       ours["plan_ms"], ours["event_ms"], chunk, dense["step_ms"] / ours["step_ms"], share)
+
+
+def markdown(results: list[dict]) -> list[str]:
+    lines = ["", "## GPU layer harness: decode with compaction, through casakv's builder and impl", "",
+             f"One attention layer (Llama-3-8B shapes) driven with hand-built vLLM metadata. `step` = the layer's "
+             f"decode kernel time (median of {STEPS} steps, CUDA events), `plan` = the builder's host planning of "
+             f"one decode batch (serves all {MODEL_LAYERS} layers), `event` = the compaction step at one layer "
+             f"(keep-set selection, attention and compaction, in torch), once every `chunk` steps. "
+             f"`bookkeeping` = (plan / {MODEL_LAYERS} + event / chunk) / step.", "",
+             "| N | B | policy | dense step ms | step ms | speedup | plan ms | event ms | chunk | bookkeeping |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in results:
+        lines.append(f"| {r['seq_len']} | {r['batch']} | {r['policy']} | {r['dense_step_ms']:.3f} | "
+                     f"{r['step_ms']:.3f} | {r['speedup']:.2f} | {r['plan_ms']:.2f} | {r['event_ms']:.2f} | "
+                     f"{r['chunk']} | {r['bookkeeping_share']:.1%} |")
+    return lines

@@ -1,0 +1,184 @@
+"""A harness that drives casakv's real builder and impl with hand-built vLLM metadata.
+
+It builds a real ``VllmConfig`` from a model folder holding only a
+``config.json`` (Llama architecture, any attention shape), the builder with a
+real ``FullAttentionSpec``, ``CasakvImpl`` layers, and batches as vLLM's model
+runner hands them to a backend (``CommonAttentionMetadata``, shuffled block
+tables with block 0 kept as the null block).  The KV of every position is
+random and written through the impl's own cache update, so the reference can
+attend over the same keys and values.  Used on the CPU (vLLM's CPU kernels)
+and on CUDA (casakv's Triton kernels).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class Batch:
+    """One hand-built batch: metadata, cache, queries, and every request's K/V for the reference."""
+
+    cm: object  # vllm CommonAttentionMetadata
+    kv_cache: torch.Tensor
+    query: torch.Tensor  # [num_tokens, H, D]
+    keys: list  # per request [Hkv, seq_len, D] fp32
+    values: list
+    q_lens: list
+    seq_lens: list
+
+
+class Harness:
+    def __init__(self, root):
+        self.root = root
+
+    def config(self, casakv: dict | None = None, num_heads=8, num_kv_heads=2, head_size=64, num_layers=4,
+               dtype="bfloat16", max_model_len=4096, max_num_seqs=16, device="cpu", compaction=False):
+        """A VllmConfig for a small Llama shape.  ``device`` is named, not inferred: on a GPU box vLLM's
+        Python layer runs without its compiled ops, under a platform that infers no device.
+        ``compaction``: casakv's scheduler is named, so workers compact (as ``vllm serve`` sets it up)."""
+        from vllm.config import DeviceConfig, ModelConfig, SchedulerConfig, VllmConfig
+
+        folder = self.root / f"llama-{num_heads}-{num_kv_heads}-{head_size}-{num_layers}"
+        folder.mkdir(exist_ok=True)
+        (folder / "config.json").write_text(json.dumps({
+            "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": num_heads * head_size,
+            "num_attention_heads": num_heads, "num_key_value_heads": num_kv_heads, "head_dim": head_size,
+            "num_hidden_layers": num_layers, "intermediate_size": 4 * num_heads * head_size, "vocab_size": 32000,
+            "max_position_embeddings": max_model_len, "rms_norm_eps": 1e-5, "torch_dtype": dtype}))
+        model = ModelConfig(model=str(folder), skip_tokenizer_init=True, dtype=dtype, max_model_len=max_model_len)
+        sched = SchedulerConfig(max_num_seqs=max_num_seqs, max_model_len=max_model_len,
+                                max_num_batched_tokens=max(8192, max_model_len), is_encoder_decoder=False)
+        if compaction:
+            from casakv_vllm.integration.scheduler import PATH
+
+            sched.scheduler_cls = PATH
+        return VllmConfig(model_config=model, scheduler_config=sched, device_config=DeviceConfig(device=device),
+                          additional_config={"casakv": casakv} if casakv else {})
+
+    def backend(self, vc, block_size, device):
+        """(builder, impl) for ``vc``'s attention shape on ``device``."""
+        from vllm.v1.kv_cache_interface import FullAttentionSpec
+
+        from casakv_vllm.integration.builder import CasakvMetadataBuilder
+        from casakv_vllm.integration.impl import CasakvImpl
+
+        m = vc.model_config
+        num_heads, num_kv = m.get_num_attention_heads(vc.parallel_config), m.get_num_kv_heads(vc.parallel_config)
+        head_size = m.get_head_size()
+        spec = FullAttentionSpec(block_size=block_size, num_kv_heads=num_kv, head_size=head_size, dtype=m.dtype)
+        builder = CasakvMetadataBuilder(spec, [f"model.layers.{i}.self_attn.attn" for i in range(4)], vc,
+                                        torch.device(device))
+        impl = CasakvImpl(num_heads, head_size, head_size ** -0.5, num_kv)
+        return builder, impl
+
+    def requests(self, rows: list[tuple[int, dict | None]]):
+        """Register one request per row (prompt length, vllm_xargs) with a fresh tracker; returns
+        the SamplingParams objects (keep them alive: they key the requests' state)."""
+        from vllm.sampling_params import SamplingParams
+        from vllm.v1.sample.logits_processor import BatchUpdate
+
+        from casakv_vllm.integration.tracker import RequestTracker
+
+        tracker = RequestTracker(None, torch.device("cpu"), False)
+        params = [SamplingParams(extra_args=x) for _, x in rows]
+        tracker.update_state(BatchUpdate(len(rows), [], [(i, p, list(range(plen)), []) for i, (p, (plen, _))
+                                                         in enumerate(zip(params, rows))], []))
+        return params
+
+    def batch(self, impl, q_lens, ctx_lens, block_size, dtype, device, seed=0, writer=None) -> Batch:
+        """Random batch; K/V written by ``writer(key, value, kv_cache, slots)`` (default: the impl's
+        cache update, i.e. the device's layout)."""
+        from vllm.v1.attention.backend import CommonAttentionMetadata
+
+        g = torch.Generator().manual_seed(seed)
+        h, hkv, d = impl.num_heads, impl.num_kv_heads, impl.head_size
+        seq_lens = [q + c for q, c in zip(q_lens, ctx_lens)]
+        nblocks = [-(-s // block_size) for s in seq_lens]
+        total = sum(nblocks) + 3
+        perm = (torch.randperm(total - 1, generator=g) + 1).tolist()  # block 0: the null block
+        table = torch.zeros(len(seq_lens), max(nblocks) + 1, dtype=torch.int32)
+        for i, n in enumerate(nblocks):
+            table[i, :n] = torch.tensor([perm.pop() for _ in range(n)])
+        kv_cache = torch.zeros(total, hkv, block_size, 2 * d, dtype=dtype, device=device)
+        keys = [torch.randn(hkv, s, d, generator=g).to(dtype).float() for s in seq_lens]
+        values = [torch.randn(hkv, s, d, generator=g).to(dtype).float() for s in seq_lens]
+        write = writer or (lambda k, v, c, s: impl.do_kv_cache_update(None, k, v, c, s))
+        for i, s in enumerate(seq_lens):  # every position's K/V
+            pos = torch.arange(s)
+            slots = (table[i, pos // block_size].long() * block_size + pos % block_size).to(device)
+            write(keys[i].transpose(0, 1).to(dtype).to(device).contiguous(),
+                  values[i].transpose(0, 1).to(dtype).to(device).contiguous(), kv_cache, slots)
+        query = torch.randn(sum(q_lens), h, d, generator=g).to(dtype).to(device)
+        qsl = torch.tensor([0] + q_lens).cumsum(0).to(torch.int32)
+        sl = torch.tensor(seq_lens, dtype=torch.int32)
+        slot_mapping = torch.cat([table[i, torch.arange(c, c + q) // block_size].long() * block_size
+                                  + torch.arange(c, c + q) % block_size
+                                  for i, (q, c) in enumerate(zip(q_lens, ctx_lens))])
+        cm = CommonAttentionMetadata(
+            query_start_loc=qsl.to(device), query_start_loc_cpu=qsl, seq_lens=sl.to(device), num_reqs=len(q_lens),
+            num_actual_tokens=sum(q_lens), max_query_len=max(q_lens), max_seq_len=max(seq_lens),
+            block_table_tensor=table.to(device), slot_mapping=slot_mapping.to(device), seq_lens_cpu_upper_bound=sl)
+        return Batch(cm, kv_cache, query, keys, values, list(q_lens), seq_lens)
+
+    @staticmethod
+    def at(batch: Batch, q_lens: list, ctx_lens: list, seed: int = 0) -> Batch:
+        """The same requests, cache and K/V at another step: new queries and lengths (every position's K/V
+        was written by ``batch``, which must cover the new lengths)."""
+        from vllm.v1.attention.backend import CommonAttentionMetadata
+
+        g = torch.Generator().manual_seed(seed)
+        cm = batch.cm
+        device = cm.block_table_tensor.device
+        table = cm.block_table_tensor.cpu()
+        block_size = batch.kv_cache.shape[2]
+        seq_lens = [q + c for q, c in zip(q_lens, ctx_lens)]
+        assert all(s <= k.shape[1] for s, k in zip(seq_lens, batch.keys))
+        h, d = batch.query.shape[1:]
+        query = torch.randn(sum(q_lens), h, d, generator=g).to(batch.query.dtype).to(device)
+        qsl = torch.tensor([0] + q_lens).cumsum(0).to(torch.int32)
+        sl = torch.tensor(seq_lens, dtype=torch.int32)
+        slot_mapping = torch.cat([table[i, torch.arange(c, c + q) // block_size].long() * block_size
+                                  + torch.arange(c, c + q) % block_size
+                                  for i, (q, c) in enumerate(zip(q_lens, ctx_lens))])
+        new = CommonAttentionMetadata(
+            query_start_loc=qsl.to(device), query_start_loc_cpu=qsl, seq_lens=sl.to(device), num_reqs=len(q_lens),
+            num_actual_tokens=sum(q_lens), max_query_len=max(q_lens), max_seq_len=max(seq_lens),
+            block_table_tensor=cm.block_table_tensor, slot_mapping=slot_mapping.to(device),
+            seq_lens_cpu_upper_bound=sl)
+        return Batch(new, batch.kv_cache, query, batch.keys, batch.values, list(q_lens), seq_lens)
+
+    @staticmethod
+    def forward(builder, impl, batch: Batch, layer: int = 0) -> torch.Tensor:
+        md = builder.build(0, batch.cm)
+        out = torch.full_like(batch.query, float("nan"))
+        impl.forward(_Layer(f"model.layers.{layer}.self_attn.attn"), batch.query, None, None, batch.kv_cache, md,
+                     out)
+        return out
+
+    @staticmethod
+    def reference(batch: Batch, scale: float, allowed=None) -> torch.Tensor:
+        """fp32 attention per request; ``allowed(i, q_pos, seq_len)`` -> ``[Hkv, Q, S]`` bool, or None (causal)."""
+        outs = []
+        for i, (q_len, s) in enumerate(zip(batch.q_lens, batch.seq_lens)):
+            start = sum(batch.q_lens[:i])
+            q = batch.query[start:start + q_len].float().cpu().transpose(0, 1)  # [H, q, D]
+            k, v = batch.keys[i], batch.values[i]
+            group = q.shape[0] // k.shape[0]
+            pos = torch.arange(s - q_len, s)
+            mask = torch.arange(s)[None, :] <= pos[:, None]
+            mask = mask.expand(k.shape[0], q_len, s)
+            if allowed is not None and allowed(i, pos, s) is not None:
+                mask = mask & allowed(i, pos, s).cpu()
+            logits = q @ k.repeat_interleave(group, 0).transpose(1, 2) * scale
+            logits = logits.masked_fill(~mask.repeat_interleave(group, 0), float("-inf"))
+            outs.append((torch.softmax(logits, -1) @ v.repeat_interleave(group, 0)).transpose(0, 1))
+        return torch.cat(outs)
+
+
+@dataclass
+class _Layer:
+    layer_name: str
