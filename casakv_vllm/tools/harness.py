@@ -76,13 +76,17 @@ class Harness:
         return builder, impl
 
     def requests(self, rows: list[tuple[int, dict | None]]):
-        """Register one request per row (prompt length, vllm_xargs) with a fresh tracker; returns
-        the SamplingParams objects (keep them alive: they key the requests' state)."""
+        """Register one request per row (prompt length, vllm_xargs) with a fresh tracker and observation
+        store (as a new engine would have); returns the SamplingParams objects (keep them alive: they key
+        the requests' state)."""
         from vllm.sampling_params import SamplingParams
         from vllm.v1.sample.logits_processor import BatchUpdate
 
+        from casakv_vllm.integration.context import worker_context
         from casakv_vllm.integration.tracker import RequestTracker
+        from casakv_vllm.observe.store import ObservationStore
 
+        worker_context().observations = ObservationStore()  # a new engine: its prompts' observations only
         tracker = RequestTracker(None, torch.device("cpu"), False)
         params = [SamplingParams(extra_args=x) for _, x in rows]
         tracker.update_state(BatchUpdate(len(rows), [], [(i, p, list(range(plen)), []) for i, (p, (plen, _))

@@ -269,13 +269,11 @@ def _decode_sequence(harness, server, device, gpu_path, prompts, steps, prefill_
     """Per step: (output rows [2, H, D] fp32 on the CPU, rows the kernel did not serve or None)."""
     import casakv_vllm.ops.custom  # noqa: F401
     from casakv_vllm.integration.context import worker_context
-    from casakv_vllm.observe.store import ObservationStore
 
     h, hkv, d = SHAPE
     vc = harness.config({**server, "chunk_size": CHUNK}, num_heads=h, num_kv_heads=hkv, head_size=d, device=device,
                         compaction=True)
     builder, impl = harness.backend(vc, BS, device)
-    worker_context().observations = ObservationStore()  # each run records its own prompts
     params = harness.requests([(prompts[0], None), (prompts[1], {"casakv_policy": "dense"})])
     table = worker_context().requests
     writer = (lambda k, v, c, s: torch.ops.casakv.reshape_and_cache(k, v, c, s)) if gpu_path else None

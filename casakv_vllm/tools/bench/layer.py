@@ -64,14 +64,12 @@ def _decode_run(harness, server: dict, n: int, batch: int, chunk: int, shape=(HQ
     """Prefill ``batch`` requests of about ``n`` tokens, then decode: the first step's time (the event, if
     the policy compacts) and ``STEPS`` later steps' kernel and planning times."""
     from casakv_vllm.integration.context import worker_context
-    from casakv_vllm.observe.store import ObservationStore
     from casakv_vllm.tools.harness import _Layer
 
     vc = harness.config({**server, "chunk_size": chunk} if server else None, num_heads=shape[0],
                         num_kv_heads=shape[1], head_size=shape[2], num_layers=MODEL_LAYERS, device=device,
                         compaction=True, max_model_len=n + batch + 2 * STEPS + 64, max_num_seqs=batch)
     builder, impl = harness.backend(vc, PAGE, device)
-    worker_context().observations = ObservationStore()
     prompts = [n + i for i in range(batch)]  # distinct prompts (observations are kept per prompt)
     params = harness.requests([(p, None) for p in prompts])
     full = harness.batch(impl, [1] * batch, [p + STEPS + 1 for p in prompts], PAGE, torch.bfloat16, device, seed=1)
