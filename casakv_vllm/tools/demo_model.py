@@ -81,3 +81,26 @@ def demo_model_path() -> str:
     if out.returncode != 0:
         raise SystemExit(out.returncode)
     return out.stdout.strip().splitlines()[-1]
+
+
+def tiny_llama(out: Path, num_kv_heads: int = 4, seed: int = 0) -> Path:
+    """A small random-weight Llama (8 query / ``num_kv_heads`` KV heads, head size 64, 4 layers) with the
+    demo model's tokenizer, written to ``out``: a model whose KV heads split over two tensor-parallel ranks
+    (the demo model's 3 do not).  Its words are nonsense; greedy decoding is still deterministic."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    out = Path(out)
+    if (out / "config.json").is_file():
+        return out
+    demo = ensure_demo_model()
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(hidden_size=512, intermediate_size=1024, num_attention_heads=8, num_key_value_heads=num_kv_heads,
+                      head_dim=64, num_hidden_layers=4, vocab_size=49152, max_position_embeddings=8192,
+                      tie_word_embeddings=True, rms_norm_eps=1e-5, bos_token_id=1, eos_token_id=2,
+                      initializer_range=0.05)
+    LlamaForCausalLM(cfg).save_pretrained(out)
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+        if (demo / name).exists():
+            shutil.copy(demo / name, out / name)
+    return out
