@@ -96,8 +96,6 @@ class Harness:
     def batch(self, impl, q_lens, ctx_lens, block_size, dtype, device, seed=0, writer=None) -> Batch:
         """Random batch; K/V written by ``writer(key, value, kv_cache, slots)`` (default: the impl's
         cache update, i.e. the device's layout)."""
-        from vllm.v1.attention.backend import CommonAttentionMetadata
-
         g = torch.Generator().manual_seed(seed)
         h, hkv, d = impl.num_heads, impl.num_kv_heads, impl.head_size
         seq_lens = [q + c for q, c in zip(q_lens, ctx_lens)]
@@ -117,6 +115,28 @@ class Harness:
             write(keys[i].transpose(0, 1).to(dtype).to(device).contiguous(),
                   values[i].transpose(0, 1).to(dtype).to(device).contiguous(), kv_cache, slots)
         query = torch.randn(sum(q_lens), h, d, generator=g).to(dtype).to(device)
+        return Harness._step(table.to(device), kv_cache, query, keys, values, q_lens, ctx_lens)
+
+    @staticmethod
+    def at(batch: Batch, q_lens: list, ctx_lens: list, seed: int = 0) -> Batch:
+        """The same requests, cache and K/V at another step: new queries and lengths (every position's K/V
+        was written by ``batch``, which must cover the new lengths)."""
+        g = torch.Generator().manual_seed(seed)
+        assert all(q + c <= k.shape[1] for q, c, k in zip(q_lens, ctx_lens, batch.keys))
+        h, d = batch.query.shape[1:]
+        query = torch.randn(sum(q_lens), h, d, generator=g).to(batch.query.dtype).to(batch.query.device)
+        return Harness._step(batch.cm.block_table_tensor, batch.kv_cache, query, batch.keys, batch.values, q_lens,
+                             ctx_lens)
+
+    @staticmethod
+    def _step(table_dev: torch.Tensor, kv_cache, query, keys, values, q_lens: list, ctx_lens: list) -> Batch:
+        """The metadata of one step: rows computing ``q_lens`` positions after ``ctx_lens`` of context."""
+        from vllm.v1.attention.backend import CommonAttentionMetadata
+
+        device = table_dev.device
+        table = table_dev.cpu()
+        block_size = kv_cache.shape[2]
+        seq_lens = [q + c for q, c in zip(q_lens, ctx_lens)]
         qsl = torch.tensor([0] + q_lens).cumsum(0).to(torch.int32)
         sl = torch.tensor(seq_lens, dtype=torch.int32)
         slot_mapping = torch.cat([table[i, torch.arange(c, c + q) // block_size].long() * block_size
@@ -125,35 +145,8 @@ class Harness:
         cm = CommonAttentionMetadata(
             query_start_loc=qsl.to(device), query_start_loc_cpu=qsl, seq_lens=sl.to(device), num_reqs=len(q_lens),
             num_actual_tokens=sum(q_lens), max_query_len=max(q_lens), max_seq_len=max(seq_lens),
-            block_table_tensor=table.to(device), slot_mapping=slot_mapping.to(device), seq_lens_cpu_upper_bound=sl)
+            block_table_tensor=table_dev, slot_mapping=slot_mapping.to(device), seq_lens_cpu_upper_bound=sl)
         return Batch(cm, kv_cache, query, keys, values, list(q_lens), seq_lens)
-
-    @staticmethod
-    def at(batch: Batch, q_lens: list, ctx_lens: list, seed: int = 0) -> Batch:
-        """The same requests, cache and K/V at another step: new queries and lengths (every position's K/V
-        was written by ``batch``, which must cover the new lengths)."""
-        from vllm.v1.attention.backend import CommonAttentionMetadata
-
-        g = torch.Generator().manual_seed(seed)
-        cm = batch.cm
-        device = cm.block_table_tensor.device
-        table = cm.block_table_tensor.cpu()
-        block_size = batch.kv_cache.shape[2]
-        seq_lens = [q + c for q, c in zip(q_lens, ctx_lens)]
-        assert all(s <= k.shape[1] for s, k in zip(seq_lens, batch.keys))
-        h, d = batch.query.shape[1:]
-        query = torch.randn(sum(q_lens), h, d, generator=g).to(batch.query.dtype).to(device)
-        qsl = torch.tensor([0] + q_lens).cumsum(0).to(torch.int32)
-        sl = torch.tensor(seq_lens, dtype=torch.int32)
-        slot_mapping = torch.cat([table[i, torch.arange(c, c + q) // block_size].long() * block_size
-                                  + torch.arange(c, c + q) % block_size
-                                  for i, (q, c) in enumerate(zip(q_lens, ctx_lens))])
-        new = CommonAttentionMetadata(
-            query_start_loc=qsl.to(device), query_start_loc_cpu=qsl, seq_lens=sl.to(device), num_reqs=len(q_lens),
-            num_actual_tokens=sum(q_lens), max_query_len=max(q_lens), max_seq_len=max(seq_lens),
-            block_table_tensor=cm.block_table_tensor, slot_mapping=slot_mapping.to(device),
-            seq_lens_cpu_upper_bound=sl)
-        return Batch(new, batch.kv_cache, query, batch.keys, batch.values, list(q_lens), seq_lens)
 
     @staticmethod
     def forward(builder, impl, batch: Batch, layer: int = 0) -> torch.Tensor:
