@@ -1,6 +1,7 @@
-"""Issue 14's acceptance check as a new user runs it: two real `vllm serve --attention-backend casakv` (dense, and
-`--additional-config {"casakv": {"policy": "snapkv", "kv_ratio": 0.25}}`), one 6k-token request each;
-prints `vllm:kv_cache_usage_perc` while it decodes.  Usage: .venv/bin/python scripts/new_user_compression.py"""
+"""Issue 14's acceptance check as a new user runs it: real `vllm serve --attention-backend casakv` servers (dense,
+`--additional-config {"casakv": {"policy": "snapkv", "kv_ratio": 0.25}}`, and the same with
+`"prefill_compression": true`), one 6k-token request each; prints `vllm:kv_cache_usage_perc` while it decodes, and
+its peak.  Usage: .venv/bin/python scripts/new_user_compression.py"""
 import json
 import statistics
 from casakv_vllm.tools.demo_model import demo_model_path
@@ -10,7 +11,10 @@ from casakv_vllm.tools.bench.memory import Sampler
 from casakv_vllm.tools.bench.cpu import timed_completion
 
 text = prompts(1, 6000, seed=42)[0]
-for name, extra in (("dense", []), ("snapkv", ["--additional-config", json.dumps({"casakv": {"policy": "snapkv", "kv_ratio": 0.25}})])):
+SNAP = {"policy": "snapkv", "kv_ratio": 0.25}
+for name, extra in (("dense", []), ("snapkv", ["--additional-config", json.dumps({"casakv": SNAP})]),
+                    ("snapkv+prefill", ["--additional-config",
+                                        json.dumps({"casakv": {**SNAP, "prefill_compression": True}})])):
     with VllmServer(model=demo_model_path(), attention_backend="casakv", extra_args=["--max-model-len", "8192"] + extra,
                     env=cpu_env()) as server:
         with Sampler(server) as s:
