@@ -53,7 +53,7 @@ def run_layer_cpu(query: torch.Tensor, kv_cache: torch.Tensor, md: CasakvMetadat
     patterns = plan.cpu_patterns.get(layer, plan.cpu_patterns.get(None)) if plan.cpu_patterns else None
     for row in plan.rows:
         causal = num_kv * causal_pairs(row)
-        read = causal
+        read = num_kv * causal_pairs(row, row.read_context) if row.live_dense else causal
         if row.q_len > 0 and (not row.dense or plan.cpu_dense is None):
             read = attend_row(row, query, kv_of(row), layer, scale, out, patterns)
         counts.attended += read

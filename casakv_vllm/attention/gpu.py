@@ -32,11 +32,11 @@ def run_layer_gpu(query: torch.Tensor, kv_cache: torch.Tensor, md: CasakvMetadat
         ops.sparse_decode(query, kv_cache, md.block_table, md.seq_lens, sel, cnt, scale, out, gp.workspace,
                           sel_physical=True, hole=gp.holes[layer] if gp.holes is not None else None)
     elif gp.kind == "dense":
-        torch.ops.casakv.paged_attention(query, kv_cache, md.block_table, md.query_start_loc, md.seq_lens, scale,
+        torch.ops.casakv.paged_attention(query, kv_cache, gp.block_table, md.query_start_loc, gp.seq_lens, scale,
                                          out, md.max_query_len, md.max_seq_len)
     else:
         patterns, index = gp.layer_patterns(layer)
-        ops.sparse_attention(query, kv_cache, md.block_table, md.query_start_loc, md.seq_lens, scale, out,
+        ops.sparse_attention(query, kv_cache, gp.block_table, md.query_start_loc, gp.seq_lens, scale, out,
                              patterns, index, md.max_query_len, md.max_seq_len)
     kv_of = RowKV(kv_cache, md, "kv")  # casakv's K|V layout (also under TRITON_INTERPRET on the CPU)
     for i in gp.torch_rows:

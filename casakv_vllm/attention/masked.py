@@ -50,8 +50,10 @@ class RowKV:
         return self.gathered[row.index]
 
 
-def causal_pairs(row: RowPlan) -> int:
-    return row.q_len * row.context_len + row.q_len * (row.q_len + 1) // 2
+def causal_pairs(row: RowPlan, context: int | None = None) -> int:
+    """(query, KV) pairs of causal attention after ``context`` columns (default: the row's positions)."""
+    ctx = row.context_len if context is None else context
+    return row.q_len * ctx + row.q_len * (row.q_len + 1) // 2
 
 
 def attend_row(row: RowPlan, query: torch.Tensor, kv: tuple[torch.Tensor, torch.Tensor], layer: int,
@@ -62,7 +64,7 @@ def attend_row(row: RowPlan, query: torch.Tensor, kv: tuple[torch.Tensor, torch.
     live slots), ``[Hkv, width, D]`` each.
     """
     k, v = kv
-    ctx, seq_len = row.context_len, row.seq_len
+    ctx, seq_len = (row.read_context if row.live_dense else row.context_len), row.seq_len
     device = query.device
     q = query[row.q_start:row.q_start + row.q_len].transpose(0, 1)  # [H, q_len, D]
     keep = None
@@ -97,7 +99,7 @@ def attend_row(row: RowPlan, query: torch.Tensor, kv: tuple[torch.Tensor, torch.
     out[row.q_start:row.q_start + row.q_len] = o.transpose(0, 1).to(out.dtype)
     if not count:
         return None
-    return int(allowed.sum()) if allowed is not None else k.shape[0] * causal_pairs(row)
+    return int(allowed.sum()) if allowed is not None else k.shape[0] * causal_pairs(row, ctx)
 
 
 #: the prefill chunk's last queries whose votes rank a prefill event (SnapKV's observation window)

@@ -85,12 +85,13 @@ class CasakvMetadataBuilder(AttentionMetadataBuilder[CasakvMetadata]):
             query_start_loc_cpu=qsl_cpu, seq_lens_cpu=seq_lens_cpu, plan=plan)
 
     def _plan_cpu(self, plan: BatchPlan, cm: CommonAttentionMetadata, seq_lens, table) -> None:
+        self._plan_live_blocks(plan, table, [r.index for r in plan.rows])
         if self.cpu_kernels is not None:
             plan.cpu_layout = self.cpu_kernels.layout
-            plan.cpu_dense = self.cpu_kernels.plan_dense(plan, cm.query_start_loc, seq_lens, table,
+            lens, kernel_table = plan.kernel_view(seq_lens, table)
+            plan.cpu_dense = self.cpu_kernels.plan_dense(plan, cm.query_start_loc, lens, kernel_table,
                                                          cm.num_actual_tokens, self.num_heads, self.num_kv_heads,
                                                          self.head_size)
-        self._plan_live_blocks(plan, table, [r.index for r in plan.rows])
         for layer in pattern_layers(plan):
             plan.cpu_patterns[layer] = batch_patterns(plan, 0 if layer is None else layer, self.num_kv_heads,
                                                       torch.device("cpu"))
@@ -102,14 +103,14 @@ class CasakvMetadataBuilder(AttentionMetadataBuilder[CasakvMetadata]):
         if pure_decode and self._workspace is None:  # allocated once: fixed addresses from then on
             self._workspace = decode_workspace(self.max_batch, self.num_heads, self.num_kv_heads, self.head_size,
                                                self.block_size, self.device)
+        self._plan_live_blocks(plan, table, [r.index for r in plan.rows])
         plan.gpu = plan_gpu(plan, cm.query_start_loc, seq_lens, table, cm.num_actual_tokens, cm.max_query_len,
                             cm.max_seq_len, self.num_heads, self.num_kv_heads, self.head_size, self.block_size,
                             self.dtype, self._workspace)
-        self._plan_live_blocks(plan, table, plan.gpu.torch_rows)
 
     def _plan_live_blocks(self, plan: BatchPlan, table, rows: list[int]) -> None:
-        """The live blocks of ``rows`` compacted in an earlier step, for torch attention (every layer reads
-        the same ones)."""
+        """The live blocks of ``rows`` compacted in an earlier step, for torch attention and the kernels'
+        view of ``live_dense`` rows (every layer reads the same ones)."""
         for i in rows:
             row = plan.rows[i]
             if row.read is not None and row.q_len > 0:

@@ -35,6 +35,9 @@ class RowPlan:
             positions; ``compress.rule.LiveLayout``).
         compact_tail: this step is a compaction event with this tail (``T_j``), after attention;
             ``state.compaction`` holds the terms and ``state.layout`` the layout afterwards.
+        live_dense: a compacted row whose every live column is kept (prefill compression: each event
+            fills every head's region, the tail is never evicted), so its attention is dense causal over
+            its live blocks, read as a sequence of ``read.width(seq_len)`` tokens (``dense`` is set too).
     """
 
     index: int
@@ -48,6 +51,7 @@ class RowPlan:
     obs: PromptObservations | None = None
     read: LiveLayout | None = None
     compact_tail: int | None = None
+    live_dense: bool = False
 
     @property
     def compact(self) -> bool:
@@ -56,6 +60,16 @@ class RowPlan:
     @property
     def context_len(self) -> int:
         return self.seq_len - self.q_len
+
+    @property
+    def read_len(self) -> int:
+        """Columns the row's attention reads: its positions, or once compacted its live slots."""
+        return self.seq_len if self.read is None else self.read.width(self.seq_len)
+
+    @property
+    def read_context(self) -> int:
+        """Columns before the row's first query (the context of a dense row's kernel call)."""
+        return self.read_len - self.q_len
 
     @property
     def prompt_len(self) -> int:
@@ -101,6 +115,20 @@ class BatchPlan:
     @property
     def all_dense(self) -> bool:
         return all(r.dense for r in self.rows)
+
+    def kernel_view(self, seq_lens, block_table):
+        """``(seq_lens, block_table)`` as the dense kernels read them: a ``live_dense`` row's length is its
+        live columns and its table row its live blocks (``live_blocks``), so the kernel attends over them
+        as over an uncompacted sequence; the inputs themselves when the batch has no such row."""
+        rows = [r for r in self.rows if r.live_dense]
+        if not rows:
+            return seq_lens, block_table
+        seq_lens, block_table = seq_lens.clone(), block_table.clone()
+        for r in rows:
+            blocks = self.live_blocks[r.index]
+            block_table[r.index, :blocks.numel()] = blocks.to(block_table.dtype)
+            seq_lens[r.index] = r.read_len
+        return seq_lens, block_table
 
 
 def batch_counts(query_start_loc: list[int], seq_lens: list[int]) -> BatchCounts:
@@ -170,6 +198,9 @@ def plan_batch(requests: RequestTable | None, resolver: PolicyResolver, store: O
         if compaction is not None and policy.caps.evicts and state is not None and q_len > 0:
             _plan_compaction(row, state, policy, compaction)
         row.dense = _row_is_dense(policy, state, row.context_len, row.read)
+        if row.read is not None and state.compaction.prefill:  # every live column kept: dense over them,
+            row.live_dense = True  # but for a decode event, whose own attention ranks what stays (in torch)
+            row.dense = not (row.compact and row.context_len >= state.prompt_len)
         if state is not None and state.prompt_key is not None and q_len > 0:
             if row.context_len < state.prompt_len:  # every prefill row records its prompt's observations
                 obs = store.get(state.prompt_key, state.prompt_len)

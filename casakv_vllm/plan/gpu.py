@@ -49,6 +49,9 @@ class GpuPlan:
     index: dict[int | None, SparseIndex] = field(default_factory=dict)
     holes: torch.Tensor | None = None  # [layers, rows, Hkv, 3] int32 (decode with compacted rows)
     torch_rows: list[int] = field(default_factory=list)
+    # the dense / sparse kernels' view (``BatchPlan.kernel_view``; None: the metadata's own)
+    seq_lens: torch.Tensor | None = None
+    block_table: torch.Tensor | None = None
 
     def layer_patterns(self, layer: int) -> tuple[PatternBatch, SparseIndex]:
         key = layer if layer in self.patterns else None
@@ -71,7 +74,7 @@ def plan_gpu(plan: BatchPlan, query_start_loc: torch.Tensor, seq_lens: torch.Ten
     num_reqs = len(plan.rows)
     pure_decode = max_query_len == 1 and num_tokens == num_reqs
     has_patterns = any(not r.dense and not r.evicting for r in plan.rows)
-    hole_rows = [r for r in plan.rows if r.evicting and pure_decode and _kernel_reads_compacted(r)]
+    hole_rows = [r for r in plan.rows if pure_decode and _kernel_reads_compacted(r)]
     served = {r.index for r in hole_rows}
     torch_rows = [r.index for r in plan.rows if r.evicting and r.index not in served]
     if pure_decode and not has_patterns:
@@ -82,10 +85,11 @@ def plan_gpu(plan: BatchPlan, query_start_loc: torch.Tensor, seq_lens: torch.Ten
                                       torch_rows)
         return GpuPlan("decode", workspace, decode_sel=sel, torch_rows=torch_rows,
                        holes=_batch_holes(plan, hole_rows, num_kv_heads, seq_lens.device) if hole_rows else None)
+    seq_lens, block_table = plan.kernel_view(seq_lens, block_table)  # live_dense rows: over their live blocks
     if not has_patterns:
-        return GpuPlan("dense", workspace, torch_rows=torch_rows)
+        return GpuPlan("dense", workspace, torch_rows=torch_rows, seq_lens=seq_lens, block_table=block_table)
     device = seq_lens.device
-    out = GpuPlan("sparse", workspace, torch_rows=torch_rows)
+    out = GpuPlan("sparse", workspace, torch_rows=torch_rows, seq_lens=seq_lens, block_table=block_table)
     group = num_heads // num_kv_heads
     for layer in pattern_layers(plan):
         patterns = batch_patterns(plan, 0 if layer is None else layer, num_kv_heads, device)
@@ -97,14 +101,15 @@ def plan_gpu(plan: BatchPlan, query_start_loc: torch.Tensor, seq_lens: torch.Ten
 
 
 def _kernel_reads_compacted(row) -> bool:
-    """The decode kernel serves this evicting row: it was compacted before this step (and this step is
-    not an event), by a policy that does no per-step work (it selected once: no decode observation, no
-    eviction while generating).  Its keep-set is then each head's first region slots, all later tokens
-    and its first tail block's kept tokens, which ``state.holes`` describe; the skip bits cover a tail
-    block of at most 32 tokens."""
+    """The decode kernel serves this row: it was compacted before this step (and this step is not an
+    event), by a policy that does no per-step work (it selected once: no decode observation, no eviction
+    while generating).  Its keep-set is then each head's first region slots, all later tokens and its
+    first tail block's kept tokens, which ``state.holes`` describe (the skip bits cover a tail block of at
+    most 32 tokens); a ``live_dense`` row keeps every live column (its holes are empty)."""
     state = row.state
-    return (row.read is not None and not row.compact and state.holes is not None and row.q_len == 1
-            and state.compaction.block_size <= 32 and row.policy.selects_once())
+    if row.read is None or row.compact or state.holes is None or row.q_len != 1:
+        return False
+    return row.live_dense or (row.evicting and state.compaction.block_size <= 32 and row.policy.selects_once())
 
 
 def live_physical_selection(block_table: torch.Tensor, seq_lens: torch.Tensor, block_size: int,

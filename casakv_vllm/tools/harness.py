@@ -163,7 +163,7 @@ class Harness:
         for i, (q_len, s) in enumerate(zip(batch.q_lens, batch.seq_lens)):
             start = sum(batch.q_lens[:i])
             q = batch.query[start:start + q_len].float().cpu().transpose(0, 1)  # [H, q, D]
-            k, v = batch.keys[i], batch.values[i]
+            k, v = batch.keys[i][:, :s], batch.values[i][:, :s]  # a later step of a longer batch: its positions
             group = q.shape[0] // k.shape[0]
             pos = torch.arange(s - q_len, s)
             mask = torch.arange(s)[None, :] <= pos[:, None]
