@@ -133,6 +133,8 @@ def build_parser() -> argparse.ArgumentParser:
     pm.add_argument("--decode-tokens", type=int, default=48)
     pm.add_argument("--pool-blocks", type=int, default=1400, help="KV pool size in blocks of 16 tokens")
     pm.add_argument("--burst", type=int, default=12, help="concurrent requests in each burst")
+    pm.add_argument("--burst-decode-tokens", type=int, default=1024,
+                    help="tokens each burst request generates (long enough that requests pile up while decoding)")
     pm.add_argument("--no-prefill", dest="prefill", action="store_false",
                     help="leave out the main policy with prefill compression (by default it runs as <policy>+prefill "
                          "and is the one the burst and the quality suite measure)")
@@ -189,7 +191,8 @@ def _cmd_bench_memory(args: argparse.Namespace) -> int:
         return 2
     result = run(Path(args.json) if args.json else None, Path(args.md) if args.md else None,
                  Path(args.plot) if args.plot else None, lengths, policies, args.ratio, args.decode_tokens,
-                 args.pool_blocks, args.burst, lambda m: print(m, flush=True), args.model, args.prefill)
+                 args.pool_blocks, args.burst, lambda m: print(m, flush=True), args.model, args.prefill,
+                 args.burst_decode_tokens)
     print(markdown(result))
     return 0
 
