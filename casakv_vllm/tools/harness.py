@@ -179,3 +179,54 @@ class Harness:
 @dataclass
 class _Layer:
     layer_name: str
+
+
+def check_prefill_compression(harness: Harness, device: str, forward, shape=(6, 2, 64), block_size: int = 16,
+                              dtype=torch.float32, prompt: int = 400, chunk: int = 64, decode: int = 4,
+                              tol: float = 2e-5, kv_layout: bool = False) -> int:
+    """A prompt prefilled in ``chunk``-token steps under ``prefill_compression`` (snapkv at 4x, events every
+    32 tokens), then ``decode`` steps: every step after the first event attends to exactly the positions
+    its head kept plus the uncompacted tail, as an fp32 reference over the original keys says; blocks are
+    poisoned (NaN) once the rule frees them.  ``forward(builder, impl, batch)`` runs one layer; ``kv_layout``:
+    the cache is written in casakv's K|V layout (the GPU path's, also on CPU tensors).  Returns the steps
+    checked."""
+    from casakv_vllm.integration.context import worker_context
+
+    h, hkv, d = shape
+    vc = harness.config({"policy": "snapkv", "kv_ratio": 0.25, "prefill_compression": True, "chunk_size": 32},
+                        num_heads=h, num_kv_heads=hkv, head_size=d, dtype=str(dtype).split(".")[1], device=device,
+                        compaction=True)
+    builder, impl = harness.backend(vc, block_size, device)
+    params = harness.requests([(prompt, None)])
+    full = harness.batch(impl, [1], [prompt + decode - 1], block_size, dtype, device, seed=9,
+                         writer=(lambda k, v, c, sl: torch.ops.casakv.reshape_and_cache(k, v, c, sl)) if kv_layout
+                         else None)
+    state = worker_context().requests.rows[0]
+    steps = [(min(chunk, prompt - c), c) for c in range(0, prompt, chunk)] + [(1, prompt + i) for i in range(decode)]
+    freed, checked = set(), 0
+    for q_len, ctx in steps:
+        b = harness.at(full, [q_len], [ctx], seed=ctx)
+        keep = state.keep.get(0)
+        before = None if keep is None else (keep.positions(keep.capacity).clone(), keep.mask.clone(), state.layout)
+        out = forward(builder, impl, b)
+        if before is not None:  # a step reading compacted KV: the positions kept, then the tail
+            pos, mask, layout = before
+            seq = b.seq_lens[0]
+            kept = torch.zeros(hkv, seq, dtype=torch.bool)
+            for head in range(hkv):
+                cols = mask[head, :layout.head_end].nonzero().flatten()
+                kept[head, pos[head, cols].cpu()] = True
+            kept[:, layout.tail:] = True
+            assert layout.width(seq) == int(kept[0].sum()), "a live column was not kept"
+            ref = harness.reference(b, impl.scale, lambda i, q, s: kept.unsqueeze(1).expand(hkv, len(q), s))
+            torch.testing.assert_close(out.float().cpu(), ref, atol=tol, rtol=tol)
+            checked += 1
+        terms = state.compaction
+        tail = terms.settled_tail(b.seq_lens[0])
+        for blk in range((terms.head_end if tail else 0) // block_size, (tail or 0) // block_size):
+            if blk not in freed:  # the scheduler frees once the step settled: another request's now
+                freed.add(blk)
+                full.kv_cache[b.cm.block_table_tensor[0, blk].long()] = float("nan")
+    assert freed and params
+    return checked
+
