@@ -2,7 +2,7 @@
 # The GPU half of the test suite plus the kernel benchmark, in one call on a
 # CUDA box (this project runs it through the device tool on an H100):
 #   1. installs casakv-vllm from this checkout (builds csrc/ into casakv_vllm._C),
-#   2. runs the kernel tests and GPU-marked tests on the GPU,
+#   2. runs the kernel tests and GPU-marked tests on the GPU (PYTEST_K="a or b": a -k expression, kept whole),
 #   3. runs the kernel benchmark (`python -m casakv_vllm.tools.bench.kernels`, the code
 #      behind `casakv bench kernels`) and writes JSON + Markdown; with vLLM's
 #      Triton kernel as a peer when .vllm_kernel/ was staged
@@ -38,7 +38,7 @@ python3 -c "from torch.utils.cpp_extension import CUDA_HOME; print('CUDA_HOME', 
 
 cd /tmp   # never import the checkout's folders by accident
 [ "${SKIP_TESTS:-0}" = "1" ] || python3 -m pytest "$REPO/tests/kernels" "$REPO/tests/unit/test_ops.py" -q -p no:cacheprovider \
-    -o addopts="--import-mode=importlib -ra" ${PYTEST_ARGS:-} 2>&1 | tee "$OUT/gpu-tests.log" | tail -15
+    -o addopts="--import-mode=importlib -ra" ${PYTEST_ARGS:-} ${PYTEST_K:+-k "$PYTEST_K"} 2>&1 | tee "$OUT/gpu-tests.log" | tail -15
 tests_rc=${PIPESTATUS[0]}
 if [ "${SKIP_BENCH:-0}" != "1" ]; then
     # the module directly (= `casakv bench kernels`), so the benchmark does not
