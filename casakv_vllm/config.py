@@ -43,8 +43,9 @@ class CasakvConfig(BaseModel):
     kv_budget: int | None = Field(None, ge=1, description="KV tokens kept per request, layer and head")
     kv_ratio: float | None = Field(None, gt=0.0, le=1.0, description="fraction of KV kept (0.25 = 4x)")
     policy_params: dict[str, Any] = Field(default_factory=dict, description="parameters of the chosen policy")
-    chunk_size: int | None = Field(256, ge=16, description="generated tokens between compactions of an "
-                                   "evicting policy's cache (null: compact once, when decoding starts)")
+    chunk_size: int | None = Field(256, ge=16, description="tokens between compactions of an evicting "
+                                   "policy's cache: generated tokens, and prompt tokens with prefill_compression "
+                                   "(null: compact once, when decoding starts)")
     prefill_compression: bool = Field(False, description="compress the KV of a long prompt while it is prefilled, "
                                       "every chunk_size tokens, ranked by each prefill chunk's last queries "
                                       "(CASAK-V's chunk-wise compression: the prompt is then attended through "

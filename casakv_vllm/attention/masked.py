@@ -91,9 +91,7 @@ def attend_row(row: RowPlan, query: torch.Tensor, kv: tuple[torch.Tensor, torch.
         if keep is not None and row.policy.caps.observes_decode:
             row.policy.observe(keep, probs)
         elif keep is not None and row.compact and row.read is not None:  # a later event ranks by this query
-            step = group_sum(probs, keep.mask.shape[0]).reshape(keep.mask.shape[0], -1)
-            keep.rank = torch.zeros(keep.mask.shape, device=step.device)
-            keep.rank[:, :step.shape[1]] = step
+            keep.set_rank(group_sum(probs, keep.mask.shape[0]).reshape(keep.mask.shape[0], -1))
     else:
         o = attend(q, k, v, ctx, scale, allowed)
     out[row.q_start:row.q_start + row.q_len] = o.transpose(0, 1).to(out.dtype)
@@ -131,9 +129,7 @@ def prefill_rank(row: RowPlan, layer: int, query: torch.Tensor, kv: tuple[torch.
     visible = keep.positions(width).unsqueeze(1) <= qpos.view(1, -1, 1)  # causal; empty slots (-1) too
     visible &= keep.mask[:, :width].unsqueeze(1)
     probs = torch.softmax(logits.masked_fill(~visible, float("-inf")), dim=-1).nan_to_num_(0.0)
-    votes = torch.nn.functional.max_pool1d(probs.sum(1, keepdim=True), VOTE_POOL, 1, VOTE_POOL // 2).squeeze(1)
-    keep.rank = torch.zeros(keep.mask.shape, device=k.device)
-    keep.rank[:, :width] = votes
+    keep.set_rank(torch.nn.functional.max_pool1d(probs.sum(1, keepdim=True), VOTE_POOL, 1, VOTE_POOL // 2).squeeze(1))
 
 
 def compact_row(row: RowPlan, layer: int, kv_cache: torch.Tensor, table_row: torch.Tensor, plan,

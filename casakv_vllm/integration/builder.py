@@ -75,6 +75,7 @@ class CasakvMetadataBuilder(AttentionMetadataBuilder[CasakvMetadata]):
             ctx.requests.on_change(ctx.requests)
         seq_lens = cm.seq_lens[:num_reqs]
         table = cm.block_table_tensor[:num_reqs]
+        self._plan_live_blocks(plan, table)
         if self.device.type == "cpu":
             self._plan_cpu(plan, cm, seq_lens, table)
         else:
@@ -85,7 +86,6 @@ class CasakvMetadataBuilder(AttentionMetadataBuilder[CasakvMetadata]):
             query_start_loc_cpu=qsl_cpu, seq_lens_cpu=seq_lens_cpu, plan=plan)
 
     def _plan_cpu(self, plan: BatchPlan, cm: CommonAttentionMetadata, seq_lens, table) -> None:
-        self._plan_live_blocks(plan, table, [r.index for r in plan.rows])
         if self.cpu_kernels is not None:
             plan.cpu_layout = self.cpu_kernels.layout
             lens, kernel_table = plan.kernel_view(seq_lens, table)
@@ -103,15 +103,14 @@ class CasakvMetadataBuilder(AttentionMetadataBuilder[CasakvMetadata]):
         if pure_decode and self._workspace is None:  # allocated once: fixed addresses from then on
             self._workspace = decode_workspace(self.max_batch, self.num_heads, self.num_kv_heads, self.head_size,
                                                self.block_size, self.device)
-        self._plan_live_blocks(plan, table, [r.index for r in plan.rows])
         plan.gpu = plan_gpu(plan, cm.query_start_loc, seq_lens, table, cm.num_actual_tokens, cm.max_query_len,
                             cm.max_seq_len, self.num_heads, self.num_kv_heads, self.head_size, self.block_size,
                             self.dtype, self._workspace)
 
-    def _plan_live_blocks(self, plan: BatchPlan, table, rows: list[int]) -> None:
-        """The live blocks of ``rows`` compacted in an earlier step, for torch attention and the kernels'
+    def _plan_live_blocks(self, plan: BatchPlan, table) -> None:
+        """The live blocks of the rows compacted in an earlier step, for torch attention and the kernels'
         view of ``live_dense`` rows (every layer reads the same ones)."""
-        for i in rows:
-            row = plan.rows[i]
+        for row in plan.rows:
             if row.read is not None and row.q_len > 0:
-                plan.live_blocks[i] = live_blocks(table[i].long(), row.read, row.seq_len, self.block_size)
+                plan.live_blocks[row.index] = live_blocks(table[row.index].long(), row.read, row.seq_len,
+                                                          self.block_size)

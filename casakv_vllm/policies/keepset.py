@@ -77,6 +77,11 @@ class LayerKeep:
         acc = self.scores
         acc[:, : probs.shape[-1]] += group_sum(probs, acc.shape[0]).reshape(acc.shape[0], -1)
 
+    def set_rank(self, values: torch.Tensor) -> None:
+        """``rank`` from ``[Hkv, width]`` scores of the first ``width`` columns (the rest rank 0)."""
+        self.rank = torch.zeros(self.mask.shape, device=values.device)
+        self.rank[:, :values.shape[1]] = values
+
     def visible(self, seq_len: int) -> torch.Tensor:
         """``[Hkv, seq_len]`` bool: what a step over ``seq_len`` positions reads (a view)."""
         return self.mask[:, :seq_len]
