@@ -24,7 +24,7 @@ import torch
 from casakv_kernels.patterns import pattern_mask
 from casakv_vllm.compress.compact import compact_cpu, compact_gpu, plan_layer, tail_skip_bits
 from casakv_vllm.ops.paged import gather_kv
-from casakv_vllm.ops.probs import group_sum
+from casakv_vllm.ops.probs import group_sum, grouped_logits
 from casakv_vllm.ops.torch_attention import attend, decode_attention
 from casakv_vllm.plan.batch import RowPlan
 
@@ -122,9 +122,9 @@ def prefill_rank(row: RowPlan, layer: int, query: torch.Tensor, kv: tuple[torch.
     keep.grow(width)
     w = min(VOTE_WINDOW, row.q_len)
     end = row.q_start + row.q_len
-    q = query[end - w:end].transpose(0, 1).float()  # [H, w, D]
+    q = query[end - w:end].transpose(0, 1)  # [H, w, D]
     group = q.shape[0] // num_kv
-    logits = torch.matmul(q.reshape(num_kv, group * w, -1), k.float().transpose(1, 2)) * scale  # [Hkv, g*w, S]
+    logits = grouped_logits(q, k, scale)  # [Hkv, g*w, S]
     qpos = torch.arange(row.seq_len - w, row.seq_len, device=k.device).repeat(group)
     visible = keep.positions(width).unsqueeze(1) <= qpos.view(1, -1, 1)  # causal; empty slots (-1) too
     visible &= keep.mask[:, :width].unsqueeze(1)

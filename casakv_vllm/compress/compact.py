@@ -42,12 +42,12 @@ class LayerCompaction:
         return out.masked_fill(self.src_col < 0, empty)
 
 
-def _column_slots(layout: LiveLayout | None, width: int) -> torch.Tensor:
-    """Slot of each live column (``layout`` None: the slots are the positions)."""
+def _column_slots(layout: LiveLayout | None, width: int, device=None) -> torch.Tensor:
+    """Slot of each live column (``layout`` None: the slots are the positions), made on ``device``."""
     if layout is None:
-        return torch.arange(width)
-    head = torch.arange(layout.head_end)
-    return torch.cat([head, torch.arange(layout.tail, layout.tail + width - layout.head_end)])
+        return torch.arange(width, device=device)
+    head = torch.arange(layout.head_end, device=device)
+    return torch.cat([head, torch.arange(layout.tail, layout.tail + width - layout.head_end, device=device)])
 
 
 def plan_layer(mask: torch.Tensor, terms: CompactionTerms, read: LiveLayout | None, tail: int,
@@ -67,7 +67,7 @@ def plan_layer(mask: torch.Tensor, terms: CompactionTerms, read: LiveLayout | No
         fit = read is not None
     shared, head_end = terms.shared, terms.head_end
     num_kv, width = mask.shape
-    slot = _column_slots(read, width).to(mask.device)
+    slot = _column_slots(read, width, mask.device)  # made there: a host copy would wait for the device
     region = (slot >= shared) & (slot < tail)
     kept = mask & region.unsqueeze(0)
     room = head_end - shared

@@ -93,9 +93,12 @@ def gather_kv(kv_cache: torch.Tensor, blocks: torch.Tensor, seq_len: int,
     ``blocks``: the request's physical block ids, ``cdiv(seq_len, block_size)`` of them.
     """
     if kv_cache.device.type != "cpu" or layout == "kv":
-        num_kv, two_d = kv_cache.shape[1], kv_cache.shape[3]
-        kv = kv_cache.index_select(0, blocks).transpose(0, 1).reshape(num_kv, -1, two_d)[:, :seq_len]
-        return kv[..., : two_d // 2], kv[..., two_d // 2:]
+        num_kv, d = kv_cache.shape[1], kv_cache.shape[3] // 2
+        sel = kv_cache.index_select(0, blocks)  # [n, Hkv, block, 2D]
+        # K and V each contiguous per head (matrix products over strided halves fall off cuBLAS's fast paths)
+        k = sel[..., :d].transpose(0, 1).reshape(num_kv, -1, d)[:, :seq_len]
+        v = sel[..., d:].transpose(0, 1).reshape(num_kv, -1, d)[:, :seq_len]
+        return k, v
     if layout == "amx":
         kview, vview = _amx_views(kv_cache)
         num_kv, d = kview.shape[1], 2 * kview.shape[3]

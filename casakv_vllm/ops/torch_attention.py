@@ -9,6 +9,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from casakv_vllm.ops.probs import grouped_logits
+
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, context_len: int, scale: float,
            allowed: torch.Tensor | None = None) -> torch.Tensor:
@@ -53,11 +55,12 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: f
     """
     num_heads, _, dim = q.shape
     num_kv = k.shape[0]
-    group = num_heads // num_kv
-    qf = q.float().reshape(num_kv, group, dim)
-    logits = torch.bmm(qf, k.float().transpose(1, 2)).mul_(scale)  # [Hkv, group, S]
+    logits = grouped_logits(q, k, scale)  # [Hkv, group, S] fp32
     if allowed is not None:
         logits.masked_fill_(~allowed, float("-inf"))
     probs = torch.softmax(logits, dim=-1)
-    out = torch.bmm(probs, v.float())
+    if v.is_cuda and v.dtype in (torch.bfloat16, torch.float16):  # no fp32 copy of the values
+        out = torch.bmm(probs.to(v.dtype), v, out_dtype=torch.float32)
+    else:
+        out = torch.bmm(probs, v.float())
     return out.reshape(num_heads, 1, dim), probs.reshape(num_heads, 1, -1)

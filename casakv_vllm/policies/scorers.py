@@ -66,8 +66,11 @@ def window_scores(x: ScoreInput, window: int) -> torch.Tensor | None:
         warn_once(x.policy, f"only {len(rows)} of the last {want} prompt queries were observed; "
                             "scoring with those (prefix-cache hit on a prompt observed by no one?)")
     num_kv, plen, _ = x.keys.shape
-    idx = torch.tensor(rows, device=obs.window_q.device)
-    probs = attention_probs(obs.window_q.index_select(1, idx), x.keys, plen - w_all + idx, x.scale)
+    if len(rows) == rows[-1] - rows[0] + 1:  # one run of rows: a slice, no index copied to the device
+        probs = attention_probs(obs.window_q[:, rows[0]:rows[-1] + 1], x.keys, plen - w_all + rows[0], x.scale)
+    else:
+        idx = torch.tensor(rows, device=obs.window_q.device)
+        probs = attention_probs(obs.window_q.index_select(1, idx), x.keys, plen - w_all + idx, x.scale)
     return group_sum(probs, num_kv).sum(1)
 
 

@@ -355,7 +355,8 @@ SECTIONS = ("decode", "prefill", "compacted", "layer")
 
 
 def run(json_path: Path, md_path: Path | None, quick: bool = False, progress=print,
-        command: str = "casakv bench kernels", vllm_kernel: str | None = None, sections=SECTIONS) -> dict:
+        command: str = "casakv bench kernels", vllm_kernel: str | None = None, sections=SECTIONS,
+        profile_event: int = 0) -> dict:
     if not torch.cuda.is_available():
         raise SystemExit("casakv bench kernels needs a CUDA GPU (this machine has none)")
     from torch.nn.attention.flex_attention import flex_attention
@@ -395,7 +396,7 @@ def run(json_path: Path, md_path: Path | None, quick: bool = False, progress=pri
         elif kind == "layer":
             from casakv_vllm.tools.bench.layer import bench_layer
 
-            layers.append(bench_layer(n, b))
+            layers.append(bench_layer(n, b, profile=profile_event))
         else:
             results += bench_prefill(n, ("causal", "a-shape", "vertical-slash"), flex, gen, rep, vllm_attn)
         progress(f"{kind} N={n} B={b} done ({time.time() - t0:.0f}s)")
@@ -473,10 +474,12 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--vllm-kernel", help="folder staged by scripts/stage_vllm_kernel.py (vLLM's Triton kernel)")
     ap.add_argument("--sections", default=",".join(SECTIONS), help=f"comma-separated subset of {','.join(SECTIONS)}")
+    ap.add_argument("--profile-event", type=int, default=0, metavar="N",
+                    help="layer section: print torch's profiler table (top N ops) of each compaction event")
     a = ap.parse_args(argv)
     run(Path(a.json), Path(a.md) if a.md else None, quick=a.quick, progress=lambda m: print(m, flush=True),
         command="python -m casakv_vllm.tools.bench.kernels", vllm_kernel=a.vllm_kernel,
-        sections=tuple(x.strip() for x in a.sections.split(",") if x.strip()))
+        sections=tuple(x.strip() for x in a.sections.split(",") if x.strip()), profile_event=a.profile_event)
 
 
 if __name__ == "__main__":
