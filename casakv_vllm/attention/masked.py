@@ -92,6 +92,7 @@ def attend_row(row: RowPlan, query: torch.Tensor, kv: tuple[torch.Tensor, torch.
             row.policy.observe(keep, probs)
         elif keep is not None and row.compact and row.read is not None:  # a later event ranks by this query
             keep.set_rank(group_sum(probs, keep.mask.shape[0]).reshape(keep.mask.shape[0], -1))
+            row.policy.on_event(keep, layer, q, k, allowed, scale, row.seq_len - row.prompt_len)
     else:
         o = attend(q, k, v, ctx, scale, allowed)
     out[row.q_start:row.q_start + row.q_len] = o.transpose(0, 1).to(out.dtype)

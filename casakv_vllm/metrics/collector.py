@@ -23,6 +23,10 @@ Series (all prefixed ``casakv_``):
   blocks it holds over the blocks dense attention would hold;
   ``casakv_compaction_seconds``: summary of the time workers spent compacting
   (one observation per layer and request).
+- ``casakv_heads{pattern}``: pattern assignments of (request, layer, KV head)
+  the ``casakv`` policy made since start, by pattern (a-shape, vertical,
+  slash, vertical-slash, block, full); ``casakv_reprofile_total``: heads it
+  re-profiled while decoding.
 """
 
 from __future__ import annotations
@@ -110,7 +114,8 @@ class CasakvCollector:
 
 
 def _compression_families(snaps: list[dict]):
-    from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, SummaryMetricFamily
+    from prometheus_client.core import (CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily,
+                                        SummaryMetricFamily)
 
     freed = CounterMetricFamily("casakv_kv_blocks_freed", "KV blocks compaction returned to vLLM's pool")
     freed.add_metric([], _total(snaps, "kv_blocks_freed"))
@@ -127,7 +132,18 @@ def _compression_families(snaps: list[dict]):
     ratio.add_metric([], buckets, _total(snaps, "compression_sum"))
     seconds = SummaryMetricFamily("casakv_compaction_seconds", "Time workers spent compacting (per layer and request)")
     seconds.add_metric([], _total(snaps, "compactions"), _total(snaps, "compaction_seconds"))
-    yield from (freed, ratio, seconds)
+    heads = GaugeMetricFamily("casakv_heads", "Pattern assignments of (request, layer, KV head) made by the "
+                              "casakv policy since start, by pattern", labels=["pattern"])
+    by_pattern: dict[str, float] = {}
+    for snap in snaps:
+        for pattern, n in snap.get("heads", {}).items():
+            by_pattern[pattern] = by_pattern.get(pattern, 0.0) + n
+    for pattern, n in sorted(by_pattern.items()):
+        heads.add_metric([pattern], n)
+    reprofiles = CounterMetricFamily("casakv_reprofile", "Heads re-profiled while decoding (their pattern's "
+                                     "estimated attention recall fell under recall_threshold)")
+    reprofiles.add_metric([], _total(snaps, "reprofiles"))
+    yield from (freed, ratio, seconds, heads, reprofiles)
 
 
 def install_collector() -> None:

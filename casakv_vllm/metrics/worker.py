@@ -43,6 +43,8 @@ class WorkerStats:
     compression_sum: float = 0.0
     compaction_seconds: float = 0.0  # time spent compacting (worker processes)
     compactions: int = 0  # (layer, request) compactions
+    heads: dict = field(default_factory=dict)  # pattern program -> (request, layer, KV head) assignments
+    reprofiles: int = 0  # heads re-profiled while decoding
     _last_flush: float = field(default=0.0, repr=False)
     _dirty: bool = field(default=False, repr=False)
 
@@ -94,6 +96,9 @@ class WorkerStats:
             self.flush(now)
 
     def snapshot(self) -> dict:
+        from casakv_vllm.metrics.tally import TALLY
+
+        self.heads, self.reprofiles = TALLY.read()
         return {k: v for k, v in asdict(self).items() if not k.startswith("_")}
 
     def flush(self, now: float | None = None) -> None:

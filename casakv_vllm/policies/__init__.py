@@ -10,7 +10,7 @@
 from casakv_vllm.policies.base import Capabilities, Policy
 from casakv_vllm.policies.registry import available_policies, build_policy, get_policy_class, register_policy
 from casakv_vllm.policies import (  # noqa: F401  (register themselves)
-    adakv, composite, dense, h2o, pyramidkv, snapkv, static_heads, streaming,
+    adakv, casakv, composite, dense, h2o, pyramidkv, snapkv, static_heads, streaming,
 )
 
 __all__ = ["Capabilities", "Policy", "available_policies", "build_policy", "get_policy_class", "register_policy"]

@@ -94,3 +94,37 @@ class HeadAdaptive(Uniform):
             share = share.scatter(1, top, float("-inf"))
         winners = torch.topk(share.flatten(), rest).indices // length
         return counts.scatter_add(0, winners, torch.ones_like(winners))
+
+
+@dataclass
+class ByNeed(Uniform):
+    """CASAK-V: a layer's ``Hkv * b`` tokens go to its heads by what each head's pattern needs.
+
+    A head needs the tokens its pattern covers (a window head its sinks and
+    window, a stripe head its columns); a head without a cheap pattern
+    (``full``) asks for ``b``.  Every head keeps at least ``floor`` of the
+    budget above its pinned tokens and at most ``(1 + spread) * b`` (the
+    compacted region is as wide as the widest head, so ``spread`` is what
+    moving budget between heads costs in memory).  When the needs add up to
+    more than ``Hkv * b`` they are scaled down to it; when less, the rest is
+    shared evenly.  All on the device (no host sync).
+    """
+
+    floor: float = 0.2
+    spread: float = 0.25
+
+    def max_head_budget(self, budget: int, pinned: int, num_kv: int, prompt_len: int) -> int:
+        return min(prompt_len, int((1.0 + self.spread) * budget))
+
+    def by_need(self, need: torch.Tensor, budget: int, pinned: int, prompt_len: int) -> torch.Tensor:
+        """``need`` ``[Hkv]`` int64 -> budgets ``[Hkv]`` int64 summing to at most ``Hkv * budget``."""
+        num_kv = need.shape[0]
+        floor = min(budget, pinned + int(self.floor * max(0, budget - pinned)))
+        cap = self.max_head_budget(budget, pinned, num_kv, prompt_len)
+        want = need.clamp(floor, cap)
+        total = num_kv * budget
+        over = want - floor
+        scaled = floor + (over * (total - num_kv * floor)) // over.sum().clamp_min(1)
+        extra = (total - want.sum()).clamp_min(0)
+        shared = want + extra // num_kv + (torch.arange(num_kv, device=need.device) < extra % num_kv).long()
+        return torch.where(want.sum() > total, scaled, shared).clamp(max=cap)

@@ -127,5 +127,12 @@ class KeepPolicy(Policy):
     def evict(self, keep: LayerKeep, layer: int, prompt_len: int, seq_len: int, width: int) -> None:
         """Drop columns before the step reads the cache (default: keep every generated token)."""
 
+    def on_event(self, keep: LayerKeep, layer: int, q: torch.Tensor, k: torch.Tensor, allowed: torch.Tensor,
+                 scale: float, generated: int) -> None:
+        """A later compaction event's step at ``layer``, after ``keep.rank`` was set from its query's
+        attention (``q`` ``[H, 1, D]`` over live keys ``k`` ``[Hkv, W, D]``, ``allowed`` ``[Hkv, 1, W]``;
+        ``generated`` tokens so far): a policy may re-profile heads and reshape what the compaction keeps
+        (default: nothing)."""
+
     def observe(self, keep: LayerKeep, probs: torch.Tensor) -> None:
         """After a decode step: ``probs`` ``[num_heads, 1, seq_len]`` (policies with ``observes_decode``)."""

@@ -30,6 +30,11 @@ class LayerKeep:
         rank: ``[Hkv, width]`` fp32, the attention of a compaction event's own query
             (set for that step only): what a select-once policy keeps when its
             compacted region overflows.
+        program: ``[Hkv]`` long, each head's pattern program (``observe.estimate.PROGRAMS``)
+            for policies that choose patterns per request (``casakv``), else None.
+        summary: ``(mean keys [Hkv, blocks, D], counts [Hkv, blocks])`` of the tokens the
+            first selection evicted, per block of positions (what re-profiling estimates
+            their attention from), or None.
     """
 
     mask: torch.Tensor
@@ -37,6 +42,8 @@ class LayerKeep:
     window: int | None = None
     pos: torch.Tensor | None = None
     rank: torch.Tensor | None = None
+    program: torch.Tensor | None = None
+    summary: tuple[torch.Tensor, torch.Tensor] | None = None
 
     @classmethod
     def new(cls, prompt_keep: torch.Tensor, seq_len: int) -> "LayerKeep":

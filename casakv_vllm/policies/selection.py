@@ -12,6 +12,8 @@ import torch
 
 logger = logging.getLogger("casakv_vllm")
 _WARNED: set[tuple[str, str]] = set()
+#: rank of a must-stay (+inf) token at position 0 (fp32 holds MUST_STAY + every position exactly)
+MUST_STAY = 2.0 ** 23
 
 
 def select_top(scores: torch.Tensor, budget: int | torch.Tensor, protect: torch.Tensor | None = None,
@@ -31,6 +33,9 @@ def select_top(scores: torch.Tensor, budget: int | torch.Tensor, protect: torch.
     s = scores.float()
     if protect is not None:
         s = s.masked_fill(protect, float("inf"))
+    # tokens that must stay rank above every score, the latest first: when a budget is smaller than
+    # what must stay (a short prompt under SnapKV's window), the most recent of them are kept
+    s = torch.where(torch.isposinf(s), MUST_STAY + torch.arange(length, device=s.device, dtype=s.dtype), s)
     if isinstance(budget, int):
         if budget >= length:
             keep[:] = True

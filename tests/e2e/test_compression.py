@@ -94,3 +94,25 @@ def test_prefill_compression_frees_blocks_while_the_prompt_is_prefilled(casakv_s
     assert freed == (terms.tail_at(prompt_len - 1) - terms.head_end) // 16
     assert after["casakv_compaction_seconds_count"] - before["casakv_compaction_seconds_count"] == 30 * len(events)
     assert len(steps) == 8 and "".join(t for t, _ in steps).strip()
+
+
+def test_casakv_policy_frees_blocks_and_reports_its_patterns(casakv_server, prompts):
+    """The ``casakv`` policy served per request: its keep-sets come from each head's estimated pattern, its
+    compacted region is as wide as its widest head (``(1 + spread)`` x the budget), later events re-profile
+    heads, and ``/metrics`` shows the heads per pattern (one per layer and KV head: 30 x 3) and re-profiles."""
+    _, long_doc = prompts
+    prompt, tokens, chunk = "Profile me. " + long_doc[:3000], 100, 32
+    series = SERIES + ["casakv_heads", "casakv_reprofile_total"]
+    before = casakv_server.metric_values(series)
+    xargs = {"casakv_policy": "casakv", "casakv_kv_budget": 64, "casakv_chunk_size": chunk,
+             "casakv_policy_params": '{"reprofile_interval": 32}'}
+    steps, prompt_len = _ask(casakv_server, prompt, xargs, salt=uuid.uuid4().hex, max_tokens=tokens)
+    after = casakv_server.metric_values(series)
+    terms = CompactionTerms(16, prompt_len, 0, int(1.25 * 64), chunk)
+    want = terms.settled_tail(prompt_len + tokens - 2) // 16 - terms.head_end // 16
+    freed = after["casakv_kv_blocks_freed_total"] - before["casakv_kv_blocks_freed_total"]
+    assert want > len(terms.freed_blocks) and freed == want, (freed, want)
+    assert after["casakv_heads"] - before["casakv_heads"] == 30 * 3
+    reprofiled = after["casakv_reprofile_total"] - before["casakv_reprofile_total"]
+    assert 0 <= reprofiled <= 30 * 3
+    assert len(steps) == tokens and "".join(t for t, _ in steps).strip()

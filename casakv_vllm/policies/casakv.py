@@ -1,0 +1,180 @@
+"""CASAK-V's own policy: each request's heads get a sparse pattern from the request's own attention,
+the pattern decides what the compressed cache keeps, and decoding re-profiles heads whose pattern
+stopped fitting.
+
+When a request starts decoding, at every layer:
+
+1. **Patterns.** The online estimator (``observe.estimate``) reads the attention of
+   the prompt's last recorded queries (the observation window) and gives each KV
+   head the cheapest pattern program reaching ``recall_threshold`` of that attention:
+   sinks + window, vertical stripes, slash lines, both, or full.
+2. **Budgets by need.** A head needs what its pattern covers at the next query (a
+   window head its sinks and window, a stripe head its columns); ``full`` heads ask
+   for the per-head budget.  ``budgets.ByNeed`` moves the layer's fixed total between
+   heads accordingly.
+3. **Keep-sets.** Within its budget each head keeps its pattern's tokens first, then
+   the tokens the window's queries vote for (SnapKV's pooled votes), and always the
+   last ``pin`` prompt tokens.  The evicted tokens' keys are summarised per block of
+   ``SUMMARY_BLOCK`` positions (their mean and count).
+
+It selects once, so the compression machinery compacts it and frees its blocks like
+the other select-once policies, and CUDA's decode kernel serves the steps between
+events.  At a later compaction event (every ``chunk_size`` generated tokens), every
+``reprofile_interval`` tokens: each head's recall is estimated from the event
+query's attention over the live cache against the summaries of what was evicted; a
+head under ``recall_threshold`` is re-profiled to ``full``.  A window head's
+compaction keeps its most recent tokens (and sinks); every other head keeps what the
+event query attends to most.
+
+Not yet: patterns do not change prefill attention (the prompt is prefilled densely),
+and the budget moves between heads, not layers.
+"""
+
+from __future__ import annotations
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+
+from casakv_vllm.metrics.tally import TALLY
+from casakv_vllm.observe.estimate import ASHAPE, FULL, EstimatorConfig, estimate_patterns
+from casakv_vllm.observe.store import LayerObservation
+from casakv_vllm.ops.probs import grouped_logits
+from casakv_vllm.policies.budgets import ByNeed
+from casakv_vllm.policies.keep import KeepPolicy
+from casakv_vllm.policies.keepset import LayerKeep
+from casakv_vllm.policies.registry import register_policy
+from casakv_vllm.policies.scorers import ScoreInput, pooled, window_scores
+from casakv_vllm.policies.selection import recency_keep, select_top, warn_once
+
+#: positions per evicted-key summary (mean key and count, per KV head)
+SUMMARY_BLOCK = 128
+#: weight that puts a head's pattern tokens ahead of every voted token
+PATTERN_FIRST = 1.0e4
+
+
+class CasakvParams(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    recall_threshold: float = Field(0.95, gt=0.0, le=1.0,
+                                    description="attention recall a head's pattern must reach")
+    reprofile_interval: int | None = Field(256, ge=1, description="generated tokens between re-profiles (a "
+                                           "multiple of chunk_size: they run at compaction events; null: never)")
+    pin: int = Field(32, ge=0, le=64, description="last prompt tokens every head keeps")
+    kernel: int = Field(7, ge=1, le=63, description="max-pool width over the window's votes (odd)")
+    floor: float = Field(0.2, ge=0.0, le=1.0, description="share of the per-head budget every head keeps")
+    spread: float = Field(0.25, ge=0.0, le=3.0, description="a head keeps at most (1 + spread) x the per-head "
+                          "budget (the compacted region is that wide)")
+
+
+def pattern_columns(patterns, prompt_len: int, device) -> torch.Tensor:
+    """``[Hkv, prompt_len]`` bool: the prompt tokens each head's pattern covers for the next query
+    (position ``prompt_len``): sinks and window, stripe columns, and the keys its slash lines cross."""
+    cols = torch.arange(prompt_len, device=device)
+    sink = patterns.sink[0].long().unsqueeze(1)
+    window = patterns.window[0].long().unsqueeze(1)
+    mask = (cols < sink) | ((cols >= prompt_len - window) & (window > 0))
+    hits = torch.zeros(mask.shape, dtype=torch.int32, device=device)
+    vert = patterns.vertical[0].long()
+    hits.scatter_add_(1, vert.clamp(0, prompt_len - 1), (vert >= 0).to(torch.int32))
+    key = prompt_len - 1 - patterns.slash[0].long()  # the last prompt query's diagonals
+    hits.scatter_add_(1, key.clamp(0, prompt_len - 1), ((patterns.slash[0] >= 0) & (key >= 0)).to(torch.int32))
+    return mask | (hits > 0)
+
+
+def evicted_summary(keys: torch.Tensor, keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean key and count of the evicted tokens (``~keep``) per block of ``SUMMARY_BLOCK`` positions."""
+    num_kv, length, dim = keys.shape
+    blocks = -(-length // SUMMARY_BLOCK)
+    gone = torch.zeros(num_kv, blocks * SUMMARY_BLOCK, dtype=torch.float32, device=keys.device)
+    gone[:, :length] = (~keep).float()
+    padded = torch.zeros(num_kv, blocks * SUMMARY_BLOCK, dim, dtype=torch.float32, device=keys.device)
+    padded[:, :length] = keys.float()
+    sums = (padded * gone.unsqueeze(-1)).view(num_kv, blocks, SUMMARY_BLOCK, dim).sum(2)
+    counts = gone.view(num_kv, blocks, SUMMARY_BLOCK).sum(2)
+    return (sums / counts.clamp_min(1.0).unsqueeze(-1)).to(keys.dtype), counts
+
+
+def estimated_recall(q: torch.Tensor, k: torch.Tensor, allowed: torch.Tensor, summary, scale: float) -> torch.Tensor:
+    """``[Hkv]``: the share of ``q``'s attention the live cache holds, the evicted tokens' share estimated
+    from their block summaries (each block as its count times its mean key's weight)."""
+    num_kv = k.shape[0]
+    logits = grouped_logits(q, k, scale).masked_fill(~allowed, float("-inf"))  # [Hkv, g, W]
+    kept = torch.logsumexp(logits, dim=-1)
+    means, counts = summary
+    est = grouped_logits(q, means, scale) + counts.log().unsqueeze(1)  # [Hkv, g, blocks]; empty: -inf
+    evicted = torch.logsumexp(est, dim=-1)
+    return torch.sigmoid(kept - evicted).view(num_kv, -1).mean(1)
+
+
+@register_policy
+class CasakvPolicy(KeepPolicy):
+    """Per-request, per-head patterns from the estimator; pattern-derived keep-sets; re-profiling."""
+
+    name = "casakv"
+    Params = CasakvParams
+
+    def setup(self) -> None:
+        self.allocator = ByNeed(self.params.floor, self.params.spread)
+        self.estimator = EstimatorConfig(threshold=self.params.recall_threshold)
+
+    @classmethod
+    def validate_config(cls, params, config) -> None:
+        super().validate_config(params, config)
+        every = params.reprofile_interval
+        if every is not None and (config.chunk_size is None or every % config.chunk_size):
+            raise ValueError(f"reprofile_interval={every} must be a multiple of chunk_size={config.chunk_size} "
+                             f"(re-profiling runs at compaction events), or null")
+
+    def pinned(self, prompt_len: int) -> int:
+        return min(self.params.pin, prompt_len)
+
+    def select_scored(self, layer, prompt_len, keys, obs, scale):
+        return self.start_keep(layer, prompt_len, keys, obs, scale)[:2]
+
+    def start(self, layer: int, prompt_len: int, keys: torch.Tensor, obs: LayerObservation | None,
+              scale: float, seq_len: int) -> LayerKeep:
+        mask, _, program, summary = self.start_keep(layer, prompt_len, keys[:, :prompt_len], obs, scale)
+        keep = LayerKeep.new(mask, seq_len)
+        keep.program, keep.summary = program, summary
+        return keep
+
+    def start_keep(self, layer, prompt_len, keys, obs, scale):
+        """``(keep [Hkv, L], scores, program [Hkv] | None, evicted summary | None)``."""
+        num_kv, device = keys.shape[0], keys.device
+        budget = self.prompt_budget(layer, prompt_len)
+        if budget >= prompt_len:
+            return torch.ones(num_kv, prompt_len, dtype=torch.bool, device=device), None, None, None
+        rows = obs.seen_rows(len(obs.window_seen)) if obs is not None else []
+        if not rows or len(rows) != rows[-1] - rows[0] + 1:
+            warn_once(self.name, "no observations of the prompt's last queries; keeping sinks + recent tokens")
+            return recency_keep(num_kv, prompt_len, budget, device=device), None, None, None
+        first = prompt_len - len(obs.window_seen) + rows[0]
+        q = obs.window_q[:, rows[0]:rows[-1] + 1]
+        est = estimate_patterns(q, keys, first, scale, self.estimator)
+        TALLY.add_programs(est.program)
+        covered = pattern_columns(est.patterns, prompt_len, device)
+        pinned = self.pinned(prompt_len)
+        full = est.program == FULL
+        need = torch.where(full, budget, covered.sum(1) + pinned)
+        budgets = self.allocator.by_need(need, budget, pinned, prompt_len)
+        votes = window_scores(ScoreInput(layer, keys, obs, scale, budget, self.name), len(rows))
+        scores = pooled(votes, self.params.kernel) + PATTERN_FIRST * (covered & ~full.unsqueeze(1))
+        scores[:, prompt_len - pinned:] = float("inf")  # kept first, the latest first (``select_top``)
+        bound = self.allocator.max_head_budget(budget, pinned, num_kv, prompt_len)
+        keep = select_top(scores, budgets, max_budget=bound)
+        return keep, scores, est.program, evicted_summary(keys, keep)
+
+    def on_event(self, keep: LayerKeep, layer: int, q: torch.Tensor, k: torch.Tensor, allowed: torch.Tensor,
+                 scale: float, generated: int) -> None:
+        if keep.program is None:
+            return
+        every = self.params.reprofile_interval
+        if every is not None and keep.summary is not None and generated % every < (self.config.chunk_size or 1):
+            recall = estimated_recall(q, k, allowed, keep.summary, scale)
+            low = (recall < self.params.recall_threshold) & (keep.program != FULL)
+            keep.program = torch.where(low, FULL, keep.program)
+            TALLY.add_reprofiled(low.sum())
+        window = (keep.program == ASHAPE).unsqueeze(1)  # window heads keep sinks and the latest tokens
+        width = keep.rank.shape[1]
+        pos = keep.positions(width).float()
+        recency = torch.where(pos < self.estimator.sink, float("inf"), pos)
+        keep.rank = torch.where(window, recency, keep.rank)

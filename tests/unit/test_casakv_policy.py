@@ -1,0 +1,103 @@
+"""The ``casakv`` policy's parts: budgets by need, pattern columns, keep-sets from estimated patterns,
+the evicted-token summaries behind re-profiling, and its config rules."""
+
+import pytest
+import torch
+
+from casakv_kernels.patterns import PatternBatch
+from casakv_vllm.config import CasakvConfig, CasakvConfigError, load_config
+from casakv_vllm.metrics.tally import TALLY
+from casakv_vllm.observe.estimate import FULL, PROGRAMS
+from casakv_vllm.observe.store import LayerObservation
+from casakv_vllm.policies import build_policy
+from casakv_vllm.policies.budgets import ByNeed
+from casakv_vllm.policies.casakv import SUMMARY_BLOCK, estimated_recall, evicted_summary, pattern_columns
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_budgets_follow_need_and_keep_the_total(seed):
+    gen = torch.Generator().manual_seed(seed)
+    alloc = ByNeed(floor=0.2, spread=0.5)
+    budget, pinned, length = 100, 10, 1000
+    need = torch.randint(0, 400, (8,), generator=gen)
+    got = alloc.by_need(need, budget, pinned, length)
+    floor = pinned + int(0.2 * (budget - pinned))
+    assert int(got.sum()) <= 8 * budget
+    assert bool((got >= floor).all()) and bool((got <= 150).all())
+    if int(need.clamp(floor, 150).sum()) <= 8 * budget:  # room for every need: each head gets at least it
+        assert bool((got >= need.clamp(floor, 150)).all())
+        assert int(got.sum()) >= 8 * budget - 8 * 0  # the rest is shared out (caps aside)
+    order = torch.argsort(need.clamp(floor, 150))
+    assert bool((got[order].diff() >= -1).all())  # more need, no fewer tokens (up to rounding)
+
+
+def test_pattern_columns_cover_sinks_windows_stripes_and_slashes():
+    pb = PatternBatch.empty(1, 3, num_slash=2, num_vertical=2, device="cpu")
+    pb.sink[0] = torch.tensor([4, 0, 0], dtype=torch.int32)
+    pb.window[0] = torch.tensor([8, 0, 0], dtype=torch.int32)
+    pb.vertical[0] = torch.tensor([[-1, -1], [5, 17], [-1, -1]], dtype=torch.int32)
+    pb.slash[0] = torch.tensor([[-1, -1], [-1, -1], [0, 10]], dtype=torch.int32)
+    cols = pattern_columns(pb, 40, "cpu")
+    assert cols[0].nonzero().flatten().tolist() == [0, 1, 2, 3, *range(32, 40)]
+    assert cols[1].nonzero().flatten().tolist() == [5, 17]
+    assert cols[2].nonzero().flatten().tolist() == [29, 39]  # keys 39 - d for the last query
+
+
+def _obs(q):
+    return LayerObservation(window_q=q, window_seen=[True] * q.shape[1])
+
+
+def test_keep_sets_follow_each_heads_estimated_pattern():
+    """Head 0's queries attend their recent keys (a window head), head 1's a few fixed columns (stripes):
+    each keeps its pattern's tokens, within a layer total of Hkv x budget."""
+    torch.manual_seed(0)
+    length, dim, w = 2048, 64, 64
+    keys = torch.randn(2, length, dim) * 0.1
+    q = torch.randn(2, w, dim) * 0.1  # one query head per KV head
+    stripes = [100, 700, 1500]
+    for i in range(w):
+        pos = length - w + i
+        keys[0, pos] = torch.randn(dim)
+        q[0, i] = keys[0, pos - 3: pos + 1].sum(0) * 3  # recent keys only
+    for c in stripes:
+        keys[1, c] = torch.randn(dim) * 2
+    q[1] = keys[1, stripes].sum(0) * 3
+    cfg = CasakvConfig(policy="casakv", kv_ratio=0.25)
+    policy = build_policy(cfg, num_layers=1)
+    before, _ = TALLY.read()
+    keep, _, program, summary = policy.start_keep(0, length, keys, _obs(q), dim ** -0.5)
+    after, _ = TALLY.read()
+    # head 0: a local program (its window, or the slash lines of its few recent offsets); head 1: stripes
+    assert PROGRAMS[int(program[0])] in ("a-shape", "slash")
+    assert PROGRAMS[int(program[1])] in ("vertical", "vertical-slash")
+    assert sum(after.values()) - sum(before.values()) == 2
+    assert all(bool(keep[1, c]) for c in stripes)
+    assert bool(keep[0, length - 32:].all())  # its recent tokens
+    budget = policy.prompt_budget(0, length)
+    assert int(keep.sum()) <= 2 * budget
+    assert summary[1].sum().item() == (~keep).sum().item()  # every evicted token is summarised once
+
+
+def test_recall_estimate_is_exact_when_each_block_evicts_one_key():
+    torch.manual_seed(1)
+    num_kv, length, dim = 2, 4 * SUMMARY_BLOCK, 32
+    keys = torch.randn(num_kv, length, dim)
+    keep = torch.ones(num_kv, length, dtype=torch.bool)
+    gone = torch.tensor([3, SUMMARY_BLOCK + 7, 3 * SUMMARY_BLOCK])
+    keep[:, gone] = False
+    q = torch.randn(4, 1, dim)  # 2 query heads per KV head
+    est = estimated_recall(q, keys, keep.unsqueeze(1), evicted_summary(keys, keep), 0.3)
+    logits = torch.einsum("hgd,hsd->hgs", q.view(num_kv, 2, dim), keys) * 0.3
+    true = (torch.softmax(logits, -1) * keep.unsqueeze(1)).sum(-1).mean(1)
+    torch.testing.assert_close(est, true, rtol=1e-4, atol=1e-5)
+    assert bool((est < 1).all())
+
+
+def test_reprofile_interval_must_fall_on_compaction_events():
+    with pytest.raises(CasakvConfigError) as err:
+        load_config({"casakv": {"policy": "casakv", "kv_ratio": 0.25, "chunk_size": 256,
+                                "policy_params": {"reprofile_interval": 100}}})
+    assert "\n" not in str(err.value) and "multiple of chunk_size" in str(err.value)
+    ok = load_config({"casakv": {"policy": "casakv", "kv_ratio": 0.25, "policy_params": {"reprofile_interval": 512}}})
+    assert build_policy(ok).selects_once()
+    assert FULL == PROGRAMS.index("full")
