@@ -96,7 +96,7 @@ class WorkerStats:
             self.flush(now)
 
     def snapshot(self) -> dict:
-        from casakv_vllm.metrics.tally import TALLY
+        from casakv_vllm.observe.tally import TALLY
 
         self.heads, self.reprofiles = TALLY.read()
         return {k: v for k, v in asdict(self).items() if not k.startswith("_")}

@@ -35,7 +35,7 @@ from __future__ import annotations
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from casakv_vllm.metrics.tally import TALLY
+from casakv_vllm.observe.tally import TALLY
 from casakv_vllm.observe.estimate import ASHAPE, FULL, EstimatorConfig, estimate_patterns
 from casakv_vllm.observe.store import LayerObservation
 from casakv_vllm.ops.probs import grouped_logits

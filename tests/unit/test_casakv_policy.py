@@ -6,7 +6,7 @@ import torch
 
 from casakv_kernels.patterns import PatternBatch
 from casakv_vllm.config import CasakvConfig, CasakvConfigError, load_config
-from casakv_vllm.metrics.tally import TALLY
+from casakv_vllm.observe.tally import TALLY
 from casakv_vllm.observe.estimate import FULL, PROGRAMS
 from casakv_vllm.observe.store import LayerObservation
 from casakv_vllm.policies import build_policy
