@@ -169,7 +169,8 @@ def markdown(results: list[dict]) -> list[str]:
     for r in results:
         lines.append(f"| {r['seq_len']} | {r['batch']} | {r['policy']} | {r['dense_step_ms']:.3f} | "
                      f"{r['step_ms']:.3f} | {r['speedup']:.2f} | {r.get('dense_plan_ms', float('nan')):.2f} | "
-                     f"{r['plan_ms']:.2f} | {r.get('cold_event_ms', float('nan')):.2f} | {r['event_ms']:.2f} | {r['chunk']} | "
+                     f"{r['plan_ms']:.2f} | {r.get('cold_event_ms', float('nan')):.2f} | {r['event_ms']:.2f} | "
+                     f"{r['chunk']} | "
                      f"{r['bookkeeping_share']:.1%} | "
                      f"{r.get('added_share', float('nan')):.1%} |")
     return lines
