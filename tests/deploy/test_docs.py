@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import subprocess
+from pathlib import Path
 
 import yaml
 
@@ -58,3 +59,37 @@ def test_deployment_page_matches_the_chart():
                 break
             assert isinstance(node, dict) and part in node, f"deployment.md names `{key}`, not in values.yaml"
             node = node[part]
+
+
+def test_deployment_page_walkthrough_one_gpu():
+    """Follow the page's one-GPU steps: its `helm install` with the values file it shows, and the
+    objects its kubectl commands name, rendered by Helm and valid for Kubernetes."""
+    import re
+
+    from deploy_helpers import need, objects
+
+    helm, kv = need("helm_python"), need("kubernetes_validate")
+    page = (REPO / "docs/deployment.md").read_text()
+    section = page.split("## 3. Install: one GPU", 1)[1].split("\n## ", 1)[0]
+    shown = re.search(r'--8<-- "([^"]+)"', section).group(1)  # the values file the page shows
+    install = re.search(r"helm install (\S+) (\S+) -n (\S+) -f (\S+)", section)
+    release, chart, namespace = install.group(1), install.group(2), install.group(3)
+    values = yaml.safe_load((REPO / shown).read_text())
+    with helm.Chart.load(str(REPO / chart)) as loaded:
+        loaded.validate_schema(values)
+        rendered = loaded.render(values, name=release, namespace=namespace, is_install=True)
+    report = helm.lint(str(REPO / chart), values, strict=True, namespace=namespace)
+    assert not [m for m in report["messages"] if m["severity"] >= 2] and not report["errors"]
+    objs = objects(rendered)
+    for obj in objs:
+        kv.validate(obj, "1.37.0", strict=True)
+    names = {(o["kind"], o["metadata"]["name"]) for o in objs}
+    for kind, name in re.findall(r"kubectl -n \S+ (?:rollout status|port-forward) (deployment|svc)/(\S+)", section):
+        assert ({"deployment": "Deployment", "svc": "Service"}[kind], name) in names, (kind, name)
+    assert {"Deployment", "Service", "ServiceAccount", "PodDisruptionBudget", "NetworkPolicy", "ConfigMap"} \
+        <= {k for k, _ in names}
+    dep = [o for o in objs if o["kind"] == "Deployment"][0]
+    c = dep["spec"]["template"]["spec"]["containers"][0]
+    assert c["resources"]["limits"]["nvidia.com/gpu"] == 1 and "--attention-backend=casakv" in c["args"]
+    notes = rendered[f"{Path(chart).name}/templates/NOTES.txt"]
+    assert f"deployment/{dep['metadata']['name']}" in notes and f"-n {namespace}" in notes
