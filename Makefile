@@ -2,7 +2,7 @@
 VENV ?= .venv
 PYTEST_ARGS ?=
 
-.PHONY: venv demo test test-all test-unit test-e2e test-kernels clean-venv
+.PHONY: venv demo test test-all test-unit test-e2e test-kernels test-deploy test-compat generate docs clean-venv
 
 venv:
 	@bash scripts/setup-cpu-venv.sh $(VENV)
@@ -27,6 +27,21 @@ test-kernels: venv
 
 test-e2e: venv
 	$(VENV)/bin/pytest tests/e2e $(PYTEST_ARGS)
+
+# Helm chart (lint, render, Kubernetes schemas, checkov), Dockerfiles, dashboard, docs site.
+test-deploy: venv
+	$(VENV)/bin/pytest tests/deploy $(PYTEST_ARGS)
+
+# The unit tests against vLLM 0.33's Python sources (its wheel, unpacked outside the repo).
+test-compat: venv
+	@bash scripts/test-compat.sh $(VENV)
+
+# Files generated from CasakvConfig: the chart's values.schema.json, docs/configuration.md.
+generate: venv
+	$(VENV)/bin/python -m casakv_vllm.tools.schema
+
+docs: venv
+	$(VENV)/bin/mkdocs build --strict
 
 clean-venv:
 	rm -rf $(VENV)
