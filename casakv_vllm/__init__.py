@@ -2,4 +2,4 @@
 
 __version__ = "0.1.0"
 
-SUPPORTED_VLLM = ">=0.32,<0.33"
+SUPPORTED_VLLM = ">=0.32,<0.34"
