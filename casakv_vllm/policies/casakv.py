@@ -84,12 +84,11 @@ def evicted_summary(keys: torch.Tensor, keep: torch.Tensor) -> tuple[torch.Tenso
     """Mean key and count of the evicted tokens (``~keep``) per block of ``SUMMARY_BLOCK`` positions."""
     num_kv, length, dim = keys.shape
     blocks = -(-length // SUMMARY_BLOCK)
-    gone = torch.zeros(num_kv, blocks * SUMMARY_BLOCK, dtype=torch.float32, device=keys.device)
-    gone[:, :length] = (~keep).float()
-    padded = torch.zeros(num_kv, blocks * SUMMARY_BLOCK, dim, dtype=torch.float32, device=keys.device)
-    padded[:, :length] = keys.float()
-    sums = (padded * gone.unsqueeze(-1)).view(num_kv, blocks, SUMMARY_BLOCK, dim).sum(2)
-    counts = gone.view(num_kv, blocks, SUMMARY_BLOCK).sum(2)
+    pad = blocks * SUMMARY_BLOCK - length
+    gone = torch.nn.functional.pad((~keep).to(keys.dtype), (0, pad))  # [Hkv, blocks * SUMMARY_BLOCK]
+    evicted = torch.nn.functional.pad(keys * gone[:, :length].unsqueeze(-1), (0, 0, 0, pad))  # keys' dtype
+    sums = evicted.view(num_kv, blocks, SUMMARY_BLOCK, dim).sum(2, dtype=torch.float32)
+    counts = gone.view(num_kv, blocks, SUMMARY_BLOCK).sum(2, dtype=torch.float32)
     return (sums / counts.clamp_min(1.0).unsqueeze(-1)).to(keys.dtype), counts
 
 
