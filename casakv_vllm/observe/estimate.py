@@ -74,16 +74,26 @@ def _group_mean_probs(q: torch.Tensor, k: torch.Tensor, qpos: torch.Tensor, scal
 
 def _causal_area(context: int, seq_len: int) -> float:
     """(query, key) pairs of causal attention for queries ``context .. seq_len - 1``."""
-    return float(sum(range(context + 1, seq_len + 1)))
+    return float((seq_len * (seq_len + 1) - context * (context + 1)) // 2)
 
 
-def _ranked(mass: torch.Tensor, threshold: float, cap: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``mass`` ``[Hkv, L]`` -> (positions by mass, descending, ``[Hkv, L]``; how many reach ``threshold``
-    (at most ``cap``), ``[Hkv]``; the mass those hold, ``[Hkv]``)."""
-    top, order = torch.sort(mass, dim=1, descending=True, stable=True)
-    cum = top.cumsum(1)
-    count = ((cum < threshold).sum(1) + 1).clamp_max(min(cap, mass.shape[1]))
-    return order, count, cum.gather(1, (count - 1).unsqueeze(1)).squeeze(1)
+def _sum_min(lo: int, hi: int, cap: int) -> int:
+    """``sum(min(x, cap) for x in range(lo, hi + 1))`` in closed form (host ints, no loop)."""
+    if hi < lo:
+        return 0
+    top = min(hi, cap)
+    below = (top * (top + 1) - (lo - 1) * lo) // 2 if top >= lo else 0
+    return below + cap * (hi - max(top, lo - 1))
+
+
+def _ranked_on(fit: torch.Tensor, checks: tuple[torch.Tensor, ...], threshold: float,
+               cap: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Like ``_ranked``: the order from ``fit`` ``[Hkv, L]``; the count the first that every mass of ``checks``
+    needs along it to reach ``threshold``; the mass the first check holds there."""
+    order = torch.sort(fit, dim=1, descending=True, stable=True).indices
+    cums = [c.gather(1, order).cumsum(1) for c in checks]
+    count = torch.stack([(cum < threshold).sum(1) + 1 for cum in cums]).amax(0).clamp_max(min(cap, fit.shape[1]))
+    return order, count, cums[0].gather(1, (count - 1).unsqueeze(1)).squeeze(1)
 
 
 def _rank_of(order: torch.Tensor) -> torch.Tensor:
@@ -129,7 +139,7 @@ def estimate_patterns(q: torch.Tensor, k: torch.Tensor, context: int, scale: flo
     in_window = suffix.gather(2, starts.clamp_max(seq - 1).unsqueeze(0).expand(num_kv, n, len(windows)))
     in_window = in_window * (starts <= qpos.unsqueeze(1)).unsqueeze(0)
     rec_w = (prefix.unsqueeze(-1) + in_window).mean(1)  # [Hkv, W]
-    den_w = torch.tensor([sum(min(p + 1, sink + w) for p in range(context, seq)) / area for w in windows],
+    den_w = torch.tensor([_sum_min(context + 1, seq, sink + w) / area for w in windows],
                          device=device)
     ok = rec_w >= tau
     pick = torch.where(ok.any(1), ok.float().argmax(1), len(windows) - 1)
@@ -137,31 +147,44 @@ def estimate_patterns(q: torch.Tensor, k: torch.Tensor, context: int, scale: flo
     recall[:, ASHAPE] = rec_w.gather(1, pick.unsqueeze(1)).squeeze(1)
     density[:, ASHAPE] = den_w[pick]
 
-    # vertical stripes: the most attended columns
-    col_mass = probs.mean(1)  # [Hkv, S]
-    col_order, v_count, v_rec = _ranked(col_mass, tau, cfg.max_vertical)
+    # Columns and diagonals are ranked on the earlier half of the observed rows, and must reach tau on the
+    # later half as well as on all of them: keys attended for being near the observed queries (a local
+    # head's) and the diagonals of a few columns rank high on one half but do not carry over to other
+    # queries, which a pattern must.
+    half = max(1, n // 2)
+    dist = (qpos.view(n, 1) - torch.arange(seq, device=device).view(1, seq)).clamp_min(0)  # [n, S]
+    fit, check = probs[:, :half], probs[:, half:] if n > 1 else probs
+
+    # vertical stripes: the most attended columns (plus the diagonal, always allowed)
+    col_order, v_count, v_rec = _ranked_on(fit.mean(1), (probs.mean(1), check.mean(1)), tau, cfg.max_vertical)
     recall[:, VERTICAL] = v_rec
-    density[:, VERTICAL] = (v_count + 1).float() * rows / area  # + the diagonal
+    density[:, VERTICAL] = (v_count + 1).float() * rows / area
 
     # slash lines: the most attended diagonals d = q - k
-    dist = (qpos.view(n, 1) - torch.arange(seq, device=device).view(1, seq)).clamp_min(0)  # [n, S]
-    by_dist = torch.zeros(num_kv, seq, device=device).index_add_(1, dist.flatten(), probs.reshape(num_kv, -1)) / n
-    dist_order, s_count, s_rec = _ranked(by_dist, tau, cfg.max_slash)
+    def by_dist(part, lo):
+        return torch.zeros(num_kv, seq, device=device).index_add_(
+            1, dist[lo:lo + part.shape[1]].flatten(), part.reshape(num_kv, -1)) / part.shape[1]
+
+    dist_order, s_count, s_rec = _ranked_on(by_dist(fit, 0), (by_dist(probs, 0), by_dist(check, n - check.shape[1])),
+                                            tau, cfg.max_slash)
     recall[:, SLASH] = s_rec
     density[:, SLASH] = s_count.float() * rows / area
 
-    # vertical-slash: the cheapest budget pair of the grid whose union reaches tau (exact on the rows)
+    # vertical-slash: the cheapest budget pair of the grid whose union reaches tau on the checked rows
     grid = [(nv, ns) for nv, ns in cfg.vslash if nv <= min(cfg.max_vertical, seq) and ns <= min(cfg.max_slash, seq)]
     grid = grid or [(min(cfg.max_vertical, seq), min(cfg.max_slash, seq))]
     vs_rec = torch.zeros(num_kv, len(grid), device=device)
+    vs_checked = torch.zeros(num_kv, len(grid), device=device)
     vs_den = []
-    cols_rank = _rank_of(col_order)
+    # its columns are ranked without each row's nearest keys, which its diagonals cover
+    far = dist[:half] >= min(cfg.vslash[0][1], seq)
+    cols_rank = _rank_of(torch.sort((fit * far).mean(1), dim=1, descending=True, stable=True).indices)
     diag_rank = _rank_of(dist_order).gather(1, dist.flatten().expand(num_kv, -1)).view(num_kv, n, seq)
     for j, (nv, ns) in enumerate(grid):
-        allowed = (cols_rank < nv).unsqueeze(1) | (diag_rank < ns)
-        vs_rec[:, j] = (probs * allowed).sum(-1).mean(1)
+        held = (probs * ((cols_rank < nv).unsqueeze(1) | (diag_rank < ns))).sum(-1)  # [Hkv, n]
+        vs_rec[:, j], vs_checked[:, j] = held.mean(1), held[:, n - check.shape[1]:].mean(1)
         vs_den.append(min(1.0, (nv + ns) * rows / area))
-    ok = vs_rec >= tau
+    ok = (vs_rec >= tau) & (vs_checked >= tau)
     vs_best = torch.where(ok.any(1), ok.float().argmax(1), len(grid) - 1)
     recall[:, VSLASH] = vs_rec.gather(1, vs_best.unsqueeze(1)).squeeze(1)
     density[:, VSLASH] = torch.tensor(vs_den, device=device)[vs_best]

@@ -2,6 +2,7 @@
 (checked with the kernels' own pattern definition), and structured attention gets the program it calls for."""
 
 import math
+import random
 
 import pytest
 import torch
@@ -81,3 +82,15 @@ def test_structured_attention_gets_its_program():
     assert set(cols[cols >= 0].tolist()) == set(anchors.tolist())
     assert int(est.program[2]) in (FULL, BLOCK) and float(est.density[2]) > 0.5
     assert float(est.density[1]) < 0.01
+
+
+def test_density_sums_are_closed_forms_of_the_loops_they_replace():
+    from casakv_vllm.observe.estimate import _causal_area, _sum_min
+
+    rng = random.Random(3)
+    for _ in range(500):
+        lo, hi, cap = rng.randint(0, 60), rng.randint(0, 90), rng.randint(0, 100)
+        assert _sum_min(lo, hi, cap) == sum(min(x, cap) for x in range(lo, hi + 1))
+        ctx = rng.randint(0, 60)
+        seq = ctx + rng.randint(0, 60)
+        assert _causal_area(ctx, seq) == float(sum(range(ctx + 1, seq + 1)))

@@ -351,7 +351,7 @@ def bench_decode(n: int, batch: int, flex, gen, copy_bps: float, rep_ms: int, vl
     return results
 
 
-SECTIONS = ("decode", "prefill", "compacted", "layer")
+SECTIONS = ("decode", "prefill", "compacted", "layer", "estimated")
 
 
 def run(json_path: Path, md_path: Path | None, quick: bool = False, progress=print,
@@ -383,11 +383,13 @@ def run(json_path: Path, md_path: Path | None, quick: bool = False, progress=pri
     compacted_cases = ((32768, 1),) if quick else tuple((n, b) for n in (32768, 131072) for b in (1, 16, 64))
     layer_cases = ((8192, 2),) if quick else ((32768, 1), (32768, 16), (131072, 1))
     layers: list = []
+    estimated: list = []
     # decode first (cheap), then prefill; results are written after every step
     steps = ([("decode", n, b) for n, b in decode_cases if "decode" in sections]
              + [("compacted", n, b) for n, b in compacted_cases if "compacted" in sections]
              + [("layer", n, b) for n, b in layer_cases if "layer" in sections]
-             + [("prefill", n, 1) for n in prefill_lens if "prefill" in sections])
+             + [("prefill", n, 1) for n in prefill_lens if "prefill" in sections]
+             + [("estimated", n, 1) for n in prefill_lens[1:] or prefill_lens if "estimated" in sections])
     for kind, n, b in steps:
         if kind == "decode":
             results += bench_decode(n, b, flex, gen, copy_bps, rep, vllm_attn)
@@ -397,15 +399,20 @@ def run(json_path: Path, md_path: Path | None, quick: bool = False, progress=pri
             from casakv_vllm.tools.bench.layer import bench_layer
 
             layers.append(bench_layer(n, b, profile=profile_event))
+        elif kind == "estimated":
+            from casakv_vllm.tools.bench.estimated import bench_estimated
+
+            estimated.append(bench_estimated(n, gen, rep, vllm_attn))
         else:
             results += bench_prefill(n, ("causal", "a-shape", "vertical-slash"), flex, gen, rep, vllm_attn)
         progress(f"{kind} N={n} B={b} done ({time.time() - t0:.0f}s)")
-        _write(json_path, md_path, results, copy_bps, t0, command, compacted, layers)
-    return _write(json_path, md_path, results, copy_bps, t0, command, compacted, layers)
+        _write(json_path, md_path, results, copy_bps, t0, command, compacted, layers, estimated)
+    return _write(json_path, md_path, results, copy_bps, t0, command, compacted, layers, estimated)
 
 
 def _write(json_path: Path, md_path: Path | None, results: list[Result], copy_bps: float, t0: float,
-           command: str = "casakv bench kernels", compacted: list | None = None, layers: list | None = None) -> dict:
+           command: str = "casakv bench kernels", compacted: list | None = None, layers: list | None = None,
+           estimated: list | None = None) -> dict:
     import triton
 
     doc = {
@@ -417,6 +424,7 @@ def _write(json_path: Path, md_path: Path | None, results: list[Result], copy_bp
         "results": [asdict(r) for r in results],
         "compacted": [asdict(r) for r in compacted or []],
         "layer": [asdict(r) for r in layers or []],
+        "estimated": [asdict(r) for r in estimated or []],
         "wall_s": time.time() - t0,
     }
     json_path.parent.mkdir(parents=True, exist_ok=True)
@@ -460,6 +468,10 @@ def markdown(doc: dict) -> str:
         from casakv_vllm.tools.bench.layer import markdown as layer_markdown
 
         lines += layer_markdown(doc["layer"])
+    if doc.get("estimated"):
+        from casakv_vllm.tools.bench.estimated import markdown as estimated_markdown
+
+        lines += estimated_markdown(doc["estimated"])
     return "\n".join(lines) + "\n"
 
 
