@@ -105,13 +105,16 @@ def attend_row(row: RowPlan, query: torch.Tensor, kv: tuple[torch.Tensor, torch.
 VOTE_WINDOW = 32
 #: max-pool width over columns of the votes (SnapKV's clustering kernel)
 VOTE_POOL = 7
+#: the prompt's last chunk's queries a policy's prompt event reads (the estimator's evidence)
+LAST_QUERIES = 64
 
 
 def prefill_rank(row: RowPlan, layer: int, query: torch.Tensor, kv: tuple[torch.Tensor, torch.Tensor],
                  scale: float) -> None:
     """A prefill event (``terms.prefill``): rank every live column by the votes of the chunk's last
     ``VOTE_WINDOW`` queries (attention summed over them and the heads of each group, max-pooled), into
-    ``LayerKeep.rank``; the request's keep-set starts here (everything kept) at its first event."""
+    ``LayerKeep.rank``; the request's keep-set starts here (everything kept) at its first event.  At the
+    prompt's last chunk the policy may reshape that rank (``KeepPolicy.on_prompt_event``)."""
     from casakv_vllm.policies.keepset import LayerKeep
 
     k, _ = kv  # [Hkv, width, D] over the columns the row read
@@ -131,6 +134,10 @@ def prefill_rank(row: RowPlan, layer: int, query: torch.Tensor, kv: tuple[torch.
     visible &= keep.mask[:, :width].unsqueeze(1)
     probs = torch.softmax(logits.masked_fill(~visible, float("-inf")), dim=-1).nan_to_num_(0.0)
     keep.set_rank(torch.nn.functional.max_pool1d(probs.sum(1, keepdim=True), VOTE_POOL, 1, VOTE_POOL // 2).squeeze(1))
+    if row.context_len + row.q_len >= row.prompt_len:  # the prompt's last chunk: its policy may reshape the rank
+        last = min(row.q_len, LAST_QUERIES)
+        row.policy.on_prompt_event(keep, layer, query[end - last:end].transpose(0, 1), k,
+                                   keep.positions(width), scale, row.seq_len, row.q_len)
 
 
 def compact_row(row: RowPlan, layer: int, kv_cache: torch.Tensor, table_row: torch.Tensor, plan,

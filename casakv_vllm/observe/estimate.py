@@ -60,15 +60,19 @@ class Estimate:
     density: torch.Tensor  # fp32, of the chunk's causal area
 
 
-def _group_mean_probs(q: torch.Tensor, k: torch.Tensor, qpos: torch.Tensor, scale: float) -> torch.Tensor:
-    """``[Hkv, n, S]`` causal softmax of ``q`` ``[H, n, D]`` over ``k`` ``[Hkv, S, D]``, averaged per group."""
+def _group_mean_probs(q: torch.Tensor, k: torch.Tensor, qpos: torch.Tensor, scale: float,
+                      present: torch.Tensor | None = None) -> torch.Tensor:
+    """``[Hkv, n, S]`` causal softmax of ``q`` ``[H, n, D]`` over ``k`` ``[Hkv, S, D]``, averaged per group
+    (``present`` ``[Hkv, S]``: only those keys)."""
     num_heads, n, d = q.shape
     num_kv, seq, _ = k.shape
     group = num_heads // num_kv
     logits = torch.matmul(q.float().reshape(num_kv, group * n, d), k.float().transpose(1, 2)) * scale
     logits = logits.view(num_kv, group, n, seq)
-    causal = torch.arange(seq, device=q.device).view(1, seq) <= qpos.view(n, 1)
-    probs = torch.softmax(logits.masked_fill(~causal, float("-inf")), dim=-1)
+    visible = (torch.arange(seq, device=q.device).view(1, seq) <= qpos.view(n, 1)).view(1, 1, n, seq)
+    if present is not None:
+        visible = visible & present.view(num_kv, 1, 1, seq)
+    probs = torch.softmax(logits.masked_fill(~visible, float("-inf")), dim=-1)
     return probs.mean(1)
 
 
@@ -109,7 +113,8 @@ def _first(idx: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
 
 
 def estimate_patterns(q: torch.Tensor, k: torch.Tensor, context: int, scale: float,
-                      cfg: EstimatorConfig = EstimatorConfig(), q_chunk: torch.Tensor | None = None) -> Estimate:
+                      cfg: EstimatorConfig = EstimatorConfig(), q_chunk: torch.Tensor | None = None,
+                      present: torch.Tensor | None = None) -> Estimate:
     """Patterns of one request's KV heads for the prefill chunk of queries ``context .. seq_len - 1``.
 
     Args:
@@ -117,12 +122,14 @@ def estimate_patterns(q: torch.Tensor, k: torch.Tensor, context: int, scale: flo
         k: ``[Hkv, seq_len, D]`` every key so far (post-RoPE, like the queries).
         q_chunk: ``[H, seq_len - context, D]`` all the chunk's queries, for the block-sparse program
             (None: no block program).
+        present: ``[Hkv, seq_len]`` bool, the keys the cache still holds (a compressed cache: the evidence
+            is the attention over those; the patterns still speak of positions).  None: every key.
     """
     num_kv, seq, _ = k.shape
     n = q.shape[1]
     device = q.device
     qpos = torch.arange(seq - n, seq, device=device)
-    probs = _group_mean_probs(q, k, qpos, scale)  # [Hkv, n, S]
+    probs = _group_mean_probs(q, k, qpos, scale, present)  # [Hkv, n, S]
     area = _causal_area(context, seq)
     rows = seq - context
     tau = cfg.threshold

@@ -26,6 +26,10 @@ head under ``recall_threshold`` is re-profiled to ``full``.  A window head's
 compaction keeps its most recent tokens (and sinks); every other head keeps what the
 event query attends to most.
 
+With chunk-wise prefill compression (``prefill_compression``) each chunk's compaction ranks by
+the chunk's votes, and at the prompt's last chunk the estimator picks the patterns from what the
+cache still holds, and they decide what that compaction keeps (``on_prompt_event``).
+
 Not yet: patterns do not change prefill attention (the prompt is prefilled densely),
 and the budget moves between heads, not layers.
 """
@@ -161,6 +165,27 @@ class CasakvPolicy(KeepPolicy):
         bound = self.allocator.max_head_budget(budget, pinned, num_kv, prompt_len)
         keep = select_top(scores, budgets, max_budget=bound)
         return keep, scores, est.program, evicted_summary(keys, keep)
+
+    def on_prompt_event(self, keep: LayerKeep, layer: int, q: torch.Tensor, k: torch.Tensor, pos: torch.Tensor,
+                        scale: float, seq_len: int, chunk: int) -> None:
+        """Chunk-wise prefill compression, the prompt's last chunk: the estimator reads the chunk's last
+        queries over what the cache still holds (placed at their positions), and the compaction keeps each
+        head's pattern tokens first, then the votes, and always the last ``pin`` tokens.  (The tokens earlier
+        chunks evicted are gone, so no summary of them is kept: such a request is not re-profiled.)"""
+        num_kv, width, dim = k.shape
+        valid = (pos >= 0) & (pos < seq_len)
+        slot = torch.where(valid, pos, seq_len)  # empty slots land on a spare row, then dropped: no host sync
+        dense = torch.zeros(num_kv, seq_len + 1, dim, dtype=k.dtype, device=k.device)
+        dense.scatter_(1, slot.unsqueeze(-1).expand(num_kv, width, dim), k)
+        present = torch.zeros(num_kv, seq_len + 1, dtype=torch.bool, device=k.device).scatter_(1, slot, valid)
+        est = estimate_patterns(q, dense[:, :seq_len], seq_len - chunk, scale, self.estimator,
+                                present=present[:, :seq_len])
+        TALLY.add_programs(est.program)
+        covered = torch.nn.functional.pad(pattern_columns(est.patterns, seq_len, k.device), (0, 1))
+        mine = covered.gather(1, slot) & valid & (est.program != FULL).unsqueeze(1)
+        rank = keep.rank[:, :width] + PATTERN_FIRST * mine  # the rank spans the keep's capacity
+        keep.rank[:, :width] = rank.masked_fill(valid & (pos >= seq_len - self.pinned(seq_len)), float("inf"))
+        keep.program = est.program
 
     def on_event(self, keep: LayerKeep, layer: int, q: torch.Tensor, k: torch.Tensor, allowed: torch.Tensor,
                  scale: float, generated: int) -> None:

@@ -134,5 +134,13 @@ class KeepPolicy(Policy):
         ``generated`` tokens so far): a policy may re-profile heads and reshape what the compaction keeps
         (default: nothing)."""
 
+    def on_prompt_event(self, keep: LayerKeep, layer: int, q: torch.Tensor, k: torch.Tensor, pos: torch.Tensor,
+                        scale: float, seq_len: int, chunk: int) -> None:
+        """The compaction event of the prompt's last chunk (chunk-wise prefill compression), after
+        ``keep.rank`` was set from the chunk's votes: ``q`` ``[H, n, D]`` the chunk's last queries, ``k``
+        ``[Hkv, W, D]`` the live keys, ``pos`` ``[Hkv, W]`` their positions (-1: an empty slot), ``seq_len``
+        positions so far, the last ``chunk`` of them this chunk's.  A policy may reshape the rank (what the
+        compaction keeps) and record per-head state (default: nothing)."""
+
     def observe(self, keep: LayerKeep, probs: torch.Tensor) -> None:
         """After a decode step: ``probs`` ``[num_heads, 1, seq_len]`` (policies with ``observes_decode``)."""

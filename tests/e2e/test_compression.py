@@ -6,6 +6,8 @@ import uuid
 import pytest
 
 from casakv_vllm.compress.rule import CompactionTerms, cdiv
+from casakv_vllm.config import CasakvConfig
+from casakv_vllm.policies import build_policy
 from casakv_vllm.tools.greedy import completion_steps, divergence
 
 pytestmark = pytest.mark.e2e
@@ -76,23 +78,29 @@ def test_long_generations_free_a_chunk_at_each_event(casakv_server, prompts, xar
         assert d is None or d.is_near_tie(0.5), d
 
 
-def test_prefill_compression_frees_blocks_while_the_prompt_is_prefilled(casakv_server, prompts):
+@pytest.mark.parametrize("policy", ["snapkv", "casakv"])
+def test_prefill_compression_frees_blocks_while_the_prompt_is_prefilled(casakv_server, prompts, policy):
     """``prefill_compression``: the ~2k-token prompt, prefilled in 256-token chunks, is compacted every
     ``chunk_size`` tokens past its region and at its last token: the blocks freed are the rule's, all of
-    them before the first decode step, and the request still answers."""
+    them before the first decode step, and the request still answers.  Under ``casakv`` the last chunk's
+    event estimates each head's pattern from what the cache holds (30 x 3 heads on ``/metrics``)."""
     _, long_doc = prompts
-    xargs = {"casakv_policy": "snapkv", "casakv_kv_ratio": 0.25, "casakv_prefill_compression": True,
+    xargs = {"casakv_policy": policy, "casakv_kv_ratio": 0.25, "casakv_prefill_compression": True,
              "casakv_chunk_size": 256}
-    before = casakv_server.metric_values(SERIES)
+    series = SERIES + ["casakv_heads"]
+    before = casakv_server.metric_values(series)
     steps, prompt_len = _ask(casakv_server, "Compress me early. " + long_doc, xargs, salt=uuid.uuid4().hex,
                              max_tokens=8)
-    after = casakv_server.metric_values(SERIES)
-    terms = CompactionTerms(16, prompt_len, 0, cdiv(prompt_len, 4), 256, prefill=True)
+    after = casakv_server.metric_values(series)
+    cfg = CasakvConfig(policy=policy, kv_ratio=0.25, prefill_compression=True, chunk_size=256)
+    slots = build_policy(cfg, num_layers=30).slot_budget(prompt_len, 3)
+    terms = CompactionTerms(16, prompt_len, 0, slots, 256, prefill=True)
     events = sorted({terms.event_in(c, min(c + 256, prompt_len)) for c in range(0, prompt_len, 256)} - {None})
     assert len(events) >= 3 and events[-1] == prompt_len - 1  # several chunks compacted, the last at P - 1
     freed = after["casakv_kv_blocks_freed_total"] - before["casakv_kv_blocks_freed_total"]
     assert freed == (terms.tail_at(prompt_len - 1) - terms.head_end) // 16
     assert after["casakv_compaction_seconds_count"] - before["casakv_compaction_seconds_count"] == 30 * len(events)
+    assert after["casakv_heads"] - before["casakv_heads"] == (30 * 3 if policy == "casakv" else 0)
     assert len(steps) == 8 and "".join(t for t, _ in steps).strip()
 
 

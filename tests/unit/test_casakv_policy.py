@@ -101,3 +101,46 @@ def test_reprofile_interval_must_fall_on_compaction_events():
     ok = load_config({"casakv": {"policy": "casakv", "kv_ratio": 0.25, "policy_params": {"reprofile_interval": 512}}})
     assert build_policy(ok).selects_once()
     assert FULL == PROGRAMS.index("full")
+
+
+def test_prompt_event_estimates_patterns_over_a_compressed_cache_and_ranks_their_tokens_first():
+    """Chunk-wise prefill compression, the prompt's last chunk: the live columns are a compacted region
+    (scattered positions, empty slots) then the recent tail.  Head 1's queries attend three stripe positions
+    held in the region: those columns rank first; the last ``pin`` positions always stay; empty slots never
+    rank; each head's program is recorded and tallied."""
+    from casakv_vllm.policies.casakv import PATTERN_FIRST
+    from casakv_vllm.policies.keepset import LayerKeep
+
+    torch.manual_seed(0)
+    seq_len, chunk, dim, w = 2048, 512, 64, 64
+    region = torch.sort(torch.randperm(seq_len - chunk)[:300]).values
+    stripes = region[[20, 150, 280]]
+    pos = torch.cat([region, torch.full((12,), -1), torch.arange(seq_len - chunk, seq_len)]).expand(2, -1).clone()
+    width = pos.shape[1]
+    by_pos = torch.randn(2, seq_len, dim) * 0.1
+    for i in range(w):  # head 0: local (each query matches its recent keys)
+        p = seq_len - w + i
+        by_pos[0, p] = torch.randn(dim)
+    q = torch.zeros(2, w, dim)
+    for i in range(w):
+        p = seq_len - w + i
+        q[0, i] = by_pos[0, p - 3:p + 1].sum(0) * 3
+    by_pos[1, stripes] = torch.eye(dim)[:3] * 20  # three stripes, attended alike
+    q[1] = by_pos[1, stripes].sum(0)
+    k = by_pos.gather(1, pos.clamp_min(0).unsqueeze(-1).expand(2, width, dim)).clone()
+    k[pos < 0] = 100.0  # an empty slot's garbage must not count
+    policy = build_policy(CasakvConfig(policy="casakv", kv_ratio=0.25, prefill_compression=True, chunk_size=256),
+                          num_layers=1)
+    keep = LayerKeep.new(torch.ones(2, width, dtype=torch.bool), width)  # capacity past the live width
+    keep.set_rank(torch.rand(2, width))
+    before, _ = TALLY.read()
+    policy.on_prompt_event(keep, 0, q, k, pos, dim ** -0.5, seq_len, chunk)
+    after, _ = TALLY.read()
+    assert sum(after.values()) - sum(before.values()) == 2 and keep.program is not None
+    assert PROGRAMS[int(keep.program[1])] in ("vertical", "vertical-slash")
+    cols = torch.nonzero(pos[1].unsqueeze(1) == stripes.unsqueeze(0))[:, 0]
+    assert bool((keep.rank[1, cols] >= PATTERN_FIRST).all())
+    assert bool((keep.rank[:, :width][:, pos[0] < 0] < 1.0).all())  # empty slots: their votes only, never boosted
+    pinned = pos[0] >= seq_len - 32
+    assert bool(torch.isinf(keep.rank[:, :width][:, pinned]).all()) and int(pinned.sum()) == 32
+    assert bool((keep.rank[1, :width][~pinned].isfinite()).all()) and keep.rank.shape[1] > width

@@ -45,6 +45,10 @@ class LayerResult:
     speedup: float  # dense_step_ms / step_ms
     bookkeeping_share: float  # (plan_ms / MODEL_LAYERS + event_ms / chunk) / step_ms
     added_share: float  # what compression adds: ((plan_ms - dense_plan_ms) / MODEL_LAYERS + event_ms / chunk) / step_ms
+    # the floor of the event: a device copy moving the bytes it must touch (every key read for the selection,
+    # the kept keys and values read and written), and the added share with that event
+    event_floor_ms: float | None = None
+    floor_share: float | None = None
 
 
 def _time(fn, device: str) -> float:
@@ -147,10 +151,19 @@ def bench_layer(n: int, batch: int, policy: str = "snapkv", ratio: float = 0.25,
         ours = _decode_run(harness, server, n, batch, chunk, shape, device, profile)
     share = (ours["plan_ms"] / MODEL_LAYERS + ours["event_ms"] / chunk) / ours["step_ms"]
     added = (max(0.0, ours["plan_ms"] - dense["plan_ms"]) / MODEL_LAYERS + ours["event_ms"] / chunk) / ours["step_ms"]
+    floor = floor_share = None
+    if device == "cuda":
+        from casakv_vllm.tools.bench.gpu_timing import copy_same_bytes
+
+        keys = n * shape[1] * shape[2] * 2  # bf16 bytes of one request's keys at one layer
+        kept = int(n * ratio) * shape[1] * 2 * shape[2] * 2  # its kept keys and values
+        touched = batch * (keys + 2 * kept)  # read the keys; read and write what is kept
+        floor = copy_same_bytes(touched)
+        floor_share = floor / chunk / ours["step_ms"]
     return LayerResult("layer", n, batch, f"{policy}/kv_ratio={ratio:g}", dense["step_ms"], ours["step_ms"],
                        ours["plan_ms"], dense["plan_ms"], ours["event_ms"], cold["event_ms"], chunk,
                        dense["step_ms"] / ours["step_ms"],
-                       share, added)
+                       share, added, floor, floor_share)
 
 
 def markdown(results: list[dict]) -> list[str]:
@@ -162,15 +175,23 @@ def markdown(results: list[dict]) -> list[str]:
              f"second batch of requests (`cold event`: the first batch at that size, which also grows the "
              f"allocator and loads kernels). "
              f"`bookkeeping` = (plan / {MODEL_LAYERS} + event / chunk) / step; `added` = what compression adds "
-             f"to it: ((plan - dense plan) / {MODEL_LAYERS} + event / chunk) / step (the target's measure).", "",
+             f"to it: ((plan - dense plan) / {MODEL_LAYERS} + event / chunk) / step (the target's measure). "
+             f"`event floor` = a device copy moving the bytes the event must touch (every key read for the "
+             f"selection; the kept keys and values read and written); `floor share` = event floor / chunk / step.",
+             "",
              "| N | B | policy | dense step ms | step ms | speedup | dense plan ms | plan ms | cold event ms | "
-             "event ms | chunk | bookkeeping | added |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "event ms | chunk | bookkeeping | added | event floor ms | floor share |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         lines.append(f"| {r['seq_len']} | {r['batch']} | {r['policy']} | {r['dense_step_ms']:.3f} | "
                      f"{r['step_ms']:.3f} | {r['speedup']:.2f} | {r.get('dense_plan_ms', float('nan')):.2f} | "
                      f"{r['plan_ms']:.2f} | {r.get('cold_event_ms', float('nan')):.2f} | {r['event_ms']:.2f} | "
                      f"{r['chunk']} | "
                      f"{r['bookkeeping_share']:.1%} | "
-                     f"{r.get('added_share', float('nan')):.1%} |")
+                     f"{r.get('added_share', float('nan')):.1%} | {_num(r.get('event_floor_ms'), '.3f')} | "
+                     f"{_num(r.get('floor_share'), '.2%')} |")
     return lines
+
+
+def _num(x, fmt: str) -> str:
+    return "-" if x is None else format(x, fmt)
