@@ -85,12 +85,13 @@ def test_markdown_has_the_compacted_decode_table():
     assert "| 4.00 |" in line and "1.250%" in line and "## Decode over a 4x-compacted cache" in text
 
 
-def test_layer_harness_runs_on_the_cpu():
+@pytest.mark.parametrize("policy", ["snapkv", "casakv"])
+def test_layer_harness_runs_on_the_cpu(policy):
     """The GPU layer harness's logic (prefill, the compaction event, decode steps through the real builder and
     impl) as a smoke run on the CPU path at a small shape."""
     pytest.importorskip("vllm")
     from casakv_vllm.tools.bench.layer import bench_layer, markdown
 
-    r = bench_layer(300, 2, shape=(4, 2, 64), device="cpu", chunk=64)
+    r = bench_layer(300, 2, policy, shape=(4, 2, 64), device="cpu", chunk=64)
     assert r.step_ms > 0 and r.dense_step_ms > 0 and r.event_ms > 0 and r.plan_ms > 0
-    assert "| 300 | 2 | snapkv/kv_ratio=0.25 |" in "\n".join(markdown([r.__dict__]))
+    assert f"| 300 | 2 | {policy}/kv_ratio=0.25 |" in "\n".join(markdown([r.__dict__]))

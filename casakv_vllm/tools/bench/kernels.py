@@ -381,13 +381,14 @@ def run(json_path: Path, md_path: Path | None, quick: bool = False, progress=pri
     prefill_lens = (8192,) if quick else (8192, 32768, 131072)
     decode_cases = ((32768, 1),) if quick else ((32768, 1), (32768, 16), (131072, 1), (131072, 16))
     compacted_cases = ((32768, 1),) if quick else tuple((n, b) for n in (32768, 131072) for b in (1, 16, 64))
-    layer_cases = ((8192, 2),) if quick else ((32768, 1), (32768, 16), (131072, 1))
+    layer_cases = ((8192, 2, "snapkv"),) if quick else (
+        (32768, 1, "snapkv"), (32768, 16, "snapkv"), (131072, 1, "snapkv"), (32768, 1, "casakv"), (32768, 16, "casakv"))
     layers: list = []
     estimated: list = []
     # decode first (cheap), then prefill; results are written after every step
     steps = ([("decode", n, b) for n, b in decode_cases if "decode" in sections]
              + [("compacted", n, b) for n, b in compacted_cases if "compacted" in sections]
-             + [("layer", n, b) for n, b in layer_cases if "layer" in sections]
+             + [("layer", n, (b, policy)) for n, b, policy in layer_cases if "layer" in sections]
              + [("prefill", n, 1) for n in prefill_lens if "prefill" in sections]
              + [("estimated", n, 1) for n in prefill_lens[1:] or prefill_lens if "estimated" in sections])
     for kind, n, b in steps:
@@ -398,7 +399,8 @@ def run(json_path: Path, md_path: Path | None, quick: bool = False, progress=pri
         elif kind == "layer":
             from casakv_vllm.tools.bench.layer import bench_layer
 
-            layers.append(bench_layer(n, b, profile=profile_event))
+            b, policy = b
+            layers.append(bench_layer(n, b, policy, profile=profile_event))
         elif kind == "estimated":
             from casakv_vllm.tools.bench.estimated import bench_estimated
 
