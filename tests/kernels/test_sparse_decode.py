@@ -269,6 +269,9 @@ def test_choose_num_splits():
     assert choose_num_splits(1, 8, 8192, 16, 132) >= 32
     # big batch: few splits
     assert choose_num_splits(256, 8, 8192, 16, 132) == 1
+    # one wave of 4 programs per SM, never a second, nearly empty one (16 x 8 pairs: 4 splits, not 5)
+    assert choose_num_splits(16, 8, 2049, 16, 132) == 4
+    assert all(b * 8 * choose_num_splits(b, 8, 8192, 16, 132) <= 4 * 132 for b in (1, 2, 3, 5, 16, 33, 66))
     # short selections never get more splits than useful
     assert choose_num_splits(1, 1, 4, 16, 132) == 1
     assert choose_num_splits(1, 1, 8192, 16, 132, max_splits=5) == 5
