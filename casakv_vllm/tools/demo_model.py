@@ -83,6 +83,16 @@ def demo_model_path() -> str:
     return out.stdout.strip().splitlines()[-1]
 
 
+def model_folder(arg: str | None) -> str:
+    """The folder of ``--model arg``: ``arg`` itself (``ValueError`` with a one-line reason when it holds no
+    model), or the demo model's when ``arg`` is empty."""
+    if arg:
+        if not (Path(arg).expanduser() / "config.json").is_file():
+            raise ValueError(f"--model {arg!r}: not a model folder (no config.json)")
+        return str(Path(arg).expanduser())
+    return demo_model_path()
+
+
 def tiny_llama(out: Path, num_kv_heads: int = 4, seed: int = 0) -> Path:
     """A small random-weight Llama (8 query / ``num_kv_heads`` KV heads, head size 64, 4 layers) with the
     demo model's tokenizer, written to ``out``: a model whose KV heads split over two tensor-parallel ranks

@@ -17,7 +17,8 @@ def add_parser(sub) -> None:
     from casakv_vllm.tools.quality.runner import BASELINES, BUDGETS
     from casakv_vllm.tools.quality.tasks import TASKS
 
-    p = sub.add_parser("eval", help="quality evaluation: `casakv eval quality`, `casakv eval search-heads`")
+    p = sub.add_parser("eval", help="quality evaluation: `casakv eval quality`, `casakv eval search-heads`, "
+                                    "`casakv eval patterns`")
     ev = p.add_subparsers(dest="eval_target", metavar="TARGET", required=True)
 
     q = ev.add_parser("quality", help="every policy x budget on offline long-context tasks, through a real server")
@@ -47,6 +48,10 @@ def add_parser(sub) -> None:
     s.add_argument("--budget-fraction", type=float, default=0.125)
     s.set_defaults(func=cmd_search_heads)
 
+    from casakv_vllm.tools.patterns.cli import add_parser as add_patterns_parser
+
+    add_patterns_parser(ev)
+
 
 def _fail(msg: str) -> int:
     print(f"casakv eval: {msg}", file=sys.stderr)
@@ -54,13 +59,9 @@ def _fail(msg: str) -> int:
 
 
 def _model(arg: str | None) -> str:
-    if arg:
-        if not (Path(arg).expanduser() / "config.json").is_file():
-            raise ValueError(f"--model {arg!r}: not a model folder (no config.json)")
-        return str(Path(arg).expanduser())
-    from casakv_vllm.tools.demo_model import demo_model_path
+    from casakv_vllm.tools.demo_model import model_folder
 
-    return demo_model_path()
+    return model_folder(arg)
 
 
 def _progress(total: int, desc: str):

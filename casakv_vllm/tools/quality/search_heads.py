@@ -53,7 +53,7 @@ def capture_qk(model, input_ids: torch.Tensor) -> list[tuple[torch.Tensor, torch
         hooks.append(attn.register_forward_pre_hook(hook, with_kwargs=True))
     try:
         with torch.no_grad():
-            model(input_ids=input_ids)
+            model(input_ids=input_ids, logits_to_keep=1)  # no logits over the vocabulary for every token
     finally:
         for h in hooks:
             h.remove()
