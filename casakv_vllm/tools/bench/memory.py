@@ -19,6 +19,7 @@ import concurrent.futures as cf
 import json
 import platform
 import statistics
+import subprocess
 import threading
 import time
 from pathlib import Path
@@ -108,7 +109,6 @@ def quick_quality(server, policy: str, ratio: float) -> dict:
     """The quick quality suite (passkey + longdoc, 2 samples of 1024 tokens) on ``server``, dense and
     ``policy`` at ``ratio`` (``snapkv+prefill``: with prefill compression): mean score per side (``casakv eval
     quality``, in a subprocess)."""
-    import subprocess
     import sys
     import tempfile
 
@@ -170,8 +170,12 @@ def run(json_path: Path | None, md_path: Path | None, plot_path: Path | None, le
                                                              xargs_for(policy, ratio, assignment), pool_blocks)
             progress(f"[burst x{burst_requests}] {label}: at most {b['max_running']} running, "
                      f"{b['output_tokens_per_s']} output tokens/s")
-        result["quality"] = quick_quality(server, main, ratio)
-        progress(f"[quality] dense {result['quality']['dense']}, {main} {result['quality']['casakv']}")
+        try:  # the measurements above are kept whatever happens here
+            result["quality"] = quick_quality(server, main, ratio)
+            progress(f"[quality] dense {result['quality']['dense']}, {main} {result['quality']['casakv']}")
+        except (RuntimeError, OSError, subprocess.SubprocessError) as err:
+            result["quality"] = {"dense": None, "casakv": None, "error": str(err)}
+            progress(f"[quality] not measured: {err}")
     longest = str(lengths[-1])
     cells = result["cells"][longest]
     result.update({
@@ -214,8 +218,11 @@ def markdown(r: dict) -> str:
     for label, b in r["burst"].items():
         lines.append(f"| {label} | {b['max_running']} | {b['output_tokens_per_s']} | {b['wall_s']} |")
     q = r["quality"]
-    lines += ["", f"Quick quality suite ({', '.join(q['tasks'])}, 2 samples of 1024 tokens, mean score): dense "
-                  f"{q['dense']}, {main} at {q['budget']} {q['casakv']}."]
+    if "error" in q:
+        lines += ["", f"Quick quality suite: not measured ({q['error']})."]
+    else:
+        lines += ["", f"Quick quality suite ({', '.join(q['tasks'])}, 2 samples of 1024 tokens, mean score): dense "
+                      f"{q['dense']}, {main} at {q['budget']} {q['casakv']}."]
     dense = max(1, r['dense_blocks_per_request'])
     lines += ["", f"Headline ({main}): {r['casakv_blocks_per_request']} steady blocks per long request against "
                   f"{r['dense_blocks_per_request']} dense ({r['casakv_blocks_per_request'] / dense:.2f}x), peak "
