@@ -60,7 +60,10 @@ def _wrap_config_check(platform_cls) -> None:
 
 
 def check_question(engine_input, params) -> None:
-    """``casakv_question_at`` of a request against its prompt (ValueError, one line)."""
+    """``casakv_question_at`` of a request against its prompt.  Raises vLLM's ``VLLMValidationError`` (one
+    line): vLLM answers it with an HTTP 400, where a plain ValueError raised here would be a 500."""
+    from vllm.exceptions import VLLMValidationError
+
     from casakv_vllm.integration.startup import SERVER
     from casakv_vllm.requests.params import QUESTION_AT, question_at
 
@@ -68,7 +71,7 @@ def check_question(engine_input, params) -> None:
     if not extra or QUESTION_AT not in extra:
         return
     if not SERVER.casakv_scheduler:
-        raise ValueError(f"casakv request parameters: {QUESTION_AT} needs casakv's scheduler (a server with "
+        raise VLLMValidationError(f"casakv request parameters: {QUESTION_AT} needs casakv's scheduler (a server with "
                          "--attention-backend casakv, no --scheduler-cls of its own, on the CPU or CUDA)")
     decoder = engine_input.get("decoder_prompt", engine_input) if isinstance(engine_input, dict) else {}
     ids, embeds = decoder.get("prompt_token_ids"), decoder.get("prompt_embeds")
@@ -76,7 +79,7 @@ def check_question(engine_input, params) -> None:
     try:
         question_at(extra, prompt_len)
     except ValueError as err:
-        raise ValueError(f"casakv request parameters: {err}") from None
+        raise VLLMValidationError(f"casakv request parameters: {err}") from None
 
 
 def _wrap_request_check(platform_cls) -> None:
