@@ -80,6 +80,21 @@ def test_a_question_is_answered_from_its_contexts_own_keep_set(casakv_server, pr
     assert d is None or d.is_near_tie(0.5), d
 
 
+def test_a_budget_above_the_context_is_full_attention(casakv_server, prompts):
+    """Keeping every context token under the agnostic protocol is full attention: the question reads the
+    whole context, so the greedy answer is dense attention's."""
+    _, long_doc = prompts
+    ids = casakv_server.post("/tokenize", {"model": "demo", "prompt": long_doc})["tokens"]
+    context = casakv_server.post("/tokenize", {"model": "demo", "prompt": long_doc.split(" Question:")[0]})["tokens"]
+    at = len(context)
+    assert ids[:at] == context and len(ids) - at > 10
+    dense = _ask(casakv_server, ids, None, 12)
+    kept = _ask(casakv_server, ids, {"casakv_policy": "snapkv", "casakv_kv_budget": 4096, "casakv_question_at": at},
+                12)
+    d = divergence(kept, dense)
+    assert d is None or d.is_near_tie(0.5), d
+
+
 @pytest.mark.parametrize("value, expected", [
     (-1, "casakv_question_at=-1: must be an int from 1 to the prompt length"),
     (0, "casakv_question_at=0"),

@@ -31,10 +31,10 @@ class FakeServer:
     def __init__(self):
         self.payloads, self.kv = [], {}
 
-    def post(self, path, payload):
+    def post(self, path, payload, timeout=None):
         self.payloads.append(payload)
         xargs = payload.get("vllm_xargs") or {}
-        if xargs:
+        if xargs and payload.get("max_tokens", 2) > 1:
             label = f"{xargs['casakv_policy']}/kv_ratio={xargs['casakv_kv_ratio']:g}"
             att, cau = self.kv.get(label, (0.0, 0.0))
             self.kv[label] = (att + (30 if "casakv_question_at" in xargs else 25), cau + 100)
@@ -55,15 +55,16 @@ def test_each_protocol_sends_its_requests_and_counts_its_kv():
     samples = {"passkey": make_samples("passkey", 2, context_tokens=512),
                "longdoc": make_samples("longdoc", 1, context_tokens=512)}
     records, rows = run_quality(server, samples, configs, 2, protocols=PROTOCOLS)
-    passkey = server.payloads[:2 * 5]  # per sample: full, snapkv, h2o aware; snapkv, h2o agnostic
-    assert len(server.payloads) == 2 * 5 + 3  # longdoc has no question: its agnostic cells are its aware ones
-    first, *_ = passkey
+    passkey = server.payloads[:2 * 6]  # per sample: full, snapkv, h2o aware; the context alone; snapkv, h2o
+    assert len(server.payloads) == 2 * 6 + 3  # longdoc has no question: its agnostic cells are its aware ones
+    first, _, _, context, *agnostic = passkey[:6]
     assert first["vllm_xargs"]["casakv_policy"] == "h2o" and "cache_salt" not in first  # fills the cache
-    agnostic = [p for p in passkey if "casakv_question_at" in (p.get("vllm_xargs") or {})]
-    assert len(agnostic) == 4 and agnostic[0]["vllm_xargs"]["casakv_policy"] == "h2o"
-    assert "cache_salt" in agnostic[0] and "cache_salt" not in agnostic[1]  # the first computes its context
     ids, at = prompt_ids(samples["passkey"][0])
-    assert passkey[0]["prompt"] == ids and agnostic[0]["vllm_xargs"]["casakv_question_at"] == at
+    assert first["prompt"] == ids and context["prompt"] == ids[:at] and context["max_tokens"] == 1
+    assert context["vllm_xargs"] == {"casakv_policy": "h2o", "casakv_kv_ratio": 0.25}  # H2O's attention mass
+    assert "cache_salt" in context  # it computes the context from scratch
+    assert sorted(p["vllm_xargs"]["casakv_policy"] for p in agnostic) == ["h2o", "snapkv"]
+    assert all(p["vllm_xargs"]["casakv_question_at"] == at and "cache_salt" not in p for p in agnostic)
     cells = {(r["policy"], r["protocol"], r["task"]): r for r in records}
     assert cells[("full", "both", "passkey")]["kv_ratio"] == 1.0
     assert cells[("snapkv", "aware", "passkey")]["kv_ratio"] == 0.25
@@ -111,3 +112,17 @@ def test_agnostic_does_not_take_prefill_compression():
     configs = eval_configs(["snapkv+prefill"], ["4x"])
     run_quality(server, {"passkey": make_samples("passkey", 1, context_tokens=512)}, configs, 1, protocols=PROTOCOLS)
     assert len(server.payloads) == 1 and "casakv_question_at" not in server.payloads[0]["vllm_xargs"]
+    assert "cache_salt" in server.payloads[0]  # a prefill-compressing request prefills its own prompt
+
+
+def test_a_deadline_keeps_the_same_samples_of_every_task():
+    """Rounds of one sample per task: a run cut short by its deadline has as many samples of every task,
+    and its partial results are handed out after every round."""
+    configs = eval_configs(["full", "snapkv"], ["4x"])
+    samples = {t: make_samples(t, 3, context_tokens=512) for t in ("passkey", "copy")}
+    seen = []
+    records, rows = run_quality(FakeServer(), samples, configs, 1, protocols=PROTOCOLS, deadline=0.0,
+                                on_round=lambda recs, rows: seen.append((len(recs), len(rows))))
+    assert {r["n"] for r in records} == {1} and {r["task"] for r in records} == {"passkey", "copy"}
+    assert seen == [(len(records), len(rows))] and len(rows) == 2 * 3  # full, snapkv aware, snapkv agnostic
+    assert all("request_seconds" in r for r in rows)

@@ -20,9 +20,12 @@ Per sample and protocol:
 
 1. one request prefills the prompt alone; every prefill records its prompt's
    observation window, whatever its policy, but only an H2O prefill adds every
-   query's attention mass, so H2O goes first when it is evaluated.  The
-   agnostic one runs in a cache namespace of its own (``cache_salt``), so it
-   computes its context from scratch and records the context's observations;
+   query's attention mass, so H2O goes first when it is evaluated.  Under
+   ``agnostic`` that request is the context alone (one token generated), in a
+   cache namespace of its own (``cache_salt``) once the prompt is cached, so it
+   computes the context from scratch and records the context's observations,
+   which the agnostic requests read (they are kept per prompt: the context's
+   token ids);
 2. the protocol's other requests then run concurrently; they hit the prefix
    cache (the agnostic ones up to the context's last full block: they compute
    their question themselves), so each costs little more than its decode steps.
@@ -38,6 +41,7 @@ from __future__ import annotations
 
 import json
 import time
+import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
@@ -58,6 +62,8 @@ BOTH = "both"
 PREFILL = "+prefill"
 BUDGETS = ("128", "256", "512", "1024", "2x", "4x", "8x")
 LOGPROBS = 5
+#: seconds one request may take (a 4k-token H2O prefill on a shared 2-core machine takes minutes)
+REQUEST_TIMEOUT = 3600.0
 _METRIC = "casakv_decode_kv_tokens_{}_total"
 
 
@@ -162,18 +168,32 @@ def _score(sample: Sample, out: dict, ref: dict | None) -> tuple[float, dict]:
 
 
 def run_protocol(server, sample: Sample, configs: list[EvalConfig], concurrency: int, ids: list[int],
-                 question_at: int | None = None) -> dict[EvalConfig, dict]:
-    """One protocol's requests of one sample (``question_at``: agnostic), the first alone (it fills the
-    prefix cache and records the observations; the agnostic one in a cache namespace of its own)."""
+                 question_at: int | None = None, cached: bool = False) -> dict[EvalConfig, dict]:
+    """One protocol's requests of one sample, concurrently after one that fills the caches.
+
+    Aware (``question_at`` None): the first config (H2O if evaluated, else full attention) alone.  Agnostic:
+    the context alone first (one token; H2O's settings if evaluated, so it adds every context query's
+    attention mass), which records the context's observations; when the prompt is ``cached`` already (the
+    aware requests ran) it runs in a cache namespace of its own, so it computes the context from scratch.
+    """
     logprobs = LOGPROBS if sample.answer is None else None
-    first = next((c for c in configs if c.policy == "h2o"), None) or next((c for c in configs if c.is_full),
-                                                                           configs[0])
+    h2o = next((c for c in configs if c.policy == "h2o"), None)
 
-    def one(cfg: EvalConfig, alone: bool = False) -> dict:
-        return complete(server, sample, logprobs, _extra(cfg, ids, question_at, alone and question_at is not None))
+    def one(cfg: EvalConfig) -> dict:
+        t0 = time.monotonic()
+        out = complete(server, sample, logprobs, _extra(cfg, ids, question_at), REQUEST_TIMEOUT)
+        return {**out, "seconds": round(time.monotonic() - t0, 2)}
 
-    outs = {first: one(first, alone=True)}
-    rest = [c for c in configs if c != first]
+    outs = {}
+    if question_at is None:
+        first = h2o or next((c for c in configs if c.is_full), configs[0])
+        outs[first] = one(first)
+    else:
+        warm = {**(_extra(h2o) if h2o else {}), "prompt": ids[:question_at], "max_tokens": 1}
+        if cached:
+            warm["cache_salt"] = uuid.uuid4().hex
+        complete(server, sample, None, warm, REQUEST_TIMEOUT)
+    rest = [c for c in configs if c not in outs]
     with ThreadPoolExecutor(max_workers=max(1, concurrency)) as pool:
         for cfg, out in zip(rest, pool.map(one, rest)):
             outs[cfg] = out
@@ -188,6 +208,8 @@ def score_sample(sample: Sample, outs: dict[str, dict]) -> list[SampleResult]:
     for protocol, by_cfg in outs.items():
         for cfg, out in by_cfg.items():
             score, extra = _score(sample, out, ref)
+            if "seconds" in out:  # the request's own wall time (queueing behind its concurrent ones included)
+                extra["request_seconds"] = out["seconds"]
             results.append(SampleResult(cfg, sample.task, sample.id, score, out["text"], extra,
                                         BOTH if cfg.is_full else protocol))
     return results
@@ -208,7 +230,8 @@ def run_sample(server, sample: Sample, configs: list[EvalConfig], concurrency: i
             outs[protocol] = {c: o for c, o in outs["aware"].items() if c in cells}
             same_as = "aware"
         elif cells:
-            outs[protocol] = run_protocol(server, sample, cells, concurrency, ids, question if agnostic else None)
+            outs[protocol] = run_protocol(server, sample, cells, concurrency, ids, question if agnostic else None,
+                                          cached=bool(outs))
             same_as = None
         else:
             continue
@@ -217,17 +240,14 @@ def run_sample(server, sample: Sample, configs: list[EvalConfig], concurrency: i
     return score_sample(sample, outs)
 
 
-def _extra(cfg: EvalConfig, ids: list[int] | None = None, question_at: int | None = None,
-           salted: bool = False) -> dict:
-    import uuid
-
+def _extra(cfg: EvalConfig, ids: list[int] | None = None, question_at: int | None = None) -> dict:
     xargs = cfg.xargs()
     if question_at is not None and xargs:
         xargs = {**xargs, "casakv_question_at": question_at}
     out = {"vllm_xargs": xargs} if xargs else {}
     if ids is not None:
         out["prompt"] = ids
-    if cfg.prefill or salted:
+    if cfg.prefill:
         out["cache_salt"] = uuid.uuid4().hex
     return out
 
@@ -271,48 +291,66 @@ def aggregate(results: list[SampleResult], kv: dict[str, dict[str, list[float]]]
 
 
 class KvTally:
-    """Decode KV counters per protocol: the server's counters are read after each protocol's requests of a
-    sample, and the difference goes to that protocol."""
+    """Decode KV counters per task and protocol: the server's counters are read after each protocol's
+    requests of a sample, and the difference goes to that task and protocol."""
 
     def __init__(self, server, configs: list[EvalConfig]) -> None:
         self.server, self.configs = server, configs
         self.last = kv_counters(server, configs)
-        self.by_protocol: dict[str, dict[str, list[float]]] = {}
+        self.counts: dict[tuple[str, str], dict[str, list[float]]] = {}
         self.latest: dict[str, tuple[float, float]] = {}
 
-    def phase(self, protocol: str, same_as: str | None = None) -> None:
+    def phase(self, task: str, protocol: str, same_as: str | None = None) -> None:
         if same_as is None:
             now = kv_counters(self.server, self.configs)
             self.latest = {k: (v[0] - self.last.get(k, (0.0, 0.0))[0], v[1] - self.last.get(k, (0.0, 0.0))[1])
                            for k, v in now.items()}
             self.last = now
-        tally = self.by_protocol.setdefault(protocol, {})
+        tally = self.counts.setdefault((task, protocol), {})
         for label, (att, cau) in self.latest.items():  # same_as: its requests were the previous phase's
             pair = tally.setdefault(label, [0.0, 0.0])
             pair[0] += att
             pair[1] += cau
 
+    def of(self, task: str) -> dict[str, dict[str, list[float]]]:
+        return {protocol: c for (t, protocol), c in self.counts.items() if t == task}
+
 
 def run_quality(server, samples_by_task: dict[str, list[Sample]], configs: list[EvalConfig],
                 concurrency: int = 8, progress: Callable[[int], None] | None = None,
                 on_task_done: Callable[[str, list[dict]], None] | None = None,
-                protocols: tuple[str, ...] = ("aware",), tok=None) -> tuple[list[dict], list[dict]]:
-    """Run everything; returns ``(records, per-sample rows)``."""
-    records, rows = [], []
-    for task, samples in samples_by_task.items():
-        kv = KvTally(server, configs)
-        results: list[SampleResult] = []
-        for sample in samples:
+                protocols: tuple[str, ...] = ("aware",), tok=None, deadline: float | None = None,
+                on_round: Callable[[list[dict], list[dict]], None] | None = None) -> tuple[list[dict], list[dict]]:
+    """Run everything, one sample of every task per round; returns ``(records, per-sample rows)``.
+
+    ``deadline`` (a ``time.monotonic()`` value): no round starts after it, so a run cut short still has
+    the same samples of every task.  ``on_round(records, rows)`` follows every round (partial results)."""
+    kv = KvTally(server, configs)
+    results: dict[str, list[SampleResult]] = {task: [] for task in samples_by_task}
+    rows: list[dict] = []
+
+    def records() -> list[dict]:
+        return [r for task, res in results.items() if res for r in aggregate(res, kv.of(task))]
+
+    for i in range(max((len(v) for v in samples_by_task.values()), default=0)):
+        if i and deadline is not None and time.monotonic() > deadline:
+            break
+        for task, samples in samples_by_task.items():
+            if i >= len(samples):
+                continue
             t0 = time.monotonic()
-            res = run_sample(server, sample, configs, concurrency, protocols, tok, kv.phase)
-            results.extend(res)
+            res = run_sample(server, samples[i], configs, concurrency, protocols, tok,
+                             lambda protocol, same_as, task=task: kv.phase(task, protocol, same_as))
+            results[task].extend(res)
             rows.extend({"task": r.task, "id": r.sample_id, "policy": r.config.policy, "budget": r.config.budget,
                          "protocol": r.protocol, "score": r.score, "text": r.text, **r.extra,
                          "seconds": round(time.monotonic() - t0, 2)} for r in res)
             if progress:
                 progress(1)
-        task_records = aggregate(results, kv.by_protocol)
-        records.extend(task_records)
-        if on_task_done:
-            on_task_done(task, task_records)
-    return records, rows
+        if on_round:
+            on_round(records(), rows)
+    out = records()
+    if on_task_done:
+        for task in samples_by_task:
+            on_task_done(task, [r for r in out if r["task"] in (task, f"{task}_kl")])
+    return out, rows
