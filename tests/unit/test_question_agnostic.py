@@ -3,19 +3,17 @@ compaction rule with a question, the batch plan, and a question's attention thro
 on the CPU path, against the same context served alone."""
 
 import pytest
-import torch
 from vllm.sampling_params import SamplingParams
 
 from casakv_vllm.compress.rule import CompactionTerms, compaction_terms
 from casakv_vllm.config import CasakvConfig
-from casakv_vllm.integration.context import worker_context
 from casakv_vllm.observe.store import ObservationStore
 from casakv_vllm.plan.batch import plan_batch
 from casakv_vllm.policies import build_policy
 from casakv_vllm.requests.params import check_request, question_at, request_overrides
 from casakv_vllm.requests.resolve import PolicyResolver
 from casakv_vllm.requests.state import RequestTable
-from casakv_vllm.tools.harness import Harness
+from casakv_vllm.tools.harness import check_question
 
 SNAP = {"casakv_policy": "snapkv", "casakv_kv_budget": 48}
 
@@ -73,64 +71,8 @@ def test_plan_masks_the_question_and_records_the_context():
     assert decode.evicting and decode.obs is store.peek("context", 150) and not decode.asks
 
 
-def _kept_positions(keep, width: int) -> torch.Tensor:
-    """``[Hkv, width]`` bool over positions: what a keep-set (over positions or live columns) keeps."""
-    out = torch.zeros(keep.mask.shape[0], width, dtype=torch.bool)
-    cols = keep.positions(keep.capacity)
-    for h in range(out.shape[0]):
-        pos = cols[h][keep.mask[h] & (cols[h] >= 0) & (cols[h] < width)]
-        out[h, pos] = True
-    return out
-
-
-def test_a_question_reads_the_keep_set_of_its_context_served_alone(tmp_path):
+def test_a_question_reads_the_keep_set_of_its_context_served_alone(harness):
     """A 120-token prompt whose question starts at 100: its keep-set is the one the 100-token context gets
-    served alone (same keys and queries); the question's prefill rows and its decode steps attend to
-    exactly that keep-set plus every question and generated token, with the freed blocks poisoned."""
-    harness = Harness(tmp_path)
-    vc = harness.config({"policy": "dense"}, num_heads=6, num_kv_heads=2, head_size=64, dtype="float32",
-                        compaction=True)
-    builder, impl = harness.backend(vc, 16, "cpu")
-    P, Q, decode = 120, 100, 3
-    full = harness.batch(impl, [1], [P + decode - 1], 16, torch.float32, "cpu", seed=4)
-    queries = torch.randn(P + decode, 6, 64, generator=torch.Generator().manual_seed(1))
-
-    def step(ctx, n):
-        return Harness._step(full.cm.block_table_tensor, full.kv_cache, queries[ctx:ctx + n], full.keys,
-                             full.values, [n], [ctx])
-
-    cache = full.kv_cache.clone()  # its decode step compacts it: restored for the second request
-    alone = harness.requests([(Q, SNAP)])  # the context alone: prefill, then its first decode step
-    for ctx, n in ((0, 64), (64, Q - 64), (Q, 1)):
-        harness.forward(builder, impl, step(ctx, n))
-    want = _kept_positions(worker_context().requests.rows[0].keep[0], Q)
-    assert want.sum(1).tolist() == [48, 48] and want[:, Q - 32:].all()  # the budget, the window among it
-
-    full.kv_cache.copy_(cache)
-    asked = harness.requests([(P, {**SNAP, "casakv_question_at": Q})])
-    state = worker_context().requests.rows[0]
-    harness.forward(builder, impl, step(0, 64))
-    freed = set()
-    for ctx, n in ((64, P - 64),) + tuple((P + i, 1) for i in range(decode)):
-        b = step(ctx, n)
-        out = harness.forward(builder, impl, b)
-        seq = ctx + n
-
-        def allowed(i, pos, s):
-            mask = torch.zeros(2, len(pos), s, dtype=torch.bool)
-            mask[:, :, :Q] = want.unsqueeze(1)
-            mask[:, :, Q:] = True
-            mask[:, pos < Q] = True  # the context's own rows: full attention
-            return mask
-
-        ref = harness.reference(b, impl.scale, allowed)
-        torch.testing.assert_close(out.float(), ref, atol=2e-5, rtol=2e-5)
-        assert torch.equal(_kept_positions(state.keep[0], seq)[:, :Q], want)
-        terms = state.compaction
-        assert (terms.tail_start, terms.head_end, terms.freed_blocks) == (96, 48, range(3, 6))
-        tail = terms.settled_tail(seq)
-        for blk in range(terms.head_end // 16, (tail or 0) // 16):
-            if blk not in freed:  # the scheduler frees once the step settled: another request's now
-                freed.add(blk)
-                full.kv_cache[b.cm.block_table_tensor[0, blk].long()] = float("nan")
-    assert freed == {3, 4, 5} and alone and asked
+    served alone; the question's prefill rows and its decode steps attend to exactly that keep-set plus every
+    question and generated token, the freed blocks poisoned (``tools.harness.check_question``)."""
+    assert check_question(harness, "cpu", harness.forward) == 4

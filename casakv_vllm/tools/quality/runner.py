@@ -237,7 +237,7 @@ def run_sample(server, sample: Sample, configs: list[EvalConfig], concurrency: i
             continue
         if on_phase:
             on_phase(protocol, same_as)
-    return score_sample(sample, outs)
+    return score_sample(sample, {p: {c: by[c] for c in configs if c in by} for p, by in outs.items()})
 
 
 def _extra(cfg: EvalConfig, ids: list[int] | None = None, question_at: int | None = None) -> dict:
