@@ -203,7 +203,7 @@ def _plot_matplotlib(lines, refs, path: Path, title: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=110)
+    fig, ax = plt.subplots(figsize=(8.5, 4.5), dpi=110)
     colors: dict[str, str] = {}
     for name, pts in lines.items():  # "policy (agnostic)": the policy's color, crosses, dashed
         policy, agnostic = name.split(" (")[0], name.endswith("(agnostic)")
@@ -217,7 +217,7 @@ def _plot_matplotlib(lines, refs, path: Path, title: str) -> None:
     ax.set_ylabel("average score")
     ax.set_title(title)
     ax.grid(True, alpha=0.3)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5))  # beside the points, not on them
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
