@@ -12,7 +12,8 @@
   step, and every ``chunk_size`` generated tokens after it, each layer, after
   its attention, moves the kept tokens into the leading slots; later steps
   gather only the live blocks (the scheduler frees the others).
-- Prefill rows record their prompt's observations.
+- Prefill rows record their prompt's observations, before any row attends (the rows of a question
+  select from their context's observations, possibly recorded by the same chunk).
 """
 
 from __future__ import annotations
@@ -49,6 +50,8 @@ def run_layer_cpu(query: torch.Tensor, kv_cache: torch.Tensor, md: CasakvMetadat
     if plan.cpu_dense is not None:
         plan.cpu_dense.run(query, kv_cache, out, scale)
     kv_of = RowKV(kv_cache, md, plan.cpu_layout)
+    for job in plan.records:  # before attention: a question's first chunk reads its context's last queries
+        record_layer(job, layer, query, scale, lambda: kv_of(plan.rows[job.row])[0])
 
     patterns = plan.cpu_patterns.get(layer, plan.cpu_patterns.get(None)) if plan.cpu_patterns else None
     for row in plan.rows:
@@ -65,6 +68,4 @@ def run_layer_cpu(query: torch.Tensor, kv_cache: torch.Tensor, md: CasakvMetadat
             pair = counts.decode.setdefault(row.label, [0, 0])
             pair[0] += read
             pair[1] += causal
-    for job in plan.records:
-        record_layer(job, layer, query, scale, lambda: kv_of(plan.rows[job.row])[0])
     return counts

@@ -5,7 +5,7 @@ everything once per batch.  The rows the kernels cannot express
 (``GpuPlan.torch_rows``: compaction events and evicting rows with per-step
 work) are computed again in torch over their live blocks
 (``attention.masked``), then compacted where this step is an event.  Prefill
-rows also record their prompt's observations (window queries, on the device).
+rows also record their prompt's observations (window queries, on the device), before attention.
 """
 
 from __future__ import annotations
@@ -27,6 +27,9 @@ def run_layer_gpu(query: torch.Tensor, kv_cache: torch.Tensor, md: CasakvMetadat
         kv_cache: ``[num_blocks, num_kv_heads, block_size, 2 * D]`` (K|V per token).
     """
     gp = md.plan.gpu
+    kv_of = RowKV(kv_cache, md, "kv")  # casakv's K|V layout (also under TRITON_INTERPRET on the CPU)
+    for job in md.plan.records:  # before attention: a question's first chunk reads its context's last queries
+        record_layer(job, layer, query, scale, lambda: kv_of(md.plan.rows[job.row])[0])
     if gp.kind == "decode":
         sel, cnt = gp.decode_sel
         ops.sparse_decode(query, kv_cache, md.block_table, md.seq_lens, sel, cnt, scale, out, gp.workspace,
@@ -38,7 +41,6 @@ def run_layer_gpu(query: torch.Tensor, kv_cache: torch.Tensor, md: CasakvMetadat
         patterns, index = gp.layer_patterns(layer)
         ops.sparse_attention(query, kv_cache, gp.block_table, md.query_start_loc, gp.seq_lens, scale, out,
                              patterns, index, md.max_query_len, md.max_seq_len)
-    kv_of = RowKV(kv_cache, md, "kv")  # casakv's K|V layout (also under TRITON_INTERPRET on the CPU)
     for i in gp.torch_rows:
         row = md.plan.rows[i]
         if row.q_len > 0:
@@ -48,5 +50,3 @@ def run_layer_gpu(query: torch.Tensor, kv_cache: torch.Tensor, md: CasakvMetadat
             if row.context_len < row.prompt_len:  # a prefill event: the chunk's queries rank
                 prefill_rank(row, layer, query, kv_of(row), scale)
             compact_row(row, layer, kv_cache, md.block_table[row.index], md.plan, "kv")
-    for job in md.plan.records:
-        record_layer(job, layer, query, scale, lambda: kv_of(md.plan.rows[job.row])[0])

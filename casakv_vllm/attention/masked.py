@@ -72,16 +72,22 @@ def attend_row(row: RowPlan, query: torch.Tensor, kv: tuple[torch.Tensor, torch.
         keep = row.state.keep.get(layer)
         if keep is None:
             obs = row.obs.layer(layer) if row.obs is not None else None
-            keep = row.state.keep[layer] = row.policy.start(layer, row.prompt_len, k, obs, scale, seq_len)
+            keep = row.state.keep[layer] = row.policy.start(layer, row.select_len, k, obs, scale, seq_len)
         layout = row.read
         width = seq_len if layout is None else layout.width(seq_len)
-        row.policy.prepare_step(keep, layer, row.prompt_len, seq_len, width)  # over live columns once compacted
+        if row.asks:  # the question enters whole; the policy's eviction starts with decoding
+            keep.grow(width)
+        else:  # over live columns once compacted
+            row.policy.prepare_step(keep, layer, row.select_len, seq_len, width)
         allowed = keep.visible(width).unsqueeze(1)  # [Hkv, 1, S]: a decode row sees every position before it
         if row.q_len > 1:  # positions of the columns: causal order among the queries' own tokens
             cols = torch.arange(seq_len, device=device) if layout is None else torch.cat(
                 [torch.zeros(layout.head_end, dtype=torch.long, device=device),
                  torch.arange(layout.tail, seq_len, device=device)])
-            allowed = allowed & (cols.unsqueeze(0) <= torch.arange(ctx, seq_len, device=device).unsqueeze(1))
+            qpos = torch.arange(ctx, seq_len, device=device).unsqueeze(1)
+            if row.asks:  # the context's own queries (before the question) attend to all of it
+                allowed = allowed | (qpos < row.select_len)
+            allowed = allowed & (cols.unsqueeze(0) <= qpos)
     elif not row.dense:
         allowed = pattern_mask(patterns, row.index, torch.arange(ctx, seq_len, device=device), seq_len)
     else:

@@ -45,6 +45,15 @@ the compacted KV.  A step holding several event positions performs the last
 one.  So a long prompt holds at most ``slots``, one chunk and the step's own
 tokens, never the whole prompt.
 
+A request whose question arrives after its context (``context``: the prompt
+token where the question starts, ``vllm_xargs`` ``casakv_question_at``; the
+question-agnostic protocol) keeps every question token: its policy selects
+over ``[0, context)`` as if the context were the whole prompt (``slots`` from
+the context length), and ``tail_start`` is the first position of the block
+holding the context's end, so the question's blocks stay dense in the tail,
+on both sides alike.  Later events treat question tokens like generated
+ones.  (Prefill compression does not combine with a question.)
+
 Every event is named by its position ``e`` and compacts up to
 ``tail_at(e)``; the scheduler frees up to the tail of the latest event below
 its processed-token count.  Both sides see every step of a request (the
@@ -71,10 +80,16 @@ class CompactionTerms:
     slots: int  # compacted slots per (layer, KV head)
     chunk: int | None = None  # tokens between compaction events (None: compact once)
     prefill: bool = False  # events while the prompt is prefilled too (needs ``chunk``)
+    context: int | None = None  # where the request's question starts (None: no question)
+
+    @property
+    def context_end(self) -> int:
+        """The prompt tokens the policy selects over: the context before the question, or the whole prompt."""
+        return self.prompt_len if self.context is None else min(self.context, self.prompt_len)
 
     @property
     def tail_start(self) -> int:
-        return (self.prompt_len // self.block_size) * self.block_size
+        return (self.context_end // self.block_size) * self.block_size
 
     @property
     def head_end(self) -> int:
@@ -91,7 +106,10 @@ class CompactionTerms:
         return range(self.head_end // self.block_size, self.tail_start // self.block_size)
 
     def tail_at(self, position: int) -> int:
-        """The tail of the event at ``position``: the first position of its block."""
+        """The tail of the event at ``position``: the first position of its block (``tail_start`` for the
+        first decode-time event, so a question stays in the tail)."""
+        if position == self.prompt_len and not self.prefill:
+            return self.tail_start
         return (position // self.block_size) * self.block_size
 
     def event_position(self, j: int) -> int:
@@ -151,14 +169,16 @@ class LiveLayout:
 
 
 def compaction_terms(policy, prompt_len: int, first_context: int, block_size: int,
-                     num_kv_heads: int) -> CompactionTerms | None:
-    """The request's terms, or None when it does not compact (its policy does not select once)."""
+                     num_kv_heads: int, question_at: int | None = None) -> CompactionTerms | None:
+    """The request's terms, or None when it does not compact (its policy does not select once).
+    ``question_at``: where its question starts (``requests.params.question_at``; None: no question)."""
     compacts = getattr(policy, "compacts", None)
     if compacts is None or not compacts() or prompt_len <= 0:
         return None
     shared = min(cdiv(first_context, block_size) * block_size, prompt_len)
-    slots = policy.slot_budget(prompt_len, num_kv_heads)
     config = policy.config
-    terms = CompactionTerms(block_size, prompt_len, shared, slots, config.chunk_size,
-                            bool(config.prefill_compression and config.chunk_size))
+    prefill = bool(config.prefill_compression and config.chunk_size)
+    context = question_at if question_at is not None and not prefill and 0 < question_at < prompt_len else None
+    slots = policy.slot_budget(context or prompt_len, num_kv_heads)
+    terms = CompactionTerms(block_size, prompt_len, shared, slots, config.chunk_size, prefill, context)
     return terms if terms.compacts else None

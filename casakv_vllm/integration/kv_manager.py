@@ -15,7 +15,10 @@ serves it:
   of new tokens does not change.
 - ``cache_blocks`` hashes only the request's shared prefix (``[0, shared)``):
   the blocks compaction writes into or frees never enter the prefix cache, so
-  no other request can hit content that is about to move.
+  no other request can hit content that is about to move.  A request with a
+  question (``casakv_question_at``) hashes none of the blocks its question
+  touches either: its question attends through the context's keep-set, so its
+  KV is not full attention's (``question_cap``).
 - a prefill-compressing request (``prefill_compression``) is admitted on the blocks it will hold at
   most (``CompactionTerms.peak_tokens``), not on its whole prompt: that is how compression lets more
   long requests run at once.
@@ -35,7 +38,18 @@ from dataclasses import dataclass
 from vllm.v1.core.single_type_kv_cache_manager import FullAttentionManager
 
 from casakv_vllm.compress.rule import CompactionTerms, compaction_terms
-from casakv_vllm.requests.params import request_overrides
+from casakv_vllm.requests.params import question_at, request_overrides
+
+
+def question_cap(request, block_size: int) -> int | None:
+    """For a request with a question: the block-aligned end of its context, the most of its prompt it may
+    read from or give to the prefix cache (its question's KV depends on its policy); None without one."""
+    params = getattr(request, "sampling_params", None)
+    try:
+        question = question_at(params.extra_args if params is not None else None, request.num_prompt_tokens)
+    except ValueError:  # validated in the API server
+        return None
+    return None if question is None else question // block_size * block_size
 
 
 @dataclass
@@ -87,11 +101,12 @@ class CompressingManager(FullAttentionManager):
             return None
         try:
             overrides = request_overrides(request.sampling_params.extra_args)
+            question = question_at(request.sampling_params.extra_args, request.num_prompt_tokens)
         except ValueError:  # validated in the API server; never fail the engine here
             return None
         policy, _ = self.resolver.resolve(overrides)
         return compaction_terms(policy, request.num_prompt_tokens, first, self.block_size,
-                                self.kv_cache_spec.num_kv_heads)
+                                self.kv_cache_spec.num_kv_heads, question)
 
     # --- vLLM's hooks ----------------------------------------------------------------------------
 
@@ -121,6 +136,9 @@ class CompressingManager(FullAttentionManager):
         terms = self._terms_of(request.request_id)
         if terms is not None:
             num_tokens = min(num_tokens, terms.shared)
+        cap = question_cap(request, self.block_size) if self.resolver is not None else None
+        if cap is not None:
+            num_tokens = min(num_tokens, cap)
         super().cache_blocks(request, num_tokens, *args, **kwargs)
 
     def pop_blocks_for_free(self, request_id: str):

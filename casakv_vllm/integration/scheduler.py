@@ -16,9 +16,12 @@ before the managers are built, then hands each one the request table and the
 policy resolver.  vLLM's own spec registration runs first (registering before
 it would stop the built-ins from registering).
 
-One more change, at preemption: a request whose policy compacts recomputes
+Two more changes.  At preemption, a request whose policy compacts recomputes
 without reading the prefix cache, so its worker sees it start again from
-position 0 (and neither side compacts it in its second life).
+position 0 (and neither side compacts it in its second life).  A request with
+a question (``casakv_question_at``) reads from the prefix cache no further
+than its context's last full block: it computes its question itself, through
+its context's keep-set (``kv_manager.question_cap``).
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ from __future__ import annotations
 from vllm.v1.core.sched.async_scheduler import AsyncScheduler
 from vllm.v1.core.sched.scheduler import Scheduler
 
-from casakv_vllm.integration.kv_manager import CompressingManager
+from casakv_vllm.integration.kv_manager import CompressingManager, question_cap
 
 PATH = f"{__name__}.CasakvScheduler"
 ASYNC_PATH = f"{__name__}.CasakvAsyncScheduler"
@@ -65,6 +68,13 @@ class _Compressing:
         for manager in self.compressing_managers:
             manager.attach(self.requests, resolver, stats.record_free if stats is not None else None,
                            vllm_config.scheduler_config.max_num_batched_tokens)
+
+    def _get_local_prefix_cache_hit(self, request):
+        blocks, hit, *rest = super()._get_local_prefix_cache_hit(request)
+        cap = question_cap(request, self.compressing_managers[0].block_size) if self.compressing_managers else None
+        if cap is not None and hit > cap:
+            blocks, hit = self.kv_cache_manager.truncate_computed_blocks(blocks, cap), cap
+        return (blocks, hit, *rest)
 
     def _preempt_request(self, request, *args, **kwargs) -> None:
         if any(m._terms_of(request.request_id) is not None for m in self.compressing_managers):

@@ -29,6 +29,7 @@ class ServerSettings:
     backend_is_casakv: bool | None = None
     config: object | None = None  # the validated CasakvConfig
     device_type: str | None = None  # "cpu", "cuda", ...
+    casakv_scheduler: bool = False  # casakv's scheduler runs (compaction frees blocks; questions stay uncached)
 
 
 SERVER = ServerSettings()
@@ -94,3 +95,4 @@ def _use_block_manager_plugin(vllm_config) -> None:
                        sched.scheduler_cls)
         return
     sched.scheduler_cls = ours
+    SERVER.casakv_scheduler = True

@@ -16,7 +16,7 @@ from vllm.v1.sample.logits_processor import BatchUpdate, LogitsProcessor, MoveDi
 
 from casakv_vllm.integration.context import worker_context
 from casakv_vllm.observe.store import prompt_key
-from casakv_vllm.requests.params import check_request, request_overrides
+from casakv_vllm.requests.params import check_request, question_at, request_overrides
 from casakv_vllm.requests.state import RequestTable
 
 
@@ -52,13 +52,16 @@ class RequestTracker(LogitsProcessor):
         for index in batch_update.removed:
             table.remove(index)
         for index, params, prompt_ids, _outputs in batch_update.added:
-            try:
-                overrides = request_overrides(params.extra_args if params is not None else None)
-            except ValueError:  # validated in the API server; never fail the engine here
-                overrides = ()
+            extra = params.extra_args if params is not None else None
             plen = len(prompt_ids) if prompt_ids is not None else 0
+            try:
+                overrides = request_overrides(extra)
+                question = question_at(extra, plen) if prompt_ids is not None else None
+            except ValueError:  # validated in the API server; never fail the engine here
+                overrides, question = (), None
             key = prompt_key(prompt_ids) if prompt_ids is not None else None
-            table.add(index, params, plen, overrides, key)
+            context = prompt_key(list(prompt_ids)[:question]) if question is not None else None
+            table.add(index, params, plen, overrides, key, question, context)
         for a, b, direction in batch_update.moved:
             if direction == MoveDirectionality.SWAP:
                 table.swap(a, b)

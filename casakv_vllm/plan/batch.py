@@ -76,6 +76,16 @@ class RowPlan:
         return self.state.prompt_len if self.state is not None else 0
 
     @property
+    def select_len(self) -> int:
+        """The prompt tokens its policy selects over (``RequestState.select_len``)."""
+        return self.state.select_len if self.state is not None else 0
+
+    @property
+    def asks(self) -> bool:
+        """A prefill row computing question tokens: they attend through the context's keep-set."""
+        return self.context_len < self.prompt_len and self.seq_len > self.select_len
+
+    @property
     def evicting(self) -> bool:
         """The row's policy acts through its keep-set this step."""
         return self.policy.caps.evicts and not self.dense
@@ -144,11 +154,11 @@ def batch_counts(query_start_loc: list[int], seq_lens: list[int]) -> BatchCounts
     return BatchCounts(prefill, decode, causal)
 
 
-def _row_is_dense(policy: Policy, state: RequestState | None, context_len: int, read) -> bool:
+def _row_is_dense(policy: Policy, state: RequestState | None, row: RowPlan) -> bool:
     if policy.caps.attends_all:
         return True
-    if policy.caps.evicts:  # full attention while the prompt is prefilled, until a prefill event compacted it
-        return state is None or (context_len < state.prompt_len and read is None)
+    if policy.caps.evicts:  # full attention while the context is prefilled, until a prefill event compacted it
+        return state is None or (row.context_len < state.prompt_len and row.read is None and not row.asks)
     return False
 
 
@@ -169,7 +179,7 @@ def _plan_compaction(row: RowPlan, state: RequestState, policy: Policy, setup: C
     if not state.terms_known:
         state.terms_known = True
         state.compaction = compaction_terms(policy, state.prompt_len, state.first_context,
-                                            setup.block_size, setup.num_kv_heads)
+                                            setup.block_size, setup.num_kv_heads, state.question_at)
     terms = state.compaction
     if terms is None:
         return
@@ -179,6 +189,22 @@ def _plan_compaction(row: RowPlan, state: RequestState, policy: Policy, setup: C
         return
     row.compact_tail = terms.tail_at(event)
     state.layout = terms.layout(row.compact_tail)
+
+
+def _plan_records(store: ObservationStore, state: RequestState, row: RowPlan, col_sums: bool) -> list[RecordJob]:
+    """What a prefill row records: its prompt's observations, and with a question its context's.  Only
+    context rows count for the prompt's (question rows attend through the context's keep-set, not as
+    full attention does), so a request without a question that shares the prompt reads none of them."""
+    jobs = []
+    end = min(row.seq_len, state.select_len)
+    keys = (state.prompt_key,) if state.question_at is None else (state.prompt_key, state.context_key)
+    for key, length in zip(keys, (state.prompt_len, state.select_len)):
+        if row.context_len < end:
+            job = plan_record(store.get(key, length), row.index, row.q_start, row.context_len, end - row.context_len,
+                              col_sums)
+            if job is not None:
+                jobs.append(job)
+    return jobs
 
 
 def plan_batch(requests: RequestTable | None, resolver: PolicyResolver, store: ObservationStore,
@@ -197,18 +223,15 @@ def plan_batch(requests: RequestTable | None, resolver: PolicyResolver, store: O
         row = RowPlan(i, state, policy, label, q_start, q_len, seq_len, False)
         if compaction is not None and policy.caps.evicts and state is not None and q_len > 0:
             _plan_compaction(row, state, policy, compaction)
-        row.dense = _row_is_dense(policy, state, row.context_len, row.read)
+        row.dense = _row_is_dense(policy, state, row)
         if row.read is not None and state.compaction.prefill:  # every live column kept: dense over them,
             row.live_dense = True  # but for a decode event, whose own attention ranks what stays (in torch)
             row.dense = not (row.compact and row.context_len >= state.prompt_len)
         if state is not None and state.prompt_key is not None and q_len > 0:
             if row.context_len < state.prompt_len:  # every prefill row records its prompt's observations
-                obs = store.get(state.prompt_key, state.prompt_len)
-                job = plan_record(obs, i, q_start, row.context_len, q_len, policy.caps.needs_col_sums)
-                if job is not None:
-                    records.append(job)
-            elif row.evicting:
-                row.obs = store.peek(state.prompt_key, state.prompt_len)
+                records += _plan_records(store, state, row, policy.caps.needs_col_sums)
+            if row.evicting:  # (a question's prefill rows too: recorded above, before attention)
+                row.obs = store.peek(state.obs_key, state.select_len)
         rows.append(row)
     store.trim()
     return BatchPlan(rows, records, batch_counts(query_start_loc, seq_lens), resolver.num_layers)

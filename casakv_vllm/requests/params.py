@@ -5,6 +5,13 @@
 
 They are checked in the API server (``check_request``), so a bad value is an
 HTTP 400 with a one-line reason, never an engine error.
+
+One more key is a fact about the prompt, not a setting: ``casakv_question_at``,
+the prompt token where the request's question starts (the question-agnostic
+protocol: the policy compresses the context ``[0, question_at)`` as if it were
+the whole prompt, without seeing the question, and keeps every question token;
+``question_at``).  It is checked against the prompt's length in the API server
+too (``integration.platform``).
 """
 
 from __future__ import annotations
@@ -21,6 +28,8 @@ XARGS = {
     "casakv_chunk_size": "chunk_size",
     "casakv_prefill_compression": "prefill_compression",
 }
+#: ``vllm_xargs`` key of the token index where a request's question starts (not a config field)
+QUESTION_AT = "casakv_question_at"
 
 
 def request_overrides(extra_args: Mapping[str, Any] | None) -> tuple[tuple[str, Any], ...]:
@@ -33,10 +42,10 @@ def request_overrides(extra_args: Mapping[str, Any] | None) -> tuple[tuple[str, 
         return ()
     out: dict[str, Any] = {}
     for key, value in extra_args.items():
-        if not key.startswith("casakv_"):
+        if not key.startswith("casakv_") or key == QUESTION_AT:
             continue
         if key not in XARGS:
-            raise ValueError(f"unknown request parameter {key!r}; allowed: {', '.join(XARGS)}")
+            raise ValueError(f"unknown request parameter {key!r}; allowed: {', '.join([*XARGS, QUESTION_AT])}")
         if key == "casakv_policy_params":
             if isinstance(value, str):
                 try:
@@ -48,6 +57,24 @@ def request_overrides(extra_args: Mapping[str, Any] | None) -> tuple[tuple[str, 
             value = json.dumps(value, sort_keys=True)
         out[XARGS[key]] = value
     return tuple(sorted(out.items()))
+
+
+def question_at(extra_args: Mapping[str, Any] | None, prompt_len: int | None = None) -> int | None:
+    """The prompt token where the request's question starts, or None (no question: the whole prompt is
+    context, also when it starts at ``prompt_len``).
+
+    Raises ``ValueError`` (one line) unless it is an int from 1 to the prompt's length (``prompt_len``
+    None: only the type and sign are checked).
+    """
+    if not extra_args or QUESTION_AT not in extra_args:
+        return None
+    value = extra_args[QUESTION_AT]
+    limit = "the prompt length" if prompt_len is None else f"the prompt length ({prompt_len})"
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1 or (prompt_len is not None
+                                                                               and value > prompt_len):
+        raise ValueError(f"{QUESTION_AT}={json.dumps(value, default=str)}: must be an int from 1 to {limit} "
+                         "(the prompt token where the question starts)")
+    return None if prompt_len is not None and value == prompt_len else value
 
 
 def overrides_as_config(overrides: tuple[tuple[str, Any], ...]) -> dict[str, Any]:
@@ -92,8 +119,12 @@ def check_request(base, extra_args: Mapping[str, Any] | None, device_type: str |
     try:
         overrides = request_overrides(extra_args)
         cfg = merged_config(base, overrides)
+        question = question_at(extra_args)
     except Exception as err:  # pydantic errors: one line, HTTP 400
         raise ValueError(f"casakv request parameters: {first_line(err)}") from None
+    if question is not None and cfg.prefill_compression:
+        raise ValueError(f"casakv request parameters: {QUESTION_AT} does not combine with prefill_compression "
+                         "(the context would be compressed with its question's queries)")
     if cfg == base:
         return cfg
     problem = device_support_error(cfg, device_type)

@@ -37,6 +37,9 @@ class RequestState:
         prompt_len: prompt tokens (0 when vLLM gave none, e.g. prompt embeddings).
         overrides: its ``vllm_xargs`` settings (``requests.params.request_overrides``).
         prompt_key: hash of the prompt's token ids (``observe.store.prompt_key``).
+        question_at: the prompt token where its question starts (``requests.params.question_at``; None:
+            no question): its policy selects over the context before it, as if that were the prompt.
+        context_key: hash of the context's token ids (with a question): its observations' key.
         keep: per layer, the request's keep-set (evicting policies, once decoding).
         kv_len: KV positions computed so far (the longest sequence seen).
         restarts: times the request was recomputed from scratch (preemption).
@@ -54,6 +57,8 @@ class RequestState:
     prompt_len: int
     overrides: tuple[tuple[str, Any], ...] = ()
     prompt_key: str | None = None
+    question_at: int | None = None
+    context_key: str | None = None
     keep: dict[int, LayerKeep] = field(default_factory=dict)
     kv_len: int = 0
     restarts: int = 0
@@ -63,6 +68,16 @@ class RequestState:
     layout: LiveLayout | None = None
     holes: Any = None
     uid: int = field(default_factory=lambda: next(_ids))
+
+    @property
+    def select_len(self) -> int:
+        """The prompt tokens its policy selects over: the context before its question, or the whole prompt."""
+        return self.prompt_len if self.question_at is None else self.question_at
+
+    @property
+    def obs_key(self) -> str | None:
+        """Key of the observations its policy reads (the context's, with a question)."""
+        return self.prompt_key if self.question_at is None else self.context_key
 
     def advance(self, context_len: int, seq_len: int) -> bool:
         """A step computes positions ``context_len .. seq_len - 1``; returns True when it starts
@@ -103,13 +118,14 @@ class RequestTable:
         if len(self.rows) < size:
             self.rows.extend([None] * (size - len(self.rows)))
 
-    def add(self, index: int, params, prompt_len: int, overrides: tuple, prompt_key: str | None) -> RequestState:
+    def add(self, index: int, params, prompt_len: int, overrides: tuple, prompt_key: str | None,
+            question_at: int | None = None, context_key: str | None = None) -> RequestState:
         """Row ``index`` holds the request of ``params`` (a new one, or one coming back)."""
         self._grow(index + 1)
         key = id(params) if params is not None else None
         state = self._live.get(key) if key is not None else None
         if state is None:
-            state = RequestState(prompt_len, overrides, prompt_key)
+            state = RequestState(prompt_len, overrides, prompt_key, question_at, context_key)
             if key is not None:
                 self._live[key] = state
                 weakref.finalize(params, self._release, key, state.uid)

@@ -230,3 +230,71 @@ def check_prefill_compression(harness: Harness, device: str, forward, shape=(6, 
     assert freed and params
     return checked
 
+
+
+def check_question(harness: Harness, device: str, forward, shape=(6, 2, 64), block_size: int = 16,
+                   dtype=torch.float32, prompt: int = 120, question_at: int = 100, decode: int = 3,
+                   tol: float = 2e-5, kv_layout: bool = False) -> int:
+    """A request whose question starts at ``question_at`` (``casakv_question_at``; snapkv keeping 48): its
+    keep-set is the one its context gets served alone (same keys and queries, another engine); the
+    question's prefill rows and its decode steps attend to exactly that keep-set plus every question and
+    generated token (an fp32 reference), the context's own rows to all of it; blocks are poisoned once the
+    rule frees them.  Returns the steps checked."""
+    from casakv_vllm.integration.context import worker_context
+
+    h, hkv, d = shape
+    snap = {"casakv_policy": "snapkv", "casakv_kv_budget": 48}
+    vc = harness.config({"policy": "dense"}, num_heads=h, num_kv_heads=hkv, head_size=d,
+                        dtype=str(dtype).split(".")[1], device=device, compaction=True)
+    builder, impl = harness.backend(vc, block_size, device)
+    full = harness.batch(impl, [1], [prompt + decode - 1], block_size, dtype, device, seed=4,
+                         writer=(lambda k, v, c, sl: torch.ops.casakv.reshape_and_cache(k, v, c, sl)) if kv_layout
+                         else None)
+    g = torch.Generator().manual_seed(1)
+    queries = torch.randn(prompt + decode, h, d, generator=g).to(dtype).to(device)
+
+    def step(ctx, n):
+        return Harness._step(full.cm.block_table_tensor, full.kv_cache, queries[ctx:ctx + n], full.keys,
+                             full.values, [n], [ctx])
+
+    cache = full.kv_cache.clone()  # the context's decode step compacts it: restored for the question
+    alone = harness.requests([(question_at, snap)])
+    for ctx, n in ((0, 64), (64, question_at - 64), (question_at, 1)):
+        forward(builder, impl, step(ctx, n))
+    want = kept_positions(worker_context().requests.rows[0].keep[0], question_at)
+    full.kv_cache.copy_(cache)
+    asked = harness.requests([(prompt, {**snap, "casakv_question_at": question_at})])
+    state = worker_context().requests.rows[0]
+    forward(builder, impl, step(0, 64))
+    freed, checked = set(), 0
+    for ctx, n in ((64, prompt - 64),) + tuple((prompt + i, 1) for i in range(decode)):
+        b = step(ctx, n)
+        out = forward(builder, impl, b)
+
+        def allowed(i, pos, s):
+            mask = torch.ones(hkv, len(pos), s, dtype=torch.bool)
+            mask[:, pos >= question_at, :question_at] = want.unsqueeze(1)  # the question: the keep-set
+            return mask
+
+        torch.testing.assert_close(out.float().cpu(), harness.reference(b, impl.scale, allowed), atol=tol, rtol=tol)
+        assert torch.equal(kept_positions(state.keep[0], ctx + n)[:, :question_at], want)
+        checked += 1
+        terms = state.compaction
+        tail = terms.settled_tail(ctx + n)
+        for blk in range(terms.head_end // block_size, (tail or 0) // block_size):
+            if blk not in freed:  # the scheduler frees once the step settled: another request's now
+                freed.add(blk)
+                full.kv_cache[b.cm.block_table_tensor[0, blk].long()] = float("nan")
+    assert freed and alone and asked and int(want[0].sum()) == 48
+    return checked
+
+
+def kept_positions(keep, width: int) -> torch.Tensor:
+    """``[Hkv, width]`` bool over positions (on the CPU): what a keep-set (over positions or live columns)
+    keeps."""
+    out = torch.zeros(keep.mask.shape[0], width, dtype=torch.bool)
+    cols, mask = keep.positions(keep.capacity).cpu(), keep.mask.cpu()
+    for h in range(out.shape[0]):
+        pos = cols[h][mask[h] & (cols[h] >= 0) & (cols[h] < width)]
+        out[h, pos] = True
+    return out

@@ -88,11 +88,13 @@ def test_quick_quality_suite(casakv_server, tmp_path):
     run = subprocess.run(cmd, capture_output=True, text=True, timeout=1200)
     assert run.returncode == 0, run.stderr[-3000:]
     data = json.loads(out.read_text())
-    cells = {(r["policy"], r["budget"], r["task"]): r for r in data["results"]}
-    for task in ("passkey", "longdoc", "longdoc_kl"):
-        assert cells[("snapkv", "128", task)]["n"] == 2
-    assert cells[("full", "full", "passkey")]["kv_ratio"] == 1.0
-    assert 0.0 < cells[("snapkv", "128", "passkey")]["kv_ratio"] < 0.3  # 128 + generated of ~1k tokens
-    assert cells[("full", "full", "longdoc")]["score"] == 1.0  # the reference agrees with itself
+    cells = {(r["policy"], r["budget"], r["protocol"], r["task"]): r for r in data["results"]}
+    for protocol in ("aware", "agnostic"):  # --protocol both, the default
+        for task in ("passkey", "longdoc", "longdoc_kl"):
+            assert cells[("snapkv", "128", protocol, task)]["n"] == 2
+        assert 0.0 < cells[("snapkv", "128", protocol, "passkey")]["kv_ratio"] < 0.3  # 128 + generated of ~1k
+    assert cells[("full", "full", "both", "passkey")]["kv_ratio"] == 1.0
+    assert cells[("full", "full", "both", "longdoc")]["score"] == 1.0  # the reference agrees with itself
+    assert data["settings"]["protocols"] == ["aware", "agnostic"] and data["settings"]["finished"]
     assert (tmp_path / "q.png").read_bytes()[:4] == b"\x89PNG"
     assert "snapkv" in (tmp_path / "q.md").read_text()

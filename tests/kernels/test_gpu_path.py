@@ -369,3 +369,16 @@ def test_prefill_compression_on_the_gpu_path(harness):
     prompt = 1200 if CUDA else 300
     assert check_prefill_compression(harness, DEVICE, forward, shape=(h, hkv, d), dtype=torch.bfloat16,
                                      prompt=prompt, chunk=256 if CUDA else 64, tol=2e-2, kv_layout=True) >= 4
+
+
+def test_a_question_on_the_gpu_path(harness):
+    """A question that arrives after its context (``casakv_question_at``) through the GPU path: its prefill
+    rows run in torch through the keep-set its context gets served alone, its decode steps read that keep-set
+    plus the question (an fp32 reference; ``tools.harness.check_question``)."""
+    import casakv_vllm.ops.custom  # noqa: F401
+    from casakv_vllm.tools.harness import check_question
+
+    h, hkv, d = SHAPE
+    forward = lambda builder, impl, b: _gpu_forward(harness, builder, impl, b)  # noqa: E731
+    assert check_question(harness, DEVICE, forward, shape=(h, hkv, d), dtype=torch.bfloat16, tol=2e-2,
+                          kv_layout=True) == 4

@@ -19,7 +19,7 @@ from vllm.v1.kv_cache_interface import FullAttentionSpec, KVCacheConfig, KVCache
 from vllm.v1.request import Request, RequestStatus  # noqa: E402
 
 from casakv_vllm.config import CasakvConfig  # noqa: E402
-from casakv_vllm.integration.kv_manager import CompressingManager  # noqa: E402
+from casakv_vllm.integration.kv_manager import CompressingManager, question_cap  # noqa: E402
 from casakv_vllm.integration.scheduler import use_compressing_manager  # noqa: E402
 from casakv_vllm.requests.resolve import PolicyResolver  # noqa: E402
 
@@ -36,7 +36,8 @@ POLICIES = [None, {"casakv_policy": "snapkv", "casakv_kv_budget": 40}, {"casakv_
 class Sim:
     """A small synchronous scheduler around vLLM's KVCacheManager (chunked prefill, decode)."""
 
-    def __init__(self, rng: random.Random, num_blocks: int, chunk: int, policies=POLICIES, max_tokens=120):
+    def __init__(self, rng: random.Random, num_blocks: int, chunk: int, policies=POLICIES, max_tokens=120,
+                 questions: bool = False):
         use_compressing_manager(None)
         spec = FullAttentionSpec(block_size=BS, num_kv_heads=2, head_size=8, dtype=torch.float32)
         config = KVCacheConfig(num_blocks=num_blocks, kv_cache_tensors=[],
@@ -52,7 +53,7 @@ class Sim:
         init_none_hash(sha256)
         self.hasher = get_request_block_hasher(BS, sha256)
         self.rng, self.chunk, self.num_blocks = rng, chunk, num_blocks
-        self.policies, self.max_tokens = policies, max_tokens
+        self.policies, self.max_tokens, self.questions = policies, max_tokens, questions
         self.waiting: list[Request] = []
         self.running: list[Request] = []
         self.prefixes = [[rng.randrange(1000) for _ in range(rng.choice([32, 48, 100]))] for _ in range(3)]
@@ -66,7 +67,10 @@ class Sim:
         rng = self.rng
         prompt = list(rng.choice(self.prefixes)) if rng.random() < 0.6 else []
         prompt += [rng.randrange(1000) for _ in range(rng.randrange(8, 400))]
-        params = SamplingParams(max_tokens=rng.randrange(1, self.max_tokens), extra_args=rng.choice(self.policies))
+        xargs = rng.choice(self.policies)
+        if self.questions and xargs is not None and rng.random() < 0.7:  # a question at the prompt's end
+            xargs = {**xargs, "casakv_question_at": max(1, len(prompt) - rng.randrange(1, 60))}
+        params = SamplingParams(max_tokens=rng.randrange(1, self.max_tokens), extra_args=xargs)
         req = Request(f"r{self.ids}", prompt, params, None, block_hasher=self.hasher)
         self.ids += 1
         self.requests[req.request_id] = req
@@ -104,6 +108,9 @@ class Sim:
                     self.end(req)
         for req in list(self.waiting):
             blocks, hit, _ = self.kv.get_computed_blocks(req)
+            cap = question_cap(req, BS)  # what CasakvScheduler does: a question is computed, never a hit
+            if cap is not None and hit > cap:
+                blocks, hit = self.kv.truncate_computed_blocks(blocks, cap), cap
             n = min(req.num_tokens - hit, self.chunk)
             if self.kv.allocate_slots(req, n, hit, blocks) is None:
                 break
@@ -127,6 +134,9 @@ class Sim:
                 assert nulls == list(range(life.terms.head_end // BS, life.freed_to)), (rid, nulls, life.terms)
             else:
                 assert not nulls, rid
+            cap = question_cap(self.requests[rid], BS)
+            if cap is not None:  # a question's blocks never enter the prefix cache
+                assert all(b.block_hash is None for b in blocks[cap // BS:] if not b.is_null), rid
         assert not free_ids & set(holders), "a block is both free and in use"
         for block in pool.blocks:
             if not block.is_null:
@@ -160,6 +170,17 @@ def test_random_schedules_keep_the_pool_consistent(seed):
     sim = Sim(rng, num_blocks=rng.choice([60, 120, 400]), chunk=rng.choice([32, 64, 256]))
     _run(sim, rng)
     assert sim.manager.blocks_freed > 0  # every schedule compacted something
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_random_schedules_with_questions(seed):
+    """Requests whose question starts near their prompt's end (``casakv_question_at``): the rule keeps the
+    question's blocks, and none of them is cached or read from the cache."""
+    rng = random.Random(300 + seed)
+    sim = Sim(rng, num_blocks=rng.choice([120, 400]), chunk=rng.choice([32, 256]), policies=POLICIES[:7],
+              questions=True)
+    _run(sim, rng)
+    assert sim.manager.blocks_freed > 0
 
 
 @pytest.mark.parametrize("seed", range(3))

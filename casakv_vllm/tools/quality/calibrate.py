@@ -26,13 +26,14 @@ SERVER_ARGS = ["--max-model-len", "8192", "--dtype", "bfloat16", "--max-num-batc
                "--max-num-seqs", "8"]
 
 
-def complete(server, sample: Sample, logprobs: int | None = None, extra: dict | None = None) -> dict:
+def complete(server, sample: Sample, logprobs: int | None = None, extra: dict | None = None,
+             timeout: float | None = None) -> dict:
     """Greedy /v1/completions of one sample: {text, tokens, top (list of {token: logprob})}."""
     payload = {"model": server.served_name, "prompt": sample.prompt, "max_tokens": sample.max_tokens,
                "temperature": 0.0, **(extra or {})}
     if logprobs:
         payload["logprobs"] = logprobs
-    choice = server.post("/v1/completions", payload)["choices"][0]
+    choice = server.post("/v1/completions", payload, **({"timeout": timeout} if timeout else {}))["choices"][0]
     out = {"text": choice["text"], "tokens": None, "top": None}
     if logprobs and choice.get("logprobs"):
         out["tokens"] = choice["logprobs"]["tokens"]

@@ -14,7 +14,7 @@ EVAL_SERVER_ARGS = ["--max-model-len", "8192", "--dtype", "float32", "--block-si
 
 
 def add_parser(sub) -> None:
-    from casakv_vllm.tools.quality.runner import BASELINES, BUDGETS
+    from casakv_vllm.tools.quality.runner import BUDGETS, POLICIES
     from casakv_vllm.tools.quality.tasks import TASKS
 
     p = sub.add_parser("eval", help="quality evaluation: `casakv eval quality`, `casakv eval search-heads`, "
@@ -22,12 +22,19 @@ def add_parser(sub) -> None:
     ev = p.add_subparsers(dest="eval_target", metavar="TARGET", required=True)
 
     q = ev.add_parser("quality", help="every policy x budget on offline long-context tasks, through a real server")
-    q.add_argument("--policies", default=",".join(BASELINES),
-                   help=f"comma-separated (default: {','.join(BASELINES)}); a name ending in +prefill also compresses "
-                        "while the prompt is prefilled (e.g. snapkv+prefill)")
+    q.add_argument("--policies", default=",".join(POLICIES),
+                   help=f"comma-separated (default: {','.join(POLICIES)}); a name ending in +prefill also compresses "
+                        "while the prompt is prefilled (e.g. snapkv+prefill; aware protocol only)")
+    q.add_argument("--protocol", choices=("aware", "agnostic", "both"), default="both",
+                   help="aware: the policy sees the question while it compresses (the whole prompt is prefilled); "
+                        "agnostic: the context is compressed before the question arrives, which then attends "
+                        "through the compressed cache; both (default): every policy under each, side by side")
     q.add_argument("--budgets", default=",".join(BUDGETS), help="token budgets and/or reduction factors, e.g. 256,4x")
     q.add_argument("--tasks", default=",".join(TASKS), help=f"comma-separated (default: {','.join(TASKS)})")
-    q.add_argument("--samples", type=int, default=20, help="samples per task")
+    q.add_argument("--samples", type=int, default=20, help="samples per task (at most, with --max-minutes)")
+    q.add_argument("--max-minutes", type=float,
+                   help="start no round (one sample of every task) after this many minutes: every task keeps the "
+                        "same number of samples; outputs are rewritten after every round")
     q.add_argument("--context", type=int, help="context tokens per prompt (default: each task's calibrated length)")
     q.add_argument("--seed", type=int, default=0)
     q.add_argument("--model", help="model folder (default: the demo model)")
@@ -101,11 +108,12 @@ def _parse_list(text: str, allowed, what: str, suffix: str = "") -> list[str]:
 
 def cmd_quality(args: argparse.Namespace) -> int:
     from casakv_vllm.tools.quality import report
-    from casakv_vllm.tools.quality.runner import BASELINES, PREFILL, budget_fields, eval_configs, run_quality
-    from casakv_vllm.tools.quality.tasks import TASKS, make_samples
+    from casakv_vllm.tools.quality.runner import (POLICIES, PREFILL, PROTOCOLS, budget_fields, eval_configs,
+                                                  run_quality)
+    from casakv_vllm.tools.quality.tasks import TASKS, make_samples, tokenizer
 
     try:
-        policies = _parse_list(args.policies, BASELINES, "policy", PREFILL)
+        policies = _parse_list(args.policies, POLICIES, "policy", PREFILL)
         if f"full{PREFILL}" in policies:
             raise ValueError(f"full{PREFILL}: full attention does not compress")
         tasks = _parse_list(args.tasks, TASKS, "task")
@@ -126,31 +134,49 @@ def cmd_quality(args: argparse.Namespace) -> int:
     if heads and not Path(heads).is_file():
         return _fail(f"--heads {heads!r}: no such file")
     configs = eval_configs(policies, budgets, str(Path(heads).resolve()) if heads else None)
+    protocols = PROTOCOLS if args.protocol == "both" else (args.protocol,)
     samples = {t: make_samples(t, args.samples, args.seed, args.context) for t in tasks}
     command = "casakv " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv else "casakv eval quality"
     t0 = time.monotonic()
+    deadline = t0 + 60 * args.max_minutes if args.max_minutes else None
+    settings = {"samples_per_task": args.samples, "seed": args.seed, "server_args": EVAL_SERVER_ARGS, "heads": heads,
+                "protocols": list(protocols), "max_minutes": args.max_minutes}
+
+    def write(records, rows, final: bool = False) -> None:
+        done = {t: len({r["id"] for r in rows if r["task"] == t}) for t in tasks}
+        extra = {**settings, "samples_done": done, "seconds": round(time.monotonic() - t0), "finished": final}
+        _write(args, records, rows, command, model, extra)
+
     server = _server(args.url, model)
     try:
         with _progress(sum(len(v) for v in samples.values()), "eval quality") as bar:
             def done(task, recs):
-                bar.write(f"[{task}] " + ", ".join(f"{r['policy']}@{r['budget']}={r['score']:.2f}"
+                bar.write(f"[{task}] " + ", ".join(f"{r['policy']}@{r['budget']}/{r['protocol']}={r['score']:.2f}"
                                                     for r in recs if not r["task"].endswith("_kl")))
-            records, rows = run_quality(server, samples, configs, args.concurrency, bar.update, done)
+            records, rows = run_quality(server, samples, configs, args.concurrency, bar.update, done, protocols,
+                                        tokenizer(model), deadline, write)
     finally:
         if not args.url:
             server.stop()
-    extra = {"samples_per_task": args.samples, "seed": args.seed, "seconds": round(time.monotonic() - t0),
-             "server_args": EVAL_SERVER_ARGS, "heads": heads}
-    report.write_report(records, md=args.md, json_path=args.json, png=args.plot, command=command, model=model)
-    if args.json:  # the run's settings beside the results
-        obj = json.loads(Path(args.json).read_text())
-        obj["settings"] = extra
-        Path(args.json).write_text(json.dumps(obj, indent=1) + "\n")
-    if args.rows:
-        Path(args.rows).write_text("".join(json.dumps(r) + "\n" for r in rows))
+    write(records, rows, final=True)
     if not (args.json or args.md or args.plot):
         print(report.markdown(records, command=command, model=model))
     return 0
+
+
+def _write(args, records, rows, command, model, settings) -> None:
+    """The report (JSON with the run's settings beside the results, Markdown, plot) and the rows."""
+    from casakv_vllm.tools.quality import report
+
+    if not records:
+        return
+    report.write_report(records, md=args.md, json_path=args.json, png=args.plot, command=command, model=model)
+    if args.json:
+        obj = json.loads(Path(args.json).read_text())
+        obj["settings"] = settings
+        Path(args.json).write_text(json.dumps(obj, indent=1) + "\n")
+    if args.rows:
+        Path(args.rows).write_text("".join(json.dumps(r) + "\n" for r in rows))
 
 
 def _server(url: str | None, model: str):

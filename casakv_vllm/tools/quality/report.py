@@ -5,9 +5,13 @@ A record is one (policy, budget, task) cell::
     {"policy": "streaming", "budget": "256" | "4x" | "full", "kv_ratio": 0.25,
      "task": "passkey", "score": 0.9, "n": 100, "ci_low": 0.83, "ci_high": 0.95}
 
-``kv_ratio`` is the measured KV kept / full.  A row of the table is one
-(policy, budget); its "avg" is the unweighted mean of its task scores and its
-"KV kept" the mean ``kv_ratio`` over its tasks.  Rows whose budget is
+``kv_ratio`` is the measured KV kept / full.  A record may name its
+``protocol`` (``aware``, ``agnostic``, or ``both`` for full attention, which is
+the same under either; see ``runner``).  A row of the table is one (policy,
+budget, protocol); its "avg" is the unweighted mean of its task scores and its
+"KV kept" the mean ``kv_ratio`` over its tasks.  With two protocols the table
+gains a protocol column (each policy's rows side by side) and a summary table
+of both protocols' averages.  Rows whose budget is
 ``"full"`` (or whose policy is ``full``/``dense``) are full attention: drawn
 as a horizontal reference line in the plot.  Tasks named ``*_kl`` carry a KL
 (nats), not a score: they get a column but stay out of "avg".
@@ -28,6 +32,7 @@ from typing import Iterable, Sequence
 
 REQUIRED = ("policy", "budget", "kv_ratio", "task", "score", "n")
 REFERENCE_POLICIES = ("full", "dense")
+PROTOCOL_ORDER = ("both", "aware", "agnostic")
 
 
 def validate(records: Iterable[dict]) -> list[dict]:
@@ -37,8 +42,14 @@ def validate(records: Iterable[dict]) -> list[dict]:
         if missing:
             raise ValueError(f"result record {i} lacks {', '.join(missing)}: {r}")
         out.append({**r, "budget": str(r["budget"]), "kv_ratio": float(r["kv_ratio"]),
-                    "score": float(r["score"]), "n": int(r["n"])})
+                    "score": float(r["score"]), "n": int(r["n"]), "protocol": r.get("protocol")})
     return out
+
+
+def protocols_of(records: Sequence[dict]) -> list[str]:
+    """The compression protocols of the records (``both`` and unnamed ones left out), in table order."""
+    found = {r.get("protocol") for r in records} - {None, "both"}
+    return sorted(found, key=lambda p: (PROTOCOL_ORDER.index(p) if p in PROTOCOL_ORDER else 9, p))
 
 
 def is_reference(row_or_record: dict) -> bool:
@@ -70,12 +81,14 @@ def tasks_of(records: Sequence[dict]) -> list[str]:
 
 
 def rows(records: Sequence[dict]) -> list[dict]:
-    """One row per (policy, budget): {policy, budget, kv_ratio, avg, cells: {task: record}}.
-    Full attention first, then policies in order of appearance, budgets by
-    decreasing KV kept."""
-    groups: dict[tuple[str, str], dict] = {}
+    """One row per (policy, budget, protocol): {policy, budget, protocol, kv_ratio, avg, cells: {task: record}}.
+    Full attention first, then policies in order of appearance, budgets by decreasing KV kept, each
+    budget's protocols side by side."""
+    groups: dict[tuple, dict] = {}
     for r in records:
-        g = groups.setdefault((r["policy"], r["budget"]), {"policy": r["policy"], "budget": r["budget"], "cells": {}})
+        key = (r["policy"], r["budget"], r.get("protocol"))
+        g = groups.setdefault(key, {"policy": r["policy"], "budget": r["budget"], "protocol": r.get("protocol"),
+                                    "cells": {}})
         g["cells"][r["task"]] = r
     order = {p: i for i, p in enumerate(dict.fromkeys(r["policy"] for r in records))}
     out = []
@@ -85,7 +98,15 @@ def rows(records: Sequence[dict]) -> list[dict]:
         scored = [c for c in cells if not is_metric(c["task"])] or cells
         g["avg"] = sum(c["score"] for c in scored) / len(scored)
         out.append(g)
-    out.sort(key=lambda g: (not is_reference(g), order[g["policy"]], -g["kv_ratio"], g["budget"]))
+    kept: dict[tuple, list[float]] = {}  # a (policy, budget)'s KV kept over its protocols: one sort key
+    for g in out:
+        kept.setdefault((g["policy"], g["budget"]), []).append(g["kv_ratio"])
+
+    def protocol_rank(p):
+        return PROTOCOL_ORDER.index(p) if p in PROTOCOL_ORDER else len(PROTOCOL_ORDER)
+
+    out.sort(key=lambda g: (not is_reference(g), order[g["policy"]], -max(kept[(g["policy"], g["budget"])]),
+                            g["budget"], protocol_rank(g["protocol"])))
     return out
 
 
@@ -113,21 +134,51 @@ def markdown(records: Sequence[dict], command: str | None = None, model: str | N
     lines += [f"Scores in [0, 1] with 95% confidence intervals; n = {', '.join(map(str, ns))} samples per cell. "
               "KV kept = measured KV kept / full, averaged over the row's tasks; avg = mean of the task scores "
               "(`*_kl` columns, KL in nats vs full attention, are not scores and stay out of avg).", ""]
-    head = ["policy", "budget", "KV kept", *tasks, "avg"]
+    protocols = protocols_of(records)
+    if len(protocols) > 1:
+        lines += summary(records, protocols) + [""]
+    split = bool(protocols)
+    head = ["policy", "budget", *(["protocol"] if split else []), "KV kept", *tasks, "avg"]
     lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for g in rows(records):
         cells = [_cell(g["cells"].get(t)) for t in tasks]
-        lines.append(f"| {g['policy']} | {g['budget']} | {g['kv_ratio']:.3f} | " + " | ".join(cells)
+        proto = [g["protocol"] or "–"] if split else []
+        lines.append("| " + " | ".join([g["policy"], g["budget"], *proto, f"{g['kv_ratio']:.3f}"] + cells)
                      + f" | **{g['avg']:.3f}** |")
     if plot:
         lines += ["", f"![score vs KV kept]({plot})"]
     return "\n".join(lines) + "\n"
 
 
+def summary(records: Sequence[dict], protocols: list[str]) -> list[str]:
+    """Markdown lines: each (policy, budget)'s average under each protocol, side by side, with the
+    difference of the last protocol from the first and each protocol's ``*_kl`` columns."""
+    groups: dict[tuple, dict] = {}
+    for g in rows(records):
+        groups.setdefault((g["policy"], g["budget"]), {})[g["protocol"]] = g
+    kl = [t for t in tasks_of(records) if is_metric(t)]
+    head = ["policy", "budget", *[f"KV kept {p}" for p in protocols], *[f"avg {p}" for p in protocols],
+            f"{protocols[-1]} - {protocols[0]}", *[f"{t} {p}" for t in kl for p in protocols]]
+    out = [f"Protocols side by side ({', '.join(protocols)}; the full table follows):", "",
+           "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for (policy, budget), by in groups.items():
+        got = [by.get(p, by.get("both")) for p in protocols]
+        kept = [f"{g['kv_ratio']:.3f}" if g else "–" for g in got]
+        avgs = [f"**{g['avg']:.3f}**" if g else "–" for g in got]
+        diff = f"{got[-1]['avg'] - got[0]['avg']:+.3f}" if got[0] and got[-1] else "–"
+        kls = [_cell(g["cells"].get(t)) if g else "–" for t in kl for g in got]
+        out.append("| " + " | ".join([policy, budget, *kept, *avgs, diff, *kls]) + " |")
+    return out
+
+
 def to_json(records: Sequence[dict], command: str | None = None, model: str | None = None,
             vers: dict | None = None) -> dict:
-    return {"command": command, "versions": vers if vers is not None else versions(), "model": model,
-            "results": validate(records)}
+    records = validate(records)
+    out = {"command": command, "versions": vers if vers is not None else versions(), "model": model,
+           "results": records}
+    if protocols_of(records):
+        out["protocols"] = protocols_of(records)
+    return out
 
 
 # ---- plot ----------------------------------------------------------------------------
@@ -135,12 +186,14 @@ def to_json(records: Sequence[dict], command: str | None = None, model: str | No
 def _series(records: Sequence[dict]) -> tuple[dict[str, list[tuple[float, float]]], list[tuple[str, float]]]:
     lines: dict[str, list[tuple[float, float]]] = {}
     refs = []
+    split = len(protocols_of(records)) > 1
     for g in rows(records):
         if is_reference(g):
             name = g["policy"] if g["budget"] == "full" else f"{g['policy']} ({g['budget']})"
             refs.append(("full attention" if name == "full" else f"{name}, full attention", g["avg"]))
         else:
-            lines.setdefault(g["policy"], []).append((g["kv_ratio"], g["avg"]))
+            name = f"{g['policy']} ({g['protocol']})" if split and g["protocol"] else g["policy"]
+            lines.setdefault(name, []).append((g["kv_ratio"], g["avg"]))
     return {p: sorted(pts) for p, pts in lines.items()}, refs
 
 
@@ -150,9 +203,13 @@ def _plot_matplotlib(lines, refs, path: Path, title: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=110)
-    for name, pts in lines.items():
-        ax.plot([x for x, _ in pts], [y for _, y in pts], marker="o", label=name)
+    fig, ax = plt.subplots(figsize=(8.5, 4.5), dpi=110)
+    colors: dict[str, str] = {}
+    for name, pts in lines.items():  # "policy (agnostic)": the policy's color, crosses, dashed
+        policy, agnostic = name.split(" (")[0], name.endswith("(agnostic)")
+        color = colors.setdefault(policy, f"C{len(colors) % 10}")
+        ax.plot([x for x, _ in pts], [y for _, y in pts], marker="x" if agnostic else "o",
+                linestyle="--" if agnostic else "-", color=color, label=name)
     for name, y in refs:
         ax.axhline(y, color="black", linestyle="--", linewidth=1, label=name)
     ax.set_xscale("log", base=2)
@@ -160,7 +217,7 @@ def _plot_matplotlib(lines, refs, path: Path, title: str) -> None:
     ax.set_ylabel("average score")
     ax.set_title(title)
     ax.grid(True, alpha=0.3)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5))  # beside the points, not on them
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)

@@ -1,41 +1,69 @@
-"""`casakv eval quality`: every policy x budget on every task, through one real server.
+"""`casakv eval quality`: every policy x budget on every task, through one real server, under two protocols.
 
 One ``vllm serve --attention-backend casakv`` (dense by default, prefix caching
 on) serves everything; each request picks its policy and budget through
-``vllm_xargs`` (see :mod:`casakv_vllm.requests.params`).  Per sample:
+``vllm_xargs`` (see :mod:`casakv_vllm.requests.params`).  Prompts are sent as
+token ids (``tasks.prompt_ids``), the same for both protocols.
 
-1. one request prefills the prompt at full attention; every prefill records
-   the prompt's observation window, whatever its policy, but only an H2O
-   prefill adds every query's attention mass, so H2O goes first when it is
-   evaluated;
-2. full attention and every other (policy, budget) then run concurrently; they
-   hit the prefix cache, so each costs only its decode steps.
+- ``aware``: the whole prompt (context and question) is prefilled, and the
+  policy picks its keep-set from the prompt's last queries, the question's
+  among them.
+- ``agnostic``: the context is compressed before the question arrives (a
+  document shared by several questions or turns): ``casakv_question_at`` names
+  the question's first token, the policy picks its keep-set from the context's
+  own last queries, and the question attends through that keep-set (it is kept
+  whole).  Full attention, and a sample without a question (``longdoc``), are
+  the same under both protocols: they run once.  ``+prefill`` configs (prefill
+  compression) are evaluated under ``aware`` only.
+
+Per sample and protocol:
+
+1. one request prefills the prompt alone; every prefill records its prompt's
+   observation window, whatever its policy, but only an H2O prefill adds every
+   query's attention mass, so H2O goes first when it is evaluated.  Under
+   ``agnostic`` that request is the context alone (one token generated), in a
+   cache namespace of its own (``cache_salt``) once the prompt is cached, so it
+   computes the context from scratch and records the context's observations,
+   which the agnostic requests read (they are kept per prompt: the context's
+   token ids);
+2. the protocol's other requests then run concurrently; they hit the prefix
+   cache (the agnostic ones up to the context's last full block: they compute
+   their question themselves), so each costs little more than its decode steps.
 
 Retrieval tasks are scored against their answers; ``longdoc`` against the
 full-attention run of the same prompt (greedy agreement, and the KL of the
 next-token distributions where both runs share their context).  KV kept is
-measured, per task, from the server's ``casakv_decode_kv_tokens_*`` counters.
+measured, per task and protocol, from the server's ``casakv_decode_kv_tokens_*``
+counters (read after each protocol's requests of a sample).
 """
 
 from __future__ import annotations
 
 import json
 import time
+import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
 from casakv_vllm.tools.quality import scoring
 from casakv_vllm.tools.quality.calibrate import complete
-from casakv_vllm.tools.quality.tasks import Sample
+from casakv_vllm.tools.quality.tasks import Sample, prompt_ids
 
 FULL = "full"
 BASELINES = (FULL, "streaming", "snapkv", "h2o", "pyramidkv", "adakv", "static-heads")
+#: every policy the table evaluates by default: the baselines and CASAK-V's own
+POLICIES = (*BASELINES, "casakv")
+PROTOCOLS = ("aware", "agnostic")
+#: the protocol label of full attention's records (the same requests serve both protocols)
+BOTH = "both"
 #: a policy name ending so also compresses while the prompt is prefilled (``prefill_compression``): such a
 #: request prefills its own prompt (a cache salt of its own), since a prefix-cache hit stays dense
 PREFILL = "+prefill"
 BUDGETS = ("128", "256", "512", "1024", "2x", "4x", "8x")
 LOGPROBS = 5
+#: seconds one request may take (a 4k-token H2O prefill on a shared 2-core machine takes minutes)
+REQUEST_TIMEOUT = 3600.0
 _METRIC = "casakv_decode_kv_tokens_{}_total"
 
 
@@ -126,6 +154,7 @@ class SampleResult:
     score: float
     text: str
     extra: dict = field(default_factory=dict)
+    protocol: str = "aware"
 
 
 def _score(sample: Sample, out: dict, ref: dict | None) -> tuple[float, dict]:
@@ -138,28 +167,86 @@ def _score(sample: Sample, out: dict, ref: dict | None) -> tuple[float, dict]:
     return agree, {"kl": kl, "token_agreement": scoring.token_agreement(out["tokens"], ref["tokens"])}
 
 
-def run_sample(server, sample: Sample, configs: list[EvalConfig], concurrency: int) -> list[SampleResult]:
-    """All configs on one sample (the first one alone, to fill the prefix cache)."""
+def run_protocol(server, sample: Sample, configs: list[EvalConfig], concurrency: int, ids: list[int],
+                 question_at: int | None = None, cached: bool = False) -> dict[EvalConfig, dict]:
+    """One protocol's requests of one sample, concurrently after one that fills the caches.
+
+    Aware (``question_at`` None): the first config (H2O if evaluated, else full attention) alone.  Agnostic:
+    the context alone first (one token; H2O's settings if evaluated, so it adds every context query's
+    attention mass), which records the context's observations; when the prompt is ``cached`` already (the
+    aware requests ran) it runs in a cache namespace of its own, so it computes the context from scratch.
+    """
     logprobs = LOGPROBS if sample.answer is None else None
-    first = next((c for c in configs if c.policy == "h2o"), None) or next((c for c in configs if c.is_full), configs[0])
-    outs = {first: complete(server, sample, logprobs, _extra(first))}
-    rest = [c for c in configs if c != first]
+    h2o = next((c for c in configs if c.policy == "h2o"), None)
+
+    def one(cfg: EvalConfig) -> dict:
+        t0 = time.monotonic()
+        out = complete(server, sample, logprobs, _extra(cfg, ids, question_at), REQUEST_TIMEOUT)
+        return {**out, "seconds": round(time.monotonic() - t0, 2)}
+
+    outs = {}
+    if question_at is None:
+        first = h2o or next((c for c in configs if c.is_full), configs[0])
+        outs[first] = one(first)
+    else:
+        warm = {**(_extra(h2o) if h2o else {}), "prompt": ids[:question_at], "max_tokens": 1}
+        if cached:
+            warm["cache_salt"] = uuid.uuid4().hex
+        complete(server, sample, None, warm, REQUEST_TIMEOUT)
+    rest = [c for c in configs if c not in outs]
     with ThreadPoolExecutor(max_workers=max(1, concurrency)) as pool:
-        for cfg, out in zip(rest, pool.map(lambda c: complete(server, sample, logprobs, _extra(c)), rest)):
+        for cfg, out in zip(rest, pool.map(one, rest)):
             outs[cfg] = out
-    ref = next((o for c, o in outs.items() if c.is_full), None)
+    return outs
+
+
+def score_sample(sample: Sample, outs: dict[str, dict]) -> list[SampleResult]:
+    """Results of one sample from each protocol's outputs (``outs[protocol][config]``); full attention runs
+    under one protocol only, is scored as ``both`` and is ``longdoc``'s reference under either."""
+    ref = next((o for by_cfg in outs.values() for c, o in by_cfg.items() if c.is_full), None)
     results = []
-    for cfg in configs:
-        score, extra = _score(sample, outs[cfg], ref)
-        results.append(SampleResult(cfg, sample.task, sample.id, score, outs[cfg]["text"], extra))
+    for protocol, by_cfg in outs.items():
+        for cfg, out in by_cfg.items():
+            score, extra = _score(sample, out, ref)
+            if "seconds" in out:  # the request's own wall time (queueing behind its concurrent ones included)
+                extra["request_seconds"] = out["seconds"]
+            results.append(SampleResult(cfg, sample.task, sample.id, score, out["text"], extra,
+                                        BOTH if cfg.is_full else protocol))
     return results
 
 
-def _extra(cfg: EvalConfig) -> dict:
-    import uuid
+def run_sample(server, sample: Sample, configs: list[EvalConfig], concurrency: int,
+               protocols: tuple[str, ...] = ("aware",), tok=None,
+               on_phase: Callable[[str, str | None], None] | None = None) -> list[SampleResult]:
+    """Every config of one sample under each protocol.  ``on_phase(protocol, same_as)`` follows each
+    protocol's requests; ``same_as`` names the protocol whose requests served it (a sample without a
+    question: its agnostic cells are its aware ones)."""
+    ids, question = prompt_ids(sample, tok)
+    outs: dict[str, dict] = {}
+    for protocol in protocols:
+        agnostic = protocol == "agnostic"
+        cells = [c for c in configs if not (outs and c.is_full) and not (agnostic and c.prefill)]
+        if agnostic and question is None and outs:
+            outs[protocol] = {c: o for c, o in outs["aware"].items() if c in cells}
+            same_as = "aware"
+        elif cells:
+            outs[protocol] = run_protocol(server, sample, cells, concurrency, ids, question if agnostic else None,
+                                          cached=bool(outs))
+            same_as = None
+        else:
+            continue
+        if on_phase:
+            on_phase(protocol, same_as)
+    return score_sample(sample, {p: {c: by[c] for c in configs if c in by} for p, by in outs.items()})
 
+
+def _extra(cfg: EvalConfig, ids: list[int] | None = None, question_at: int | None = None) -> dict:
     xargs = cfg.xargs()
+    if question_at is not None and xargs:
+        xargs = {**xargs, "casakv_question_at": question_at}
     out = {"vllm_xargs": xargs} if xargs else {}
+    if ids is not None:
+        out["prompt"] = ids
     if cfg.prefill:
         out["cache_salt"] = uuid.uuid4().hex
     return out
@@ -182,18 +269,19 @@ def kv_counters(server, configs: list[EvalConfig]) -> dict[str, tuple[float, flo
     return out
 
 
-def aggregate(results: list[SampleResult], kv_before: dict, kv_after: dict) -> list[dict]:
-    """Result records (one per config x task, plus ``longdoc_kl``) from one task's samples."""
+def aggregate(results: list[SampleResult], kv: dict[str, dict[str, list[float]]]) -> list[dict]:
+    """Result records (one per config x protocol x task, plus ``longdoc_kl``) from one task's samples;
+    ``kv[protocol][label]``: the decode KV counters ``[attended, causal]`` its requests added."""
     records = []
-    by_cfg: dict[EvalConfig, list[SampleResult]] = {}
+    cells: dict[tuple[EvalConfig, str], list[SampleResult]] = {}
     for r in results:
-        by_cfg.setdefault(r.config, []).append(r)
-    for cfg, rs in by_cfg.items():
-        att = kv_after[cfg.metric_label][0] - kv_before.get(cfg.metric_label, (0.0, 0.0))[0]
-        cau = kv_after[cfg.metric_label][1] - kv_before.get(cfg.metric_label, (0.0, 0.0))[1]
+        cells.setdefault((r.config, r.protocol), []).append(r)
+    for (cfg, protocol), rs in cells.items():
+        att, cau = kv.get(protocol, {}).get(cfg.metric_label, (0.0, 0.0))
         ratio = 1.0 if cfg.is_full else (att / cau if cau > 0 else float("nan"))
         mean, lo, hi = scoring.mean_ci([r.score for r in rs])
-        base = {"policy": cfg.policy, "budget": cfg.budget, "kv_ratio": round(ratio, 4), "n": len(rs)}
+        base = {"policy": cfg.policy, "budget": cfg.budget, "protocol": protocol, "kv_ratio": round(ratio, 4),
+                "n": len(rs)}
         records.append({**base, "task": rs[0].task, "score": mean, "ci_low": lo, "ci_high": hi})
         if "kl" in rs[0].extra:
             kmean, klo, khi = scoring.mean_ci([r.extra["kl"] for r in rs])
@@ -202,25 +290,67 @@ def aggregate(results: list[SampleResult], kv_before: dict, kv_after: dict) -> l
     return records
 
 
+class KvTally:
+    """Decode KV counters per task and protocol: the server's counters are read after each protocol's
+    requests of a sample, and the difference goes to that task and protocol."""
+
+    def __init__(self, server, configs: list[EvalConfig]) -> None:
+        self.server, self.configs = server, configs
+        self.last = kv_counters(server, configs)
+        self.counts: dict[tuple[str, str], dict[str, list[float]]] = {}
+        self.latest: dict[str, tuple[float, float]] = {}
+
+    def phase(self, task: str, protocol: str, same_as: str | None = None) -> None:
+        if same_as is None:
+            now = kv_counters(self.server, self.configs)
+            self.latest = {k: (v[0] - self.last.get(k, (0.0, 0.0))[0], v[1] - self.last.get(k, (0.0, 0.0))[1])
+                           for k, v in now.items()}
+            self.last = now
+        tally = self.counts.setdefault((task, protocol), {})
+        for label, (att, cau) in self.latest.items():  # same_as: its requests were the previous phase's
+            pair = tally.setdefault(label, [0.0, 0.0])
+            pair[0] += att
+            pair[1] += cau
+
+    def of(self, task: str) -> dict[str, dict[str, list[float]]]:
+        return {protocol: c for (t, protocol), c in self.counts.items() if t == task}
+
+
 def run_quality(server, samples_by_task: dict[str, list[Sample]], configs: list[EvalConfig],
                 concurrency: int = 8, progress: Callable[[int], None] | None = None,
-                on_task_done: Callable[[str, list[dict]], None] | None = None) -> tuple[list[dict], list[dict]]:
-    """Run everything; returns ``(records, per-sample rows)``."""
-    records, rows = [], []
-    for task, samples in samples_by_task.items():
-        before = kv_counters(server, configs)
-        results: list[SampleResult] = []
-        for sample in samples:
+                on_task_done: Callable[[str, list[dict]], None] | None = None,
+                protocols: tuple[str, ...] = ("aware",), tok=None, deadline: float | None = None,
+                on_round: Callable[[list[dict], list[dict]], None] | None = None) -> tuple[list[dict], list[dict]]:
+    """Run everything, one sample of every task per round; returns ``(records, per-sample rows)``.
+
+    ``deadline`` (a ``time.monotonic()`` value): no round starts after it, so a run cut short still has
+    the same samples of every task.  ``on_round(records, rows)`` follows every round (partial results)."""
+    kv = KvTally(server, configs)
+    results: dict[str, list[SampleResult]] = {task: [] for task in samples_by_task}
+    rows: list[dict] = []
+
+    def records() -> list[dict]:
+        return [r for task, res in results.items() if res for r in aggregate(res, kv.of(task))]
+
+    for i in range(max((len(v) for v in samples_by_task.values()), default=0)):
+        if i and deadline is not None and time.monotonic() > deadline:
+            break
+        for task, samples in samples_by_task.items():
+            if i >= len(samples):
+                continue
             t0 = time.monotonic()
-            res = run_sample(server, sample, configs, concurrency)
-            results.extend(res)
+            res = run_sample(server, samples[i], configs, concurrency, protocols, tok,
+                             lambda protocol, same_as, task=task: kv.phase(task, protocol, same_as))
+            results[task].extend(res)
             rows.extend({"task": r.task, "id": r.sample_id, "policy": r.config.policy, "budget": r.config.budget,
-                         "score": r.score, "text": r.text, **r.extra, "seconds": round(time.monotonic() - t0, 2)}
-                        for r in res)
+                         "protocol": r.protocol, "score": r.score, "text": r.text, **r.extra,
+                         "seconds": round(time.monotonic() - t0, 2)} for r in res)
             if progress:
                 progress(1)
-        task_records = aggregate(results, before, kv_counters(server, configs))
-        records.extend(task_records)
-        if on_task_done:
-            on_task_done(task, task_records)
-    return records, rows
+        if on_round:
+            on_round(records(), rows)
+    out = records()
+    if on_task_done:
+        for task in samples_by_task:
+            on_task_done(task, [r for r in out if r["task"] in (task, f"{task}_kl")])
+    return out, rows

@@ -10,6 +10,10 @@ many others were made.
 Every prompt is a *raw completion prompt* for ``/v1/completions`` (no chat
 template): each ends in a strong cue ("The vault passcode is") that the answer
 completes, which the 135M demo model follows far better than a chat question.
+A retrieval prompt is a context (instructions, filler, what is asked about)
+followed by its question (the tail from the blank line before "What is ..." on):
+``Sample.question_start`` is where the question begins, so the question-agnostic
+protocol can compress the context before the question arrives (``prompt_ids``).
 
 Tasks (``TASKS``):
 
@@ -68,6 +72,7 @@ class Sample:
     answer: str | None  # None: fidelity-only (longdoc)
     max_tokens: int
     meta: dict[str, Any] = field(default_factory=dict)
+    question_start: int | None = None  # character where the question begins (None: no question, e.g. longdoc)
 
 
 # ---- text sources ------------------------------------------------------------
@@ -178,7 +183,7 @@ def _passkey(rng, ctx, i):
             "I will ask you for the vault passcode at the end.\n\n")
     needle = f"The vault passcode is {key}. Remember it. {key} is the vault passcode."
     tail = "\n\nWhat is the vault passcode? The vault passcode is"
-    return _build(rng, ctx, head, [(depth, needle)], tail), key, 8, {"depth": depth}
+    return _build(rng, ctx, head, [(depth, needle)], tail), key, 8, {"depth": depth, "question_chars": len(tail)}
 
 
 KEY_TEMPLATES = ("The secret code for the {} is", "The locker number of the {} is",
@@ -198,7 +203,8 @@ def _multikey(rng, ctx, i, n_keys: int = 4):
     items = [(d, f"{f.format(n)} {c}.") for d, f, n, c in zip(depths, frames, names, codes)]
     cue = frames[q].format(names[q])
     tail = f"\n\nQuestion: {cue.replace('The', 'what is the', 1)[:-3]}? {cue}"
-    return _build(rng, ctx, head, items, tail), codes[q], 8, {"depth": round(depths[q], 3), "n_keys": n_keys}
+    return _build(rng, ctx, head, items, tail), codes[q], 8, {"depth": round(depths[q], 3), "n_keys": n_keys,
+                                                              "question_chars": len(tail)}
 
 
 def _copy(rng, ctx, i):
@@ -211,7 +217,8 @@ def _copy(rng, ctx, i):
     # (after a bare "[QUOTE]" the model often wandered off into the filler)
     tail = f"\n\nRepeat quotation {qid} exactly.\n\n[QUOTE {qid}] The"
     items = [(depth, f"[QUOTE {qid}] The {sentence} [/QUOTE]")]
-    return _build(rng, ctx, head, items, tail), sentence, 20, {"depth": depth, "quote_id": qid}
+    return _build(rng, ctx, head, items, tail), sentence, 20, {"depth": depth, "quote_id": qid,
+                                                                "question_chars": len(tail)}
 
 
 def _fewshot(rng, ctx, i, n_shots: int = 6):
@@ -224,7 +231,8 @@ def _fewshot(rng, ctx, i, n_shots: int = 6):
     items = [(d, f"Input: {w}\nOutput: {w} {tag}") for d, w in zip(depths, shots)]
     tail = f"\n\nNow apply the same rule.\nInput: {query}\nOutput:"
     answer = f"{query} {tag}"
-    return _build(rng, ctx, head, items, tail), answer, 6, {"depth": span[1], "n_shots": n_shots, "tag": tag}
+    return _build(rng, ctx, head, items, tail), answer, 6, {"depth": span[1], "n_shots": n_shots, "tag": tag,
+                                                             "question_chars": len(tail)}
 
 
 @functools.lru_cache(maxsize=1)
@@ -266,6 +274,21 @@ def make_samples(task: str, n: int, seed: int = 0, context_tokens: int | None = 
         rng = _rng(task, seed, ctx, i)
         made = _longdoc(rng, ctx, i, seed) if task == "longdoc" else _MAKERS[task](rng, ctx, i)
         prompt, answer, max_tokens, meta = made
+        question = meta.pop("question_chars", None)
         meta = {**meta, "context_tokens": ctx, "prompt_tokens": count_tokens(prompt), "seed": seed}
-        out.append(Sample(task, f"{task}-{ctx}-s{seed}-{i:04d}", prompt, answer, max_tokens, meta))
+        out.append(Sample(task, f"{task}-{ctx}-s{seed}-{i:04d}", prompt, answer, max_tokens, meta,
+                          None if question is None else len(prompt) - question))
     return out
+
+
+def prompt_ids(sample: Sample, tok=None) -> tuple[list[int], int | None]:
+    """The prompt's token ids as the server tokenizes a text prompt (special tokens included), and the index
+    of the first token holding a character of the question (None without one): what
+    ``casakv_question_at`` names."""
+    tok = tok or tokenizer()
+    enc = tok(sample.prompt, add_special_tokens=True, return_offsets_mapping=True)
+    ids = list(enc["input_ids"])
+    if sample.question_start is None:
+        return ids, None
+    at = next((i for i, (_, end) in enumerate(enc["offset_mapping"]) if end > sample.question_start), len(ids))
+    return ids, at
