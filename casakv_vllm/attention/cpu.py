@@ -5,6 +5,8 @@
   (``plan.cpu_dense``, prepared by the builder): they cost what stock vLLM
   costs.  Where those kernels cannot serve the layer (``plan.cpu_dense`` is
   None, e.g. an unsupported head size) dense rows run in torch too.
+- Sparse prefill rows (casakv's prompt chunks, ``attention.sparse``) compute only the (query, key)
+  pairs their request's estimated patterns allow, in torch.
 - Masked rows pay for what their policy changes, in torch
   (``attention.masked``): pattern rows through their pattern's mask,
   evicting rows that decode through their request's keep-set.
@@ -23,6 +25,7 @@ from dataclasses import dataclass, field
 import torch
 
 from casakv_vllm.attention.masked import RowKV, attend_row, causal_pairs, compact_row, prefill_rank
+from casakv_vllm.attention.sparse import sparse_prefill_row
 from casakv_vllm.observe.record import record_layer
 from casakv_vllm.plan.batch import RowPlan
 from casakv_vllm.plan.metadata import CasakvMetadata
@@ -57,7 +60,9 @@ def run_layer_cpu(query: torch.Tensor, kv_cache: torch.Tensor, md: CasakvMetadat
     for row in plan.rows:
         causal = num_kv * causal_pairs(row)
         read = num_kv * causal_pairs(row, row.read_context) if row.live_dense else causal
-        if row.q_len > 0 and (not row.dense or plan.cpu_dense is None):
+        if row.sparse:
+            read = sparse_prefill_row(row, query, kv_of(row), layer, scale, out)
+        elif row.q_len > 0 and (not row.dense or plan.cpu_dense is None):
             read = attend_row(row, query, kv_of(row), layer, scale, out, patterns)
         counts.attended += read
         if row.compact:

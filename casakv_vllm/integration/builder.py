@@ -67,7 +67,8 @@ class CasakvMetadataBuilder(AttentionMetadataBuilder[CasakvMetadata]):
         else:
             raise RuntimeError("casakv needs host sequence lengths (seq_lens_cpu_upper_bound) from vLLM")
         ctx = self.context
-        plan = plan_batch(ctx.requests, self.resolver, ctx.observations, qsl_cpu, seq_lens_cpu, self.compaction)
+        plan = plan_batch(ctx.requests, self.resolver, ctx.observations, qsl_cpu, seq_lens_cpu, self.compaction,
+                          sparse_prefill=self.device.type == "cpu")
         plan.stats = self.stats
         if self.stats is not None and ctx.requests is not None and ctx.requests.on_change is None:
             stats = self.stats

@@ -38,6 +38,8 @@ class RowPlan:
         live_dense: a compacted row whose every live column is kept (prefill compression: each event
             fills every head's region, the tail is never evicted), so its attention is dense causal over
             its live blocks, read as a sequence of ``read.width(seq_len)`` tokens (``dense`` is set too).
+        sparse: a prefill row computed under its request's own estimated patterns (CPU sparse prefill,
+            ``attention.sparse``): only the (query, key) pairs they allow.
     """
 
     index: int
@@ -52,6 +54,7 @@ class RowPlan:
     read: LiveLayout | None = None
     compact_tail: int | None = None
     live_dense: bool = False
+    sparse: bool = False
 
     @property
     def compact(self) -> bool:
@@ -88,7 +91,7 @@ class RowPlan:
     @property
     def evicting(self) -> bool:
         """The row's policy acts through its keep-set this step."""
-        return self.policy.caps.evicts and not self.dense
+        return self.policy.caps.evicts and not self.dense and not self.sparse
 
 
 @dataclass
@@ -154,6 +157,15 @@ def batch_counts(query_start_loc: list[int], seq_lens: list[int]) -> BatchCounts
     return BatchCounts(prefill, decode, causal)
 
 
+def _row_is_sparse(policy: Policy, state: RequestState | None, row: RowPlan) -> bool:
+    """A dense prefill row its policy computes under estimated patterns instead: the context before any
+    question, from ``sparse_prefill_from`` tokens on, of a request that compacts (so its blocks past its
+    prefix-cache hit never enter the prefix cache: the KV sparse prefill makes is no other request's)."""
+    return (row.dense and state is not None and state.compaction is not None and row.read is None
+            and not row.asks and row.context_len < state.prompt_len and row.q_len > 1
+            and row.seq_len >= policy.sparse_prefill_from(state.prompt_len))
+
+
 def _row_is_dense(policy: Policy, state: RequestState | None, row: RowPlan) -> bool:
     if policy.caps.attends_all:
         return True
@@ -209,8 +221,9 @@ def _plan_records(store: ObservationStore, state: RequestState, row: RowPlan, co
 
 def plan_batch(requests: RequestTable | None, resolver: PolicyResolver, store: ObservationStore,
                query_start_loc: list[int], seq_lens: list[int],
-               compaction: CompactionSetup | None = None) -> BatchPlan:
-    """Plan one batch from host lengths (``query_start_loc``: ``num_reqs + 1`` ints)."""
+               compaction: CompactionSetup | None = None, sparse_prefill: bool = False) -> BatchPlan:
+    """Plan one batch from host lengths (``query_start_loc``: ``num_reqs + 1`` ints); ``sparse_prefill``:
+    the device computes sparse prefill rows (the CPU build)."""
     num_reqs = len(seq_lens)
     states = requests.slots(num_reqs) if requests is not None else [None] * num_reqs
     rows, records = [], []
@@ -227,6 +240,8 @@ def plan_batch(requests: RequestTable | None, resolver: PolicyResolver, store: O
         if row.read is not None and state.compaction.prefill:  # every live column kept: dense over them,
             row.live_dense = True  # but for a decode event, whose own attention ranks what stays (in torch)
             row.dense = not (row.compact and row.context_len >= state.prompt_len)
+        if sparse_prefill and _row_is_sparse(policy, state, row):
+            row.dense, row.sparse = False, True
         if state is not None and state.prompt_key is not None and q_len > 0:
             if row.context_len < state.prompt_len:  # every prefill row records its prompt's observations
                 records += _plan_records(store, state, row, policy.caps.needs_col_sums)

@@ -73,7 +73,7 @@ def plan_gpu(plan: BatchPlan, query_start_loc: torch.Tensor, seq_lens: torch.Ten
     """The device plan of ``plan`` (tensors on the metadata's device; no host sync)."""
     num_reqs = len(plan.rows)
     pure_decode = max_query_len == 1 and num_tokens == num_reqs
-    has_patterns = any(not r.dense and not r.evicting for r in plan.rows)
+    has_patterns = any(not r.dense and not r.evicting and not r.sparse for r in plan.rows)
     hole_rows = [r for r in plan.rows if pure_decode and _kernel_reads_compacted(r)]
     served = {r.index for r in hole_rows}
     torch_rows = [r.index for r in plan.rows if r.evicting and r.index not in served]

@@ -18,7 +18,7 @@ def batch_patterns(plan: BatchPlan, layer: int, num_kv_heads: int, device: torch
     groups: dict[int, tuple[object, list[int]]] = {}
     dense: list[int] = []
     for r in plan.rows:
-        if r.dense or r.evicting:
+        if r.dense or r.evicting or r.sparse:
             dense.append(r.index)
         else:
             groups.setdefault(id(r.policy), (r.policy, []))[1].append(r.index)
@@ -32,7 +32,7 @@ def batch_patterns(plan: BatchPlan, layer: int, num_kv_heads: int, device: torch
 
 def pattern_layers(plan: BatchPlan) -> list[int | None]:
     """Layers that need patterns of their own (``[None]``: one set serves every layer)."""
-    pattern_rows = [r for r in plan.rows if not r.dense and not r.evicting]
+    pattern_rows = [r for r in plan.rows if not r.dense and not r.evicting and not r.sparse]
     if not pattern_rows:
         return []
     if any(r.policy.caps.layer_dependent for r in pattern_rows):

@@ -114,5 +114,17 @@ class Policy:
         """
         return None
 
+    def sparse_prefill_from(self, prompt_len: int) -> float:
+        """Sequence length from which this policy's prefill chunks of a ``prompt_len``-token prompt are
+        computed under their own estimated patterns (``prefill_patterns``; inf: never)."""
+        return float("inf")
+
+    def prefill_patterns(self, store: dict, layer: int, q: "torch.Tensor", k: "torch.Tensor", context_len: int,
+                         scale: float, final: bool = False) -> "PatternBatch":
+        """The patterns a sparse prefill chunk (queries ``context_len ..``, ``q`` ``[H, n, D]``, keys ``k``
+        ``[Hkv, seq_len, D]`` so far; ``final``: the prompt's last chunk) is computed under; ``store``: the
+        request's, per layer."""
+        raise NotImplementedError(f"policy {self.name} has no sparse prefill")
+
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.params!r})"

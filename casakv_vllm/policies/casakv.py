@@ -12,9 +12,10 @@ When a request starts decoding, at every layer:
    window head its sinks and window, a stripe head its columns); ``full`` heads ask
    for the per-head budget.  ``budgets.ByNeed`` moves the layer's fixed total between
    heads accordingly.
-3. **Keep-sets.** Within its budget each head keeps its pattern's tokens first, then
-   the tokens the window's queries vote for (SnapKV's pooled votes), and always the
-   last ``pin`` prompt tokens.  The evicted tokens' keys are summarised per block of
+3. **Keep-sets.** Within its budget each head keeps its ``vote_share`` most-voted
+   tokens first (SnapKV's pooled votes of the window's queries: a needle the queries
+   ask for stays even in a window head), then its pattern's tokens, then the other
+   voted tokens, and always the last ``pin`` prompt tokens.  The evicted tokens' keys are summarised per block of
    ``SUMMARY_BLOCK`` positions (their mean and count).
 
 It selects once, so the compression machinery compacts it and frees its blocks like
@@ -30,8 +31,11 @@ With chunk-wise prefill compression (``prefill_compression``) each chunk's compa
 the chunk's votes, and at the prompt's last chunk the estimator picks the patterns from what the
 cache still holds, and they decide what that compaction keeps (``on_prompt_event``).
 
-Not yet: patterns do not change prefill attention (the prompt is prefilled densely),
-and the budget moves between heads, not layers.
+Sparse prefill (CPU build, ``sparse_prefill``): from ``sparse_min_len`` tokens on, each prefill chunk
+of a request that compacts is computed under patterns the estimator picks from the chunk's own last
+queries (re-estimated as the sequence grows by ``REESTIMATE_GROWTH``), only the (query, key) pairs they
+allow (``ops.sparse_prefill``).  Not yet: sparse prefill in CUDA serving, and budgets moving between
+layers (they move between heads).
 """
 
 from __future__ import annotations
@@ -52,8 +56,12 @@ from casakv_vllm.policies.selection import recency_keep, select_top, warn_once
 
 #: positions per evicted-key summary (mean key and count, per KV head)
 SUMMARY_BLOCK = 128
+#: sparse prefill re-estimates a layer's patterns once the sequence grew this much since its last estimate
+REESTIMATE_GROWTH = 1.5
 #: weight that puts a head's pattern tokens ahead of every voted token
 PATTERN_FIRST = 1.0e4
+#: what puts a window head's most-attended tokens ahead of its recent ones at a decode event (above any position)
+RECENT_FIRST = 2.0 ** 21
 
 
 class CasakvParams(BaseModel):
@@ -67,6 +75,11 @@ class CasakvParams(BaseModel):
     floor: float = Field(0.2, ge=0.0, le=1.0, description="share of the per-head budget every head keeps")
     spread: float = Field(0.25, ge=0.0, le=3.0, description="a head keeps at most (1 + spread) x the per-head "
                           "budget (the compacted region is that wide)")
+    sparse_prefill: bool = Field(False, description="prefill computes only what each chunk's estimated patterns "
+                                 "allow (CPU build; a request that compacts)")
+    sparse_min_len: int = Field(2048, ge=1, description="sequence length from which prefill chunks are sparse")
+    vote_share: float = Field(0.5, ge=0.0, le=1.0, description="share of a head's budget its most-voted tokens "
+                              "take before its pattern's tokens (a needle a window head's queries vote for stays)")
 
 
 def pattern_columns(patterns, prompt_len: int, device) -> torch.Tensor:
@@ -82,6 +95,15 @@ def pattern_columns(patterns, prompt_len: int, device) -> torch.Tensor:
     key = prompt_len - 1 - patterns.slash[0].long()  # the last prompt query's diagonals
     hits.scatter_add_(1, key.clamp(0, prompt_len - 1), ((patterns.slash[0] >= 0) & (key >= 0)).to(torch.int32))
     return mask | (hits > 0)
+
+
+def top_share(votes: torch.Tensor, budgets: torch.Tensor | int, share: float) -> torch.Tensor:
+    """``[Hkv, L]`` bool: each head's ``share x budget`` highest-voted tokens (``budgets``: int or ``[Hkv]``)."""
+    num_kv, length = votes.shape
+    count = (torch.as_tensor(budgets, device=votes.device) * share).long().expand(num_kv)
+    order = votes.argsort(dim=1, descending=True)
+    place = torch.empty_like(order).scatter_(1, order, torch.arange(length, device=votes.device).expand(num_kv, -1))
+    return place < count.unsqueeze(1)
 
 
 def evicted_summary(keys: torch.Tensor, keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -160,11 +182,29 @@ class CasakvPolicy(KeepPolicy):
         need = torch.where(full, budget, covered.sum(1) + pinned)
         budgets = self.allocator.by_need(need, budget, pinned, prompt_len)
         votes = window_scores(ScoreInput(layer, keys, obs, scale, budget, self.name), len(rows))
-        scores = pooled(votes, self.params.kernel) + PATTERN_FIRST * (covered & ~full.unsqueeze(1))
+        votes = pooled(votes, self.params.kernel)
+        first = top_share(votes, budgets, self.params.vote_share)
+        scores = votes + PATTERN_FIRST * torch.where(first, 2.0, (covered & ~full.unsqueeze(1)).float())
         scores[:, prompt_len - pinned:] = float("inf")  # kept first, the latest first (``select_top``)
         bound = self.allocator.max_head_budget(budget, pinned, num_kv, prompt_len)
         keep = select_top(scores, budgets, max_budget=bound)
         return keep, scores, est.program, evicted_summary(keys, keep)
+
+    def sparse_prefill_from(self, prompt_len: int) -> float:
+        return self.params.sparse_min_len if self.params.sparse_prefill else float("inf")
+
+    def prefill_patterns(self, store: dict, layer: int, q: torch.Tensor, k: torch.Tensor, context_len: int,
+                         scale: float, final: bool = False):
+        """The estimator reads the chunk's last queries at the first sparse chunk, whenever the sequence has
+        grown by ``REESTIMATE_GROWTH`` since the layer's last estimate, and at the prompt's last chunk
+        (``final``: its queries, a question's, may look where the text before them did not); chunks between
+        reuse the last estimate (windows, stripe columns and slash offsets carry over to later queries)."""
+        seq_len = k.shape[1]
+        last = store.get(layer)
+        if last is None or final or seq_len >= REESTIMATE_GROWTH * last[0]:
+            n = min(q.shape[1], self.estimator.last_q)
+            store[layer] = (seq_len, estimate_patterns(q[:, -n:], k, context_len, scale, self.estimator).patterns)
+        return store[layer][1]
 
     def on_prompt_event(self, keep: LayerKeep, layer: int, q: torch.Tensor, k: torch.Tensor, pos: torch.Tensor,
                         scale: float, seq_len: int, chunk: int) -> None:
@@ -183,7 +223,10 @@ class CasakvPolicy(KeepPolicy):
         TALLY.add_programs(est.program)
         covered = torch.nn.functional.pad(pattern_columns(est.patterns, seq_len, k.device), (0, 1))
         mine = covered.gather(1, slot) & valid & (est.program != FULL).unsqueeze(1)
-        rank = keep.rank[:, :width] + PATTERN_FIRST * mine  # the rank spans the keep's capacity
+        votes = keep.rank[:, :width]  # the rank spans the keep's capacity
+        first = top_share(votes.masked_fill(~valid, float("-inf")), self.prompt_budget(layer, seq_len),
+                          self.params.vote_share) & valid
+        rank = votes + PATTERN_FIRST * torch.where(first, 2.0, mine.float())
         keep.rank[:, :width] = rank.masked_fill(valid & (pos >= seq_len - self.pinned(seq_len)), float("inf"))
         keep.program = est.program
 
@@ -197,8 +240,9 @@ class CasakvPolicy(KeepPolicy):
             low = (recall < self.params.recall_threshold) & (keep.program != FULL)
             keep.program = torch.where(low, FULL, keep.program)
             TALLY.add_reprofiled(low.sum())
-        window = (keep.program == ASHAPE).unsqueeze(1)  # window heads keep sinks and the latest tokens
+        window = (keep.program == ASHAPE).unsqueeze(1)  # window heads keep sinks, their most-attended, the latest
         width = keep.rank.shape[1]
         pos = keep.positions(width).float()
-        recency = torch.where(pos < self.estimator.sink, float("inf"), pos)
+        first = top_share(keep.rank, keep.mask[:, :width].sum(1), self.params.vote_share)
+        recency = torch.where(pos < self.estimator.sink, float("inf"), pos + RECENT_FIRST * first)
         keep.rank = torch.where(window, recency, keep.rank)

@@ -48,6 +48,8 @@ class RequestState:
             None when it does not compact; only in its first life).
         terms_known: ``compaction`` was decided.
         layout: its live slots after the latest compaction event (``rule.LiveLayout``).
+        prefill_patterns: per layer, ``(seq_len, PatternBatch)``: the patterns its policy estimated for
+            sparse prefill, and the sequence length they were estimated at (CPU sparse prefill).
         holes: CUDA, once compacted: ``[num_layers, Hkv, 3]`` int32, each layer and head's empty
             slots ``[shared + kept, head_end)`` and the skip bits of its first tail block (what the
             decode kernel skips).
@@ -67,6 +69,7 @@ class RequestState:
     terms_known: bool = False
     layout: LiveLayout | None = None
     holes: Any = None
+    prefill_patterns: dict[int, tuple[int, Any]] = field(default_factory=dict)
     uid: int = field(default_factory=lambda: next(_ids))
 
     @property
@@ -91,6 +94,7 @@ class RequestState:
     def restart(self) -> None:
         """Recomputed from scratch: what it kept is gone (``advance`` already reset ``kv_len``)."""
         self.keep.clear()
+        self.prefill_patterns.clear()
         self.compaction = self.layout = self.holes = None
         self.restarts += 1
 

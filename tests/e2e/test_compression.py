@@ -124,3 +124,21 @@ def test_casakv_policy_frees_blocks_and_reports_its_patterns(casakv_server, prom
     reprofiled = after["casakv_reprofile_total"] - before["casakv_reprofile_total"]
     assert 0 <= reprofiled <= 30 * 3
     assert len(steps) == tokens and "".join(t for t, _ in steps).strip()
+
+
+def test_casakv_sparse_prefill_reads_less_than_causal_attention(casakv_server, prompts):
+    """``sparse_prefill``: the prompt's chunks are computed under the patterns the estimator picks from
+    their own queries, so its prefill reads a fraction of the causal KV (``casakv_kv_tokens_*``), and the
+    request answers."""
+    _, long_doc = prompts
+    series = ["casakv_kv_tokens_attended_total", "casakv_kv_tokens_causal_total"]
+    xargs = {"casakv_policy": "casakv", "casakv_kv_budget": 64,
+             "casakv_policy_params": '{"sparse_prefill": true, "sparse_min_len": 128}'}
+    before = casakv_server.metric_values(series)
+    steps, prompt_len = _ask(casakv_server, "Read this. " + long_doc[:3000], xargs, salt=uuid.uuid4().hex,
+                             max_tokens=1)
+    after = casakv_server.metric_values(series)
+    attended, causal = (after[s] - before[s] for s in series)
+    assert prompt_len > 512 and causal >= 30 * 3 * prompt_len * (prompt_len + 1) // 2
+    assert attended < 0.8 * causal, (attended, causal)
+    assert len(steps) == 1
