@@ -10,6 +10,7 @@ and average; the defaults for ``vote_share`` come from this run, not from the ev
 from __future__ import annotations
 
 import argparse
+import json
 import platform
 import subprocess
 import time
@@ -26,15 +27,21 @@ def main() -> None:
     ap.add_argument("--samples", type=int, default=8)
     ap.add_argument("--budget", default="4x")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--extra", default="{}", help="JSON policy_params every casakv variant adds, e.g. '{\"floor\": 1}'")
+    ap.add_argument("--skip-snapkv", action="store_true")
     args = ap.parse_args()
+    extra = json.loads(args.extra)
     model = _model(None)
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-    print(f"$ python scripts/casakv_keep_order_ab.py --shares {args.shares} --samples {args.samples} "
+    flags = (f" --extra '{args.extra}'" if extra else "") + (" --skip-snapkv" if args.skip_snapkv else "")
+    print(f"$ python scripts/casakv_keep_order_ab.py --shares {args.shares} --samples {args.samples}{flags} "
           f"({time.strftime('%Y-%m-%d')}, {platform.processor() or platform.machine()}, commit {commit})", flush=True)
     samples = {t: make_samples(t, args.samples, args.seed, None) for t in TASKS}
-    variants = [("snapkv", EvalConfig("snapkv", args.budget))]
-    variants += [(f"casakv vote_share={s}", EvalConfig("casakv", args.budget, (("vote_share", float(s)),)))
-                 for s in args.shares.split(",")]
+    variants = [] if args.skip_snapkv else [("snapkv", EvalConfig("snapkv", args.budget))]
+    for s in args.shares.split(","):
+        params = {**extra, "vote_share": float(s)}
+        label = "casakv " + " ".join(f"{k}={v}" for k, v in params.items())
+        variants.append((label, EvalConfig("casakv", args.budget, tuple(sorted(params.items())))))
     server = _server(None, model)
     try:
         for label, cfg in variants:
@@ -48,7 +55,7 @@ def main() -> None:
                 avg = sum(r["score"] for r in mine) / max(1, len(mine))
                 kl = [r["score"] for r in records if r["policy"] == cfg.policy and r["task"] == "longdoc_kl"
                       and r["protocol"] == protocol]
-                print(f"{label:28s} {protocol:8s} avg {avg:.3f}  {tasks}  longdoc_kl "
+                print(f"{label:34s} {protocol:8s} avg {avg:.3f}  {tasks}  longdoc_kl "
                       f"{kl[0] if kl else float('nan'):.4f}", flush=True)
             print(f"  ({time.monotonic() - t0:.0f} s)", flush=True)
     finally:

@@ -1,21 +1,27 @@
 """In-process time to first token of 7k-token prompts on the CPU build, policies side by side in one engine
 (VLLM_ENABLE_V1_MULTIPROCESSING=0, block size 16, 512-token prefill chunks, bf16): dense, casakv at 4x,
-casakv at 4x with chunk-wise prefill compression, snapkv at 4x with it; ``--rounds`` rounds in rotation, a
+casakv at 4x with chunk-wise prefill compression, snapkv at 4x with it, casakv at 4x with sparse prefill
+(``sparse_prefill``: chunks from 2048 tokens on computed under their estimated patterns); ``--rounds`` rounds in rotation, a
 fresh prompt per request (no prefix-cache hits).  The engine runs in this process, so the process's CPU
 time per request (all threads) is printed beside the wall time: on a shared machine it moves less.
 Usage: .venv/bin/python scripts/ttft_policies.py [--rounds 2]"""
 import argparse
 import os
+import platform
+import subprocess
 import statistics
 import time
 
 os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+os.environ.setdefault("VLLM_CONFIGURE_LOGGING", "0")  # stdout is the record: no engine logs in it
 
 CONFIGS = {
     "dense": None,
     "casakv": {"casakv_policy": "casakv", "casakv_kv_ratio": 0.25},
     "casakv+prefill": {"casakv_policy": "casakv", "casakv_kv_ratio": 0.25, "casakv_prefill_compression": True},
     "snapkv+prefill": {"casakv_policy": "snapkv", "casakv_kv_ratio": 0.25, "casakv_prefill_compression": True},
+    "casakv+sparse": {"casakv_policy": "casakv", "casakv_kv_ratio": 0.25,
+                      "casakv_policy_params": '{"sparse_prefill": true}'},
 }
 
 
@@ -23,6 +29,9 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--rounds", type=int, default=2)
     args = ap.parse_args()
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    print(f"$ .venv/bin/python scripts/ttft_policies.py --rounds {args.rounds}   ({time.strftime('%Y-%m-%d')}, "
+          f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, commit {commit})", flush=True)
     from vllm import LLM, SamplingParams
 
     from casakv_vllm.tools.bench.cpu import prompts

@@ -13,15 +13,16 @@ pattern's keys are taken in up to three parts, each a dense product over the key
 
 Each (query, key) pair is counted by exactly one part, and the parts are merged as one softmax (a shared
 maximum and denominator), so the result equals masked dense attention under ``pattern_mask``; the work is
-what the pattern allows plus each tile's window edge.  ``full`` heads, and heads with block-sparse fields
-(not built here), are computed densely (block heads under their mask).  Math in fp32.
+what the pattern allows plus each tile's window edge.  ``full`` heads are computed densely, heads with
+block-sparse fields by ``ops.block_sparse`` (the key blocks they touch).  Math in fp32.
 """
 
 from __future__ import annotations
 
 import torch
 
-from casakv_kernels.patterns import PatternBatch, pattern_mask
+from casakv_kernels.patterns import PatternBatch
+from casakv_vllm.ops.block_sparse import pattern_attention
 from casakv_vllm.ops.torch_attention import attend
 
 #: queries per tile of the local part
@@ -100,15 +101,25 @@ def sparse_attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, context_len
         heads = slice(h * g, (h + 1) * g)
         qh, kh, vh = q[heads].float(), k[h].float(), v[h].float()
         sink, window = min(sinks[h], seq), min(windows[h], seq)
-        has_blocks = p.blocks is not None and bool(p.blocks[r, h].any())
-        if full[h] or has_blocks or sink + window >= seq:
-            allowed = None if full[h] else pattern_mask(p, r, qpos, seq)[h:h + 1]
-            out[heads] = attend(qh, kh.unsqueeze(0), vh.unsqueeze(0), context_len, scale, allowed)
-            pairs += int(allowed.sum()) if allowed is not None else n * context_len + n * (n + 1) // 2
+        if p.blocks is not None and bool(p.blocks[r, h].any()):  # block-sparse: the key blocks it touches
+            out[heads], computed = pattern_attention(qh, kh.unsqueeze(0), vh.unsqueeze(0), context_len, scale,
+                                                     _one_head(p, r, h), block=p.block)
+            pairs += computed
+            continue
+        if full[h] or sink + window >= seq:
+            out[heads] = attend(qh, kh.unsqueeze(0), vh.unsqueeze(0), context_len, scale)
+            pairs += n * context_len + n * (n + 1) // 2
             continue
         out[heads], computed = _sparse_head(qh, kh, vh, qpos, sink, window, p.vertical[r, h], p.slash[r, h], scale)
         pairs += computed
     return out, pairs
+
+
+def _one_head(p: PatternBatch, r: int, h: int) -> PatternBatch:
+    """Row ``r``, KV head ``h`` of ``p`` as a one-request, one-head batch."""
+    pick = lambda x: x[r:r + 1, h:h + 1]  # noqa: E731
+    return PatternBatch(pick(p.full), pick(p.sink), pick(p.window), pick(p.slash), pick(p.vertical),
+                        pick(p.blocks) if p.blocks is not None else None, p.block)
 
 
 def _sparse_head(qh, kh, vh, qpos, sink: int, window: int, vertical, slash, scale: float):

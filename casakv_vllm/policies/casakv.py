@@ -15,7 +15,11 @@ When a request starts decoding, at every layer:
 3. **Keep-sets.** Within its budget each head keeps its ``vote_share`` most-voted
    tokens first (SnapKV's pooled votes of the window's queries: a needle the queries
    ask for stays even in a window head), then its pattern's tokens, then the other
-   voted tokens, and always the last ``pin`` prompt tokens.  The evicted tokens' keys are summarised per block of
+   voted tokens, and always the last ``pin`` prompt tokens.  The defaults (share 1,
+   votes of the last ``vote_window`` = 32 queries) come from the quality suite: pattern
+   tokens first lost retrieval, and so did votes of all 64 observed queries
+   (``docs/decisions.md``, "casakv: keep order"), so the pattern decides each head's
+   budget and a window head's later events, and the votes decide its tokens.  The evicted tokens' keys are summarised per block of
    ``SUMMARY_BLOCK`` positions (their mean and count).
 
 It selects once, so the compression machinery compacts it and frees its blocks like
@@ -34,8 +38,9 @@ cache still holds, and they decide what that compaction keeps (``on_prompt_event
 Sparse prefill (CPU build, ``sparse_prefill``): from ``sparse_min_len`` tokens on, each prefill chunk
 of a request that compacts is computed under patterns the estimator picks from the chunk's own last
 queries (re-estimated as the sequence grows by ``REESTIMATE_GROWTH``), only the (query, key) pairs they
-allow (``ops.sparse_prefill``).  Not yet: sparse prefill in CUDA serving, and budgets moving between
-layers (they move between heads).
+allow (``ops.sparse_prefill``).  Off by default: on the CPU build it is slower than vLLM's kernel and
+loses retrieval (``docs/decisions.md``, "casakv: CPU sparse prefill").  Not yet: sparse prefill in CUDA
+serving, and budgets moving between layers (they move between heads).
 """
 
 from __future__ import annotations
@@ -71,6 +76,8 @@ class CasakvParams(BaseModel):
     reprofile_interval: int | None = Field(256, ge=1, description="generated tokens between re-profiles (a "
                                            "multiple of chunk_size: they run at compaction events; null: never)")
     pin: int = Field(32, ge=0, le=64, description="last prompt tokens every head keeps")
+    vote_window: int = Field(32, ge=1, le=64, description="last prompt queries whose attention votes for tokens "
+                             "(the estimator reads every observed one)")
     kernel: int = Field(7, ge=1, le=63, description="max-pool width over the window's votes (odd)")
     floor: float = Field(0.2, ge=0.0, le=1.0, description="share of the per-head budget every head keeps")
     spread: float = Field(0.25, ge=0.0, le=3.0, description="a head keeps at most (1 + spread) x the per-head "
@@ -78,7 +85,7 @@ class CasakvParams(BaseModel):
     sparse_prefill: bool = Field(False, description="prefill computes only what each chunk's estimated patterns "
                                  "allow (CPU build; a request that compacts)")
     sparse_min_len: int = Field(2048, ge=1, description="sequence length from which prefill chunks are sparse")
-    vote_share: float = Field(0.5, ge=0.0, le=1.0, description="share of a head's budget its most-voted tokens "
+    vote_share: float = Field(1.0, ge=0.0, le=1.0, description="share of a head's budget its most-voted tokens "
                               "take before its pattern's tokens (a needle a window head's queries vote for stays)")
 
 
@@ -181,7 +188,8 @@ class CasakvPolicy(KeepPolicy):
         full = est.program == FULL
         need = torch.where(full, budget, covered.sum(1) + pinned)
         budgets = self.allocator.by_need(need, budget, pinned, prompt_len)
-        votes = window_scores(ScoreInput(layer, keys, obs, scale, budget, self.name), len(rows))
+        votes = window_scores(ScoreInput(layer, keys, obs, scale, budget, self.name),
+                              min(len(rows), self.params.vote_window))
         votes = pooled(votes, self.params.kernel)
         first = top_share(votes, budgets, self.params.vote_share)
         scores = votes + PATTERN_FIRST * torch.where(first, 2.0, (covered & ~full.unsqueeze(1)).float())

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from casakv_vllm.tools.bench import kernels
 
@@ -95,3 +96,19 @@ def test_layer_harness_runs_on_the_cpu(policy):
     r = bench_layer(300, 2, policy, shape=(4, 2, 64), device="cpu", chunk=64)
     assert r.step_ms > 0 and r.dense_step_ms > 0 and r.event_ms > 0 and r.plan_ms > 0
     assert f"| 300 | 2 | {policy}/kv_ratio=0.25 |" in "\n".join(markdown([r.__dict__]))
+
+
+def test_reprofile_bench_times_casakv_recall_and_program_update():
+    """The compacted section's re-profile cell runs what casakv runs at an event (on the CPU here): random
+    keys, a quarter kept, the rest summarised; the timed call re-profiles every head (recall of a random
+    query over a quarter of random keys is under 0.95) to ``full``."""
+    from casakv_vllm.observe.estimate import FULL
+    from casakv_vllm.tools.bench.compacted import HKV, _bench_reprofile
+
+    seen = []
+
+    def timer(fn, rep):
+        seen.append(fn())
+        return 0.25
+    assert _bench_reprofile(2048, 512, torch.Generator().manual_seed(0), device="cpu", timer=timer) == 0.25
+    assert seen[0].shape == (HKV,) and bool((seen[0] == FULL).all())

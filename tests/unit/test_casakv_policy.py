@@ -144,3 +144,33 @@ def test_prompt_event_estimates_patterns_over_a_compressed_cache_and_ranks_their
     pinned = pos[0] >= seq_len - 32
     assert bool(torch.isinf(keep.rank[:, :width][:, pinned]).all()) and int(pinned.sum()) == 32
     assert bool((keep.rank[1, :width][~pinned].isfinite()).all()) and keep.rank.shape[1] > width
+
+
+def test_top_share_takes_each_heads_most_voted_share_of_its_budget():
+    from casakv_vllm.policies.casakv import top_share
+
+    votes = torch.tensor([[0.1, 0.9, 0.5, 0.3, 0.0, 0.7], [0.6, 0.0, 0.2, 0.8, 0.4, 0.1]])
+    first = top_share(votes, torch.tensor([4, 2]), 0.5)
+    assert first[0].nonzero().flatten().tolist() == [1, 5]  # 2 of head 0's 4
+    assert first[1].nonzero().flatten().tolist() == [3]  # 1 of head 1's 2
+    assert not top_share(votes, 6, 0.0).any() and bool(top_share(votes, 6, 1.0).all())
+
+
+@pytest.mark.parametrize("share,kept", [(0.0, False), (1.0, True)])
+def test_a_window_heads_voted_needle_stays_when_votes_come_first(share, kept):
+    """A head whose queries put most of their mass on recent keys (a window head) but vote for one far key
+    (a needle): with its pattern first the window fills the budget and the needle goes; with its votes
+    first (``vote_share``) the needle stays."""
+    gen = torch.Generator().manual_seed(1)
+    length, dim, w = 1024, 64, 64
+    u = torch.nn.functional.normalize(torch.randn(dim, generator=gen), dim=0)
+    q = (8.0 * u + 0.5 * torch.randn(1, w, dim, generator=gen))  # logits q.k / 8 = the keys' weights on u
+    keys = -2.0 * u + 0.05 * torch.randn(1, length, dim, generator=gen)
+    keys[0, length - 256:] += 5.0 * u  # the recent 256: logit ~3, 95% of the mass with the sinks
+    needle = 200
+    keys[0, needle] += 6.2 * u  # logit ~4.2: each query's single heaviest key, ~1% of its mass
+    cfg = CasakvConfig(policy="casakv", kv_budget=128, policy_params={"vote_share": share, "floor": 1.0})
+    policy = build_policy(cfg, num_layers=1)
+    keep, _, program, _ = policy.start_keep(0, length, keys, _obs(q), dim ** -0.5)
+    assert PROGRAMS[int(program[0])] == "a-shape"
+    assert bool(keep[0, needle]) is kept

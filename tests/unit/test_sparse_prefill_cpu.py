@@ -26,12 +26,19 @@ def _random_patterns(seq: int, gen: torch.Generator) -> PatternBatch:
     return p
 
 
+def _inputs(seed: int, context: int, n: int, dtype=torch.float32):
+    """``(q, k, v, generator)``: random queries, keys and values of a chunk of ``n`` after ``context``."""
+    gen = torch.Generator().manual_seed(seed)
+    seq = context + n
+    q = torch.randn(H, n, D, generator=gen).to(dtype)
+    k, v = (torch.randn(HKV, seq, D, generator=gen).to(dtype) for _ in range(2))
+    return q, k, v, gen
+
+
 @pytest.mark.parametrize("context,n", [(0, 200), (700, 300), (1000, 64), (37, 5), (130, 129)])
 def test_sparse_prefill_matches_masked_dense_attention(context, n):
-    gen = torch.Generator().manual_seed(context + n)
+    q, k, v, gen = _inputs(context + n, context, n)
     seq = context + n
-    q = torch.randn(H, n, D, generator=gen)
-    k, v = torch.randn(HKV, seq, D, generator=gen), torch.randn(HKV, seq, D, generator=gen)
     p = _random_patterns(seq, gen)
     out, pairs = sparse_attend(q, k, v, context, 0.2, p)
     allowed = pattern_mask(p, 0, torch.arange(context, seq), seq)
@@ -43,12 +50,23 @@ def test_sparse_prefill_matches_masked_dense_attention(context, n):
     assert pairs <= int(allowed.sum()) + edge
 
 
+def test_block_heads_go_to_the_block_sparse_path():
+    context, n = 400, 200
+    seq = context + n
+    q, k, v, gen = _inputs(11, context, n)
+    p = _random_patterns(seq, gen)
+    nb = -(-seq // 64)
+    p.blocks = torch.zeros(1, HKV, nb, nb, dtype=torch.bool)
+    p.blocks[0, 1] = torch.rand(nb, nb, generator=gen) < 0.3  # head 1: its stripes and lines plus blocks
+    out, _ = sparse_attend(q, k, v, context, 0.2, p)
+    ref = attend(q, k, v, context, 0.2, pattern_mask(p, 0, torch.arange(context, seq), seq))
+    torch.testing.assert_close(out, ref, atol=2e-5, rtol=1e-4)
+
+
 def test_full_heads_and_bf16_inputs_are_served():
-    gen = torch.Generator().manual_seed(3)
     context, n = 300, 100
     seq = context + n
-    q = torch.randn(H, n, D, generator=gen).bfloat16()
-    k, v = torch.randn(HKV, seq, D, generator=gen).bfloat16(), torch.randn(HKV, seq, D, generator=gen).bfloat16()
+    q, k, v, gen = _inputs(3, context, n, torch.bfloat16)
     p = _random_patterns(seq, gen)
     p.full[0, 0] = True
     out, pairs = sparse_attend(q, k, v, context, 0.2, p)
@@ -58,11 +76,8 @@ def test_full_heads_and_bf16_inputs_are_served():
 
 
 def test_a_long_sequence_computes_a_fraction_of_dense_causal_pairs():
-    gen = torch.Generator().manual_seed(5)
     context, n = 3584, 512
-    seq = context + n
-    q = torch.randn(H, n, D, generator=gen)
-    k, v = torch.randn(HKV, seq, D, generator=gen), torch.randn(HKV, seq, D, generator=gen)
+    q, k, v, _ = _inputs(5, context, n)
     p = PatternBatch.local(1, HKV, 64, 256)
     _, pairs = sparse_attend(q, k, v, context, 0.2, p)
     dense = HKV * (n * context + n * (n + 1) // 2)

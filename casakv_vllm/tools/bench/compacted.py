@@ -24,6 +24,7 @@ from casakv_vllm.tools.bench.gpu_timing import (D, DTYPE, HKV, HQ, PAGE, ROTATE,
 
 RATIO = 0.25  # tokens kept per KV head
 CHUNK = 256  # generated tokens between compaction events (CasakvConfig.chunk_size's default)
+REPROFILE = 256  # generated tokens between casakv's re-profiles (its reprofile_interval's default)
 
 
 @dataclass
@@ -42,6 +43,8 @@ class CompactedResult:
     rel_err: float
     compact_layer_ms: float  # one layer's compaction of one request (casakv::compact_kv)
     compact_share: float  # compact_layer_ms * batch / CHUNK over compacted_ms: per decode step, amortised
+    reprofile_layer_ms: float = 0.0  # casakv's re-profiling of one request at one layer (``estimated_recall``)
+    reprofile_share: float = 0.0  # reprofile_layer_ms * batch / REPROFILE over compacted_ms, amortised
 
 
 def _compacted_selections(table: torch.Tensor, n: int, gen, rotate: int = ROTATE):
@@ -105,12 +108,34 @@ def bench_compacted(n: int, batch: int, gen, copy_bps: float) -> CompactedResult
     keep_count = torch.full((1, HKV), kept, dtype=torch.int32, device="cuda")
     scratch = allocate_scratch(kv, keep)
     compact_ms = _bench(lambda: compact_kv(kv, table[:1], keep, keep_count, scratch), 50)
+    reprofile_ms = _bench_reprofile(n, kept, gen)
     del kv, scratch
     torch.cuda.empty_cache()
     return CompactedResult(
         "decode-compacted", n, batch, RATIO, dense_ms, compacted_ms, dense_ms / compacted_ms, dense_bytes,
         compacted_bytes, dense_bytes / (dense_ms / 1e3) / copy_bps, compacted_bytes / (compacted_ms / 1e3) / copy_bps,
-        err, compact_ms, compact_ms * batch / CHUNK / compacted_ms)
+        err, compact_ms, compact_ms * batch / CHUNK / compacted_ms, reprofile_ms,
+        reprofile_ms * batch / REPROFILE / compacted_ms)
+
+
+def _bench_reprofile(n: int, kept: int, gen, device: str = "cuda", timer=_bench) -> float:
+    """One layer's re-profile of one request as casakv runs it at an event: the event query's recall over
+    the ``kept`` live keys against the summaries of the ``n - kept`` evicted ones, and the program update."""
+    from casakv_vllm.observe.estimate import FULL
+    from casakv_vllm.policies.casakv import estimated_recall, evicted_summary
+
+    keys = torch.randn(HKV, n, D, dtype=DTYPE, device=device, generator=gen)
+    keep = torch.rand(HKV, n, device=device, generator=gen) < RATIO
+    summary = evicted_summary(keys, keep)
+    live = keys[:, :kept].contiguous()
+    q = torch.randn(HQ, 1, D, dtype=DTYPE, device=device, generator=gen)
+    allowed = torch.ones(HKV, 1, kept, dtype=torch.bool, device=device)
+    program = torch.zeros(HKV, dtype=torch.long, device=device)
+
+    def reprofile():
+        recall = estimated_recall(q, live, allowed, summary, D ** -0.5)
+        return torch.where(recall < 0.95, FULL, program)
+    return timer(reprofile, 50)
 
 
 def markdown(results: list[dict]) -> list[str]:
@@ -119,13 +144,17 @@ def markdown(results: list[dict]) -> list[str]:
              f"Per request: a quarter of its blocks (each head's kept tokens, the rest of the region empty) plus "
              f"its tail block, read by the decode kernel with each head's hole and tail skip bits; dense = the same "
              f"kernel over every block. `compact/step` = one layer's compaction of the batch, once every {CHUNK} "
-             f"generated tokens, over one compacted decode step of that layer.", "",
+             f"generated tokens, over one compacted decode step of that layer; `reprofile/step` = casakv's "
+             f"re-profile of the batch at one layer (recall against the evicted blocks' summaries), once every "
+             f"{REPROFILE} generated tokens, over the same step.", "",
              "| N | B | dense ms | compacted ms | speedup | dense MB | compacted MB | dense HBM frac "
-             "| compacted HBM frac | compact ms (1 req, 1 layer) | compact/step | rel err |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| compacted HBM frac | compact ms (1 req, 1 layer) | compact/step | reprofile ms (1 req, 1 layer) "
+             "| reprofile/step | rel err |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         lines.append(f"| {r['seq_len']} | {r['batch']} | {r['dense_ms']:.3f} | {r['compacted_ms']:.3f} | "
                      f"{r['speedup']:.2f} | {r['dense_bytes'] / 1e6:.0f} | {r['compacted_bytes'] / 1e6:.0f} | "
                      f"{r['dense_hbm_fraction']:.2f} | {r['compacted_hbm_fraction']:.2f} | "
-                     f"{r['compact_layer_ms']:.3f} | {r['compact_share']:.3%} | {r['rel_err']:.1e} |")
+                     f"{r['compact_layer_ms']:.3f} | {r['compact_share']:.3%} | {r.get('reprofile_layer_ms', 0):.3f} | "
+                     f"{r.get('reprofile_share', 0):.3%} | {r['rel_err']:.1e} |")
     return lines
