@@ -30,11 +30,11 @@ TILE = 64
 
 
 class _Part:
-    """Logits over the keys one part gathers, in the part's own layout ``lead + [m]``, and how its
-    layout maps to ``[g, n]`` (``view``) and how its probabilities meet its values (``apply``)."""
+    """Logits over the keys one part gathers, in the part's own layout ``lead + [m]``; how that layout maps
+    to ``[g, n]`` and back (``view``, ``unview``), and how its probabilities meet its values (``apply``)."""
 
-    def __init__(self, logits: torch.Tensor, view, apply) -> None:
-        self.logits, self.view, self.apply = logits, view, apply
+    def __init__(self, logits: torch.Tensor, view, unview, apply) -> None:
+        self.logits, self.view, self.unview, self.apply = logits, view, unview, apply
 
     def top(self) -> torch.Tensor:
         return self.view(self.logits.amax(-1))
@@ -75,9 +75,7 @@ def _local(qh, kh, vh, qpos, sink: int, window: int, scale: float) -> _Part:
         o = torch.bmm(e, vg).view(tiles, g, TILE, d).transpose(0, 1).reshape(g, tiles * TILE, d)
         return o[:, :n]
 
-    part = _Part(logits, view, apply)
-    part.unview = unview
-    return part
+    return _Part(logits, view, unview, apply)
 
 
 def sparse_attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, context_len: int, scale: float,
@@ -136,9 +134,7 @@ def _sparse_head(qh, kh, vh, qpos, sink: int, window: int, vertical, slash, scal
         qq = qpos.unsqueeze(1)
         valid = (cols <= qq) & (cols >= sink) & (cols <= qq - window)  # not in the local part
         logits = torch.matmul(qh, kh[cols].t()).mul_(scale).masked_fill_(~valid, float("-inf"))  # [g, n, C]
-        part = _Part(logits, same, lambda e, vc=vh[cols]: e @ vc)
-        part.unview = same
-        parts.append(part)
+        parts.append(_Part(logits, same, same, lambda e, vc=vh[cols]: e @ vc))
     offs = slash[slash >= 0].long()
     offs = torch.cat([offs, torch.zeros(1, dtype=torch.long)]) if window == 0 else offs
     offs = offs[offs >= window].unique()  # a line inside the window is the local part's
@@ -151,9 +147,8 @@ def _sparse_head(qh, kh, vh, qpos, sink: int, window: int, vertical, slash, scal
         kd, vd = kh[idx], vh[idx]  # [n, O, D]
         logits = torch.bmm(qh.transpose(0, 1), kd.transpose(1, 2)).mul_(scale)  # [n, g, O]
         logits.masked_fill_(~valid.unsqueeze(1), float("-inf"))
-        part = _Part(logits, lambda x: x.t(), lambda e, vd=vd: torch.bmm(e, vd).transpose(0, 1))
-        part.unview = lambda x: x.t()
-        parts.append(part)
+        flip = lambda x: x.t()  # noqa: E731  ([n, g] <-> [g, n])
+        parts.append(_Part(logits, flip, flip, lambda e, vd=vd: torch.bmm(e, vd).transpose(0, 1)))
     top = torch.stack([p.top() for p in parts]).amax(0)  # [g, n]
     den = torch.zeros(g, n)
     num = torch.zeros(g, n, d)
