@@ -20,7 +20,8 @@ os.environ.setdefault("VLLM_CONFIGURE_LOGGING", "0")  # stdout is the record: no
 PROMPT, GEN, ROUNDS = 7000, 64, 2
 
 
-def reprofile_ms(num_layers: int, hq: int, hkv: int, dim: int, prompt: int, interval_check: int = 30) -> float:
+def reprofile_ms(hq: int, hkv: int, dim: int, prompt: int, repeats: int = 30) -> float:
+    """Median ms of one layer's re-profile of one request (the first 5 calls are warm-up)."""
     import torch
 
     from casakv_vllm.observe.estimate import FULL
@@ -36,7 +37,7 @@ def reprofile_ms(num_layers: int, hq: int, hkv: int, dim: int, prompt: int, inte
     allowed = torch.ones(hkv, 1, kept, dtype=torch.bool)
     program = torch.zeros(hkv, dtype=torch.long)
     times = []
-    for _ in range(interval_check):
+    for _ in range(repeats):
         t0 = time.perf_counter()
         recall = estimated_recall(q, live, allowed, summary, dim ** -0.5)
         torch.where(recall < 0.95, FULL, program)
@@ -73,7 +74,7 @@ def main():
         steps.append(1e3 * (spans[1 + GEN] - spans[1]) / GEN)
         print(f"decode step (casakv 4x, {PROMPT}-token prompt): {steps[-1]:.2f} ms", flush=True)
     step = statistics.median(steps)
-    per_layer = reprofile_ms(layers, hq, hkv, dim, PROMPT)
+    per_layer = reprofile_ms(hq, hkv, dim, PROMPT)
     share = layers * per_layer / interval / step
     print(f"re-profile of one request at one layer: {per_layer:.3f} ms ({hkv} KV heads, {hq} query heads, "
           f"live cache of a {PROMPT}-token prompt at 4x)")

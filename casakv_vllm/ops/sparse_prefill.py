@@ -59,7 +59,7 @@ def _local(qh, kh, vh, qpos, sink: int, window: int, scale: float) -> _Part:
     kq, qq = keys.unsqueeze(1), tile_q.unsqueeze(2)
     valid = torch.where(in_sink, kq <= qq, (kq >= sink) & (kq > qq - window) & (kq <= qq))  # [T, TILE, W]
     idx = keys.clamp(0, seq - 1)
-    kg, vg = kh[idx], vh[idx]  # [T, W, D]
+    kg, vg = kh[idx].float(), vh[idx].float()  # [T, W, D]
     qt = torch.nn.functional.pad(qh, (0, 0, 0, tiles * TILE - n)).view(g, tiles, TILE, d).transpose(0, 1)
     logits = torch.bmm(qt.reshape(tiles, g * TILE, d), kg.transpose(1, 2)).mul_(scale)  # [T, g * TILE, W]
     logits.view(tiles, g, TILE, -1).masked_fill_(~valid.unsqueeze(1), float("-inf"))
@@ -97,7 +97,7 @@ def sparse_attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, context_len
     pairs = 0
     for h in range(num_kv):
         heads = slice(h * g, (h + 1) * g)
-        qh, kh, vh = q[heads].float(), k[h].float(), v[h].float()
+        qh, kh, vh = q[heads].float(), k[h], v[h]  # keys and values convert to fp32 once gathered
         sink, window = min(sinks[h], seq), min(windows[h], seq)
         if p.blocks is not None and bool(p.blocks[r, h].any()):  # block-sparse: the key blocks it touches
             out[heads], computed = pattern_attention(qh, kh.unsqueeze(0), vh.unsqueeze(0), context_len, scale,
@@ -133,8 +133,8 @@ def _sparse_head(qh, kh, vh, qpos, sink: int, window: int, vertical, slash, scal
     if cols.numel():
         qq = qpos.unsqueeze(1)
         valid = (cols <= qq) & (cols >= sink) & (cols <= qq - window)  # not in the local part
-        logits = torch.matmul(qh, kh[cols].t()).mul_(scale).masked_fill_(~valid, float("-inf"))  # [g, n, C]
-        parts.append(_Part(logits, same, same, lambda e, vc=vh[cols]: e @ vc))
+        logits = torch.matmul(qh, kh[cols].float().t()).mul_(scale).masked_fill_(~valid, float("-inf"))  # [g, n, C]
+        parts.append(_Part(logits, same, same, lambda e, vc=vh[cols].float(): e @ vc))
     offs = slash[slash >= 0].long()
     offs = torch.cat([offs, torch.zeros(1, dtype=torch.long)]) if window == 0 else offs
     offs = offs[offs >= window].unique()  # a line inside the window is the local part's
@@ -144,7 +144,7 @@ def _sparse_head(qh, kh, vh, qpos, sink: int, window: int, vertical, slash, scal
         column[cols] = True
         valid = (key >= sink) & ~column[key.clamp(0, seq)]
         idx = key.clamp(0, seq - 1)
-        kd, vd = kh[idx], vh[idx]  # [n, O, D]
+        kd, vd = kh[idx].float(), vh[idx].float()  # [n, O, D]
         logits = torch.bmm(qh.transpose(0, 1), kd.transpose(1, 2)).mul_(scale)  # [n, g, O]
         logits.masked_fill_(~valid.unsqueeze(1), float("-inf"))
         flip = lambda x: x.t()  # noqa: E731  ([n, g] <-> [g, n])

@@ -123,8 +123,8 @@ class Policy:
                          scale: float, final: bool = False) -> "PatternBatch":
         """The patterns a sparse prefill chunk (queries ``context_len ..``, ``q`` ``[H, n, D]``, keys ``k``
         ``[Hkv, seq_len, D]`` so far; ``final``: the prompt's last chunk) is computed under; ``store``: the
-        request's, per layer."""
-        raise NotImplementedError(f"policy {self.name} has no sparse prefill")
+        request's, per layer.  Only called for rows ``sparse_prefill_from`` admits, which is never here."""
+        raise RuntimeError(f"casakv: a sparse prefill row was planned for policy {self.name}, which has none")
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.params!r})"

@@ -19,8 +19,9 @@ When a request starts decoding, at every layer:
    votes of the last ``vote_window`` = 32 queries) come from the quality suite: pattern
    tokens first lost retrieval, and so did votes of all 64 observed queries
    (``docs/decisions.md``, "casakv: keep order"), so the pattern decides each head's
-   budget and a window head's later events, and the votes decide its tokens.  The evicted tokens' keys are summarised per block of
-   ``SUMMARY_BLOCK`` positions (their mean and count).
+   budget and a window head's later events, and the votes decide its tokens.  The
+   evicted tokens' keys are summarised per block of ``SUMMARY_BLOCK`` positions (their
+   mean and count).
 
 It selects once, so the compression machinery compacts it and frees its blocks like
 the other select-once policies, and CUDA's decode kernel serves the steps between
