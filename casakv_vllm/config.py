@@ -34,7 +34,8 @@ class CasakvConfig(BaseModel):
 
     Budgets are per request, layer and KV head: ``kv_budget`` is an absolute
     number of tokens kept, ``kv_ratio`` the kept fraction (``0.25`` = 4x).
-    At most one of them may be set; neither means "no compression".
+    At most one of them may be set; neither means "no compression".  A ratio
+    never keeps fewer than ``kv_min`` tokens: a short chat prompt is kept whole.
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -42,6 +43,8 @@ class CasakvConfig(BaseModel):
     policy: str = Field("dense", description="attention/compression policy name")
     kv_budget: int | None = Field(None, ge=1, description="KV tokens kept per request, layer and head")
     kv_ratio: float | None = Field(None, gt=0.0, le=1.0, description="fraction of KV kept (0.25 = 4x)")
+    kv_min: int = Field(128, ge=0, description="with kv_ratio: a prompt of at most kv_min tokens is kept whole, "
+                        "and a longer one keeps at least kv_min tokens per layer and KV head (0: the ratio alone)")
     policy_params: dict[str, Any] = Field(default_factory=dict, description="parameters of the chosen policy")
     chunk_size: int | None = Field(256, ge=16, description="tokens between compactions of an evicting "
                                    "policy's cache: generated tokens, and prompt tokens with prefill_compression "

@@ -61,6 +61,7 @@ class CompositePolicy(KeepPolicy):
             budget["kv_budget"] = max(1, round(m.share * config.kv_budget))
         else:
             budget["kv_ratio"] = max(1e-6, m.share * config.kv_ratio)
+            budget["kv_min"] = round(m.share * config.kv_min)
         sub = config.model_copy(update={"policy": m.policy, "policy_params": m.policy_params, **budget})
         policy = cls(cls.validate_params(m.policy_params), sub, num_layers)
         if not policy.caps.evicts:

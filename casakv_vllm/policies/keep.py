@@ -50,7 +50,7 @@ class KeepPolicy(Policy):
         if cfg.kv_budget is not None:
             return min(prompt_len, cfg.kv_budget)
         if cfg.kv_ratio is not None:
-            return min(prompt_len, max(1, math.ceil(cfg.kv_ratio * prompt_len)))
+            return min(prompt_len, max(1, cfg.kv_min, math.ceil(cfg.kv_ratio * prompt_len)))
         return prompt_len
 
     def prompt_budget(self, layer: int, prompt_len: int) -> int:

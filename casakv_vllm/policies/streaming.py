@@ -17,7 +17,7 @@ from casakv_vllm.policies.registry import register_policy
 class StreamingParams(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
     sink: int = Field(4, ge=0, description="leading tokens always kept")
-    window: int | None = Field(None, ge=1, description="recent tokens kept; default: kv_budget/kv_ratio minus sink")
+    window: int | None = Field(None, ge=1, description="recent tokens kept; default: kv_budget/kv_ratio (at least kv_min) minus sink")
     scope: Literal["all", "decode"] = Field(
         "all", description="'all': the A-shape mask from the first prefill token on (StreamingLLM); "
                            "'decode': full prefill, then the cache keeps only sinks + window (eviction)")
@@ -55,7 +55,7 @@ class StreamingPolicy(KeepPolicy):
             return p.window
         if cfg.kv_budget is not None:
             return cfg.kv_budget - p.sink
-        return max(1, round(cfg.kv_ratio * seq_len) - p.sink)
+        return max(1, max(cfg.kv_min, round(cfg.kv_ratio * seq_len)) - p.sink)
 
     def patterns(self, layer, seq_lens, num_kv_heads, device) -> PatternBatch | None:
         if self.caps.evicts:

@@ -24,6 +24,7 @@ XARGS = {
     "casakv_policy": "policy",
     "casakv_kv_budget": "kv_budget",
     "casakv_kv_ratio": "kv_ratio",
+    "casakv_kv_min": "kv_min",
     "casakv_policy_params": "policy_params",
     "casakv_chunk_size": "chunk_size",
     "casakv_prefill_compression": "prefill_compression",

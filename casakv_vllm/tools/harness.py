@@ -193,7 +193,8 @@ def check_prefill_compression(harness: Harness, device: str, forward, shape=(6, 
     from casakv_vllm.integration.context import worker_context
 
     h, hkv, d = shape
-    vc = harness.config({"policy": "snapkv", "kv_ratio": 0.25, "prefill_compression": True, "chunk_size": 32},
+    server = {"policy": "snapkv", "kv_ratio": 0.25, "kv_min": 0, "prefill_compression": True, "chunk_size": 32}
+    vc = harness.config(server,
                         num_heads=h, num_kv_heads=hkv, head_size=d, dtype=str(dtype).split(".")[1], device=device,
                         compaction=True)
     builder, impl = harness.backend(vc, block_size, device)

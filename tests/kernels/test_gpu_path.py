@@ -251,18 +251,18 @@ def test_builder_plans_wide_tiles_on_the_sparse_only_promise():
 
 # Evicting policies with real freeing: a compacting request beside a dense one, prefilled, then decoded
 # through two compaction events (the first decode step, and ``chunk_size`` tokens later).
-EVICTING = {
-    "snapkv": {"policy": "snapkv", "kv_ratio": 0.25},
+EVICTING = {  # kv_min 0: the ratio alone, as on the short CPU prompts
+    "snapkv": {"policy": "snapkv", "kv_min": 0, "kv_ratio": 0.25},
     # a window shorter than the prompt's last partial block: some of its tokens go (the tail skip bits)
-    "snapkv-short-window": {"policy": "snapkv", "kv_ratio": 0.25, "policy_params": {"window": 3}},
-    "pyramidkv": {"policy": "pyramidkv", "kv_ratio": 0.25},
-    "adakv": {"policy": "adakv", "kv_ratio": 0.05},  # its region is as wide as a head may take: 8 x 5%
+    "snapkv-short-window": {"policy": "snapkv", "kv_min": 0, "kv_ratio": 0.25, "policy_params": {"window": 3}},
+    "pyramidkv": {"policy": "pyramidkv", "kv_min": 0, "kv_ratio": 0.25},
+    "adakv": {"policy": "adakv", "kv_min": 0, "kv_ratio": 0.05},  # its region is as wide as a head may take: 8 x 5%
     "h2o": {"policy": "h2o", "kv_budget": 64},
     "streaming-decode": {"policy": "streaming", "kv_budget": 64, "policy_params": {"scope": "decode"}},
     # compression while the prompt is prefilled, chunk by chunk (the prompt's chunks attend through it);
     # the CPU and CUDA runs may keep different tokens where window votes nearly tie, so on CUDA this one
     # is also checked against exactly what it kept (test_prefill_compression_on_the_gpu_path)
-    "snapkv-prefill": {"policy": "snapkv", "kv_ratio": 0.25, "prefill_compression": True},
+    "snapkv-prefill": {"policy": "snapkv", "kv_min": 0, "kv_ratio": 0.25, "prefill_compression": True},
 }
 CHUNK = 16
 

@@ -46,6 +46,23 @@ def test_selection_sizes_and_planted_keys(observed, name, params):
         assert bool(keep[:, :4].all()) and bool(keep[:, -(budget - 4):].all())
 
 
+@pytest.mark.parametrize("name", ["snapkv", "adakv", "h2o", "casakv"])
+def test_a_ratio_keeps_at_least_kv_min_and_a_short_prompt_whole(name):
+    p = policy(name, kv_ratio=0.25)  # kv_min defaults to 128
+    assert [p.base_budget(n) for n in (42, 128, 400, 2048)] == [42, 128, 128, 512]
+    assert p.slot_budget(42, HKV) == 42  # nothing of a short chat prompt is evicted, no block freed
+    assert [policy(name, kv_ratio=0.25, kv_min=0).base_budget(n) for n in (42, 400)] == [11, 100]
+    assert policy(name, kv_budget=64, kv_min=256).base_budget(400) == 64  # an absolute budget is what it says
+
+
+def test_composite_members_share_kv_min():
+    members = [{"policy": "streaming", "share": 0.25, "policy_params": {"scope": "decode"}},
+               {"policy": "snapkv", "share": 0.75}]
+    p = policy("composite", kv_ratio=0.25, policy_params={"members": members})
+    assert [m.config.kv_min for m in p.members] == [32, 96]
+    assert p.slot_budget(100, HKV) == 100
+
+
 def test_pyramid_budgets_shrink_average_and_never_drop_below_the_window():
     """At 4x of a 2048-token prompt over 30 layers every layer keeps at least SnapKV's 32-token window."""
     p = policy("pyramidkv", num_layers=30, kv_ratio=0.25)

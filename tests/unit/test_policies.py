@@ -24,7 +24,8 @@ def test_dense_has_no_patterns():
 @pytest.mark.parametrize("settings,seq_len,window", [
     ({"policy": "streaming", "policy_params": {"sink": 4, "window": 32}}, 500, 32),
     ({"policy": "streaming", "kv_budget": 128}, 500, 124),
-    ({"policy": "streaming", "kv_ratio": 0.25, "policy_params": {"sink": 8}}, 400, 92),
+    ({"policy": "streaming", "kv_ratio": 0.25, "kv_min": 0, "policy_params": {"sink": 8}}, 400, 92),
+    ({"policy": "streaming", "kv_ratio": 0.25, "policy_params": {"sink": 8}}, 400, 120),  # kv_min 128
 ])
 def test_streaming_window_from_params_or_budget(settings, seq_len, window):
     pat = _policy(settings).patterns(0, [seq_len, 60], 2, "cpu")

@@ -24,6 +24,9 @@ def test_overrides_parse_and_merge():
     base = CasakvConfig(policy="streaming", kv_ratio=0.5, policy_params={"sink": 2})
     cfg = merged_config(base, ov)
     assert (cfg.policy, cfg.kv_budget, cfg.kv_ratio, cfg.policy_params) == ("snapkv", 64, None, {"window": 8})
+    short = merged_config(base, request_overrides({"casakv_policy": "snapkv", "casakv_kv_ratio": 0.25,
+                                                   "casakv_kv_min": 0}))
+    assert (short.kv_ratio, short.kv_min) == (0.25, 0)
     with pytest.raises(ValueError, match="unknown request parameter 'casakv_budget'"):
         request_overrides({"casakv_budget": 3})
     with pytest.raises(ValueError, match="not valid JSON"):
@@ -34,6 +37,7 @@ def test_overrides_parse_and_merge():
     ({"casakv_policy": "snapkv", "casakv_policy_params": '{"nope": 1}'}, "unknown parameter 'nope'"),
     ({"casakv_policy": "streaming", "casakv_kv_budget": 64}, "changes prefill attention"),
     ({"casakv_kv_budget": -3}, "kv_budget=-3"),
+    ({"casakv_policy": "snapkv", "casakv_kv_ratio": 0.25, "casakv_kv_min": -1}, "kv_min=-1"),
 ])
 def test_check_request_one_line(xargs, msg):
     with pytest.raises(ValueError, match=msg) as info:
