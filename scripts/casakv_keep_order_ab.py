@@ -29,17 +29,21 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--extra", default="{}", help="JSON policy_params every casakv variant adds, e.g. '{\"floor\": 1}'")
     ap.add_argument("--skip-snapkv", action="store_true")
+    ap.add_argument("--variants", default=None, help="JSON list of policy_params, one casakv variant each (instead "
+                    "of --shares), e.g. '[{\"across_layers\": true}]'")
     args = ap.parse_args()
     extra = json.loads(args.extra)
     model = _model(None)
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     flags = (f" --extra '{args.extra}'" if extra else "") + (" --skip-snapkv" if args.skip_snapkv else "")
-    print(f"$ python scripts/casakv_keep_order_ab.py --shares {args.shares} --samples {args.samples}{flags} "
+    chosen = f"--variants '{args.variants}'" if args.variants else f"--shares {args.shares}"
+    print(f"$ python scripts/casakv_keep_order_ab.py {chosen} --samples {args.samples}{flags} "
           f"({time.strftime('%Y-%m-%d')}, {platform.processor() or platform.machine()}, commit {commit})", flush=True)
     samples = {t: make_samples(t, args.samples, args.seed, None) for t in TASKS}
     variants = [] if args.skip_snapkv else [("snapkv", EvalConfig("snapkv", args.budget))]
-    for s in args.shares.split(","):
-        params = {**extra, "vote_share": float(s)}
+    sets = json.loads(args.variants) if args.variants else [{"vote_share": float(s)} for s in args.shares.split(",")]
+    for one in sets:
+        params = {**extra, **one}
         label = "casakv " + " ".join(f"{k}={v}" for k, v in params.items())
         variants.append((label, EvalConfig("casakv", args.budget, tuple(sorted(params.items())))))
     server = _server(None, model)

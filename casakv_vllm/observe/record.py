@@ -35,6 +35,8 @@ class RecordJob:
         win_src, win_dst, win_n: ``win_n`` window rows, from chunk row
             ``win_src`` into window row ``win_dst``.
         col_sums: add the chunk's attention mass per key to the column sums.
+        at_end: the row's policy hook ``on_prompt_observed`` when the chunk ends the prompt (None
+            otherwise): it runs after the window is recorded, with the prompt's keys.
     """
 
     obs: PromptObservations
@@ -46,11 +48,13 @@ class RecordJob:
     win_dst: int
     win_n: int
     col_sums: bool
+    at_end: Callable | None = None
 
 
 def plan_record(obs: PromptObservations, row: int, q_start: int, ctx: int, q_len: int,
-                want_col_sums: bool) -> RecordJob | None:
-    """Plan one prefill row's recording (and mark it as recorded); None when it records nothing."""
+                want_col_sums: bool, at_end: Callable | None = None) -> RecordJob | None:
+    """Plan one prefill row's recording (and mark it as recorded); None when it records nothing.
+    ``at_end`` is kept only when the chunk ends the prompt."""
     plen = obs.prompt_len
     end = min(ctx + q_len, plen)
     if ctx >= end:
@@ -65,7 +69,8 @@ def plan_record(obs: PromptObservations, row: int, q_start: int, ctx: int, q_len
         obs.col_rows = end
     if win_n == 0 and not col:
         return None
-    return RecordJob(obs, row, q_start, ctx, end - ctx, first - ctx, first - lo, win_n, col)
+    return RecordJob(obs, row, q_start, ctx, end - ctx, first - ctx, first - lo, win_n, col,
+                     at_end if end == plen else None)
 
 
 def record_layer(job: RecordJob, layer: int, query: torch.Tensor, scale: float,
@@ -74,8 +79,8 @@ def record_layer(job: RecordJob, layer: int, query: torch.Tensor, scale: float,
 
     Args:
         query: ``[num_tokens, num_heads, D]``, the batch's queries.
-        keys: returns ``[num_kv_heads, ctx + rows, D]``, the row's keys so far
-            (called only for column sums).
+        keys: returns ``[num_kv_heads, >= ctx + rows, D]``, the row's keys so far
+            (called only for column sums and ``at_end``).
     """
     if job.win_n:
         buf = job.obs.window_buffer(layer, query)
@@ -89,3 +94,5 @@ def record_layer(job: RecordJob, layer: int, query: torch.Tensor, scale: float,
             r1 = min(job.rows, r0 + ROWS_PER_BLOCK)
             probs = attention_probs(q[:, r0:r1], k[:, :job.ctx + r1], job.ctx + r0, scale)
             sums[:, :job.ctx + r1] += group_sum(probs, k.shape[0]).sum(1)
+    if job.at_end is not None and layer in job.obs.window_q:
+        job.at_end(layer, job.obs.layer(layer), keys()[:, :job.obs.prompt_len], scale)

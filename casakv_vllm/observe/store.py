@@ -49,12 +49,15 @@ class LayerObservation:
             key received, summed over prompt rows ``0 .. col_rows - 1`` and the
             query heads of its group; None unless a policy asked for it.
         col_rows: prompt rows whose attention is in ``col_sums``.
+        notes: what a policy derived from the prompt at its end (``Policy.on_prompt_observed``), shared by
+            every layer of the prompt: a policy that allots budgets across layers reads every layer's here.
     """
 
     window_q: torch.Tensor
     window_seen: list[bool]
     col_sums: torch.Tensor | None = None
     col_rows: int = 0
+    notes: dict = field(default_factory=dict)
 
     @property
     def window_complete(self) -> bool:
@@ -75,6 +78,7 @@ class PromptObservations:
     window_seen: list[bool] = field(default_factory=list)  # shared by all layers
     col_sums: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> [Hkv, prompt_len]
     col_rows: int = 0  # shared by all layers (recorded in the same steps)
+    notes: dict = field(default_factory=dict)  # policy key -> what it derived at the prompt's end (small)
 
     def __post_init__(self):
         if not self.window_seen:
@@ -88,7 +92,7 @@ class PromptObservations:
         q = self.window_q.get(layer)
         if q is None:
             return None
-        return LayerObservation(q, self.window_seen, self.col_sums.get(layer), self.col_rows)
+        return LayerObservation(q, self.window_seen, self.col_sums.get(layer), self.col_rows, self.notes)
 
     def window_buffer(self, layer: int, like: torch.Tensor) -> torch.Tensor:
         """``[H, W, D]`` buffer of ``layer``, allocated on first use like ``like`` (``[T, H, D]``)."""

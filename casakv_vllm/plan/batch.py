@@ -203,17 +203,20 @@ def _plan_compaction(row: RowPlan, state: RequestState, policy: Policy, setup: C
     state.layout = terms.layout(row.compact_tail)
 
 
-def _plan_records(store: ObservationStore, state: RequestState, row: RowPlan, col_sums: bool) -> list[RecordJob]:
+def _plan_records(store: ObservationStore, state: RequestState, row: RowPlan, policy: Policy) -> list[RecordJob]:
     """What a prefill row records: its prompt's observations, and with a question its context's.  Only
     context rows count for the prompt's (question rows attend through the context's keep-set, not as
-    full attention does), so a request without a question that shares the prompt reads none of them."""
+    full attention does), so a request without a question that shares the prompt reads none of them.
+    The chunk that ends what the policy will select from also runs its ``on_prompt_observed``."""
+    col_sums = policy.caps.needs_col_sums
+    hook = policy.on_prompt_observed if policy.observes_prompt_end() else None
     jobs = []
     end = min(row.seq_len, state.select_len)
     keys = (state.prompt_key,) if state.question_at is None else (state.prompt_key, state.context_key)
     for key, length in zip(keys, (state.prompt_len, state.select_len)):
         if row.context_len < end:
             job = plan_record(store.get(key, length), row.index, row.q_start, row.context_len, end - row.context_len,
-                              col_sums)
+                              col_sums, hook if key == state.obs_key else None)
             if job is not None:
                 jobs.append(job)
     return jobs
@@ -244,7 +247,7 @@ def plan_batch(requests: RequestTable | None, resolver: PolicyResolver, store: O
             row.dense, row.sparse = False, True
         if state is not None and state.prompt_key is not None and q_len > 0:
             if row.context_len < state.prompt_len:  # every prefill row records its prompt's observations
-                records += _plan_records(store, state, row, policy.caps.needs_col_sums)
+                records += _plan_records(store, state, row, policy)
             if row.evicting:  # (a question's prefill rows too: recorded above, before attention)
                 row.obs = store.peek(state.obs_key, state.select_len)
         rows.append(row)

@@ -23,6 +23,7 @@ if TYPE_CHECKING:
 
     from casakv_kernels.patterns import PatternBatch
     from casakv_vllm.config import CasakvConfig
+    from casakv_vllm.observe.store import LayerObservation
 
 
 class NoParams(BaseModel):
@@ -125,6 +126,15 @@ class Policy:
         ``[Hkv, seq_len, D]`` so far; ``final``: the prompt's last chunk) is computed under; ``store``: the
         request's, per layer.  Only called for rows ``sparse_prefill_from`` admits, which is never here."""
         raise RuntimeError(f"casakv: a sparse prefill row was planned for policy {self.name}, which has none")
+
+    def observes_prompt_end(self) -> bool:
+        """It derives something from the prompt's end at every layer (``on_prompt_observed``)."""
+        return type(self).on_prompt_observed is not Policy.on_prompt_observed
+
+    def on_prompt_observed(self, layer: int, obs: "LayerObservation", keys: "torch.Tensor", scale: float) -> None:
+        """Runs in each layer's forward of the prefill chunk that ends the prompt (the context, with a
+        question), after its observations are recorded; ``keys`` ``[Hkv, prompt_len, D]``.  What it derives
+        goes into ``obs.notes`` (the prompt's, shared by all layers), read when decoding starts."""
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.params!r})"

@@ -116,15 +116,32 @@ class ByNeed(Uniform):
     def max_head_budget(self, budget: int, pinned: int, num_kv: int, prompt_len: int) -> int:
         return min(prompt_len, int((1.0 + self.spread) * budget))
 
-    def by_need(self, need: torch.Tensor, budget: int, pinned: int, prompt_len: int) -> torch.Tensor:
-        """``need`` ``[Hkv]`` int64 -> budgets ``[Hkv]`` int64 summing to at most ``Hkv * budget``."""
+    def by_need(self, need: torch.Tensor, budget: int, pinned: int, prompt_len: int,
+                total: torch.Tensor | None = None) -> torch.Tensor:
+        """``need`` ``[Hkv]`` int64 -> budgets ``[Hkv]`` int64 summing to at most ``total`` (default
+        ``Hkv * budget``; a 0-d tensor when the layer's share comes from ``across_layers``).  Floor and cap
+        come from ``budget`` either way."""
         num_kv = need.shape[0]
         floor = min(budget, pinned + int(self.floor * max(0, budget - pinned)))
         cap = self.max_head_budget(budget, pinned, num_kv, prompt_len)
         want = need.clamp(floor, cap)
-        total = num_kv * budget
+        total = num_kv * budget if total is None else total
         over = want - floor
         scaled = floor + (over * (total - num_kv * floor)) // over.sum().clamp_min(1)
         extra = (total - want.sum()).clamp_min(0)
         shared = want + extra // num_kv + (torch.arange(num_kv, device=need.device) < extra % num_kv).long()
         return torch.where(want.sum() > total, scaled, shared).clamp(max=cap)
+
+
+def across_layers(alloc: ByNeed, needs: torch.Tensor, budget: int, pinned: int, prompt_len: int) -> torch.Tensor:
+    """``needs`` ``[layers, Hkv]`` -> each layer's share ``[layers]`` of the request's ``layers * Hkv * budget``
+    tokens, by the layers' summed needs (each head's clamped to its floor and cap first): the same rule as
+    between heads, one level up, so a layer keeps between ``Hkv`` floors and ``Hkv`` caps.  The compacted
+    region stays ``(1 + spread) * budget`` wide (no head of any layer exceeds it), so this moves tokens,
+    not memory.  On the device."""
+    num_layers, num_kv = needs.shape
+    floor = min(budget, pinned + int(alloc.floor * max(0, budget - pinned)))
+    cap = alloc.max_head_budget(budget, pinned, num_kv, prompt_len)
+    layer_need = needs.clamp(floor, cap).sum(1)
+    shares = alloc.by_need(layer_need, num_kv * budget, num_kv * pinned, num_kv * prompt_len)
+    return shares.clamp(num_kv * floor, num_kv * cap)

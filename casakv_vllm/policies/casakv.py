@@ -10,8 +10,13 @@ When a request starts decoding, at every layer:
    sinks + window, vertical stripes, slash lines, both, or full.
 2. **Budgets by need.** A head needs what its pattern covers at the next query (a
    window head its sinks and window, a stripe head its columns); ``full`` heads ask
-   for the per-head budget.  ``budgets.ByNeed`` moves the layer's fixed total between
-   heads accordingly.
+   for the per-head budget.  ``budgets.ByNeed`` moves the layer's total between heads
+   accordingly, and with ``across_layers`` the request's total moves between layers by
+   their summed needs first (``budgets.across_layers``): every layer's patterns are
+   estimated at the prompt's end (``on_prompt_observed``, in each layer's forward of the
+   prompt's last chunk), so all needs are known before layer 0 selects.  A head still keeps
+   at most ``(1 + spread)`` x the per-head budget, so the compacted region and the blocks
+   freed do not change: tokens move, memory does not.
 3. **Keep-sets.** Within its budget each head keeps its ``vote_share`` most-voted
    tokens first (SnapKV's pooled votes of the window's queries: a needle the queries
    ask for stays even in a window head), then its pattern's tokens, then the other
@@ -41,7 +46,7 @@ of a request that compacts is computed under patterns the estimator picks from t
 queries (re-estimated as the sequence grows by ``REESTIMATE_GROWTH``), only the (query, key) pairs they
 allow (``ops.sparse_prefill``).  Off by default: on the CPU build it is slower than vLLM's kernel and
 loses retrieval (``docs/decisions.md``, "casakv: CPU sparse prefill").  Not yet: sparse prefill in CUDA
-serving, and budgets moving between layers (they move between heads).
+serving.
 """
 
 from __future__ import annotations
@@ -53,7 +58,7 @@ from casakv_vllm.observe.tally import TALLY
 from casakv_vllm.observe.estimate import ASHAPE, FULL, EstimatorConfig, estimate_patterns
 from casakv_vllm.observe.store import LayerObservation
 from casakv_vllm.ops.probs import grouped_logits
-from casakv_vllm.policies.budgets import ByNeed
+from casakv_vllm.policies.budgets import ByNeed, across_layers
 from casakv_vllm.policies.keep import KeepPolicy
 from casakv_vllm.policies.keepset import LayerKeep
 from casakv_vllm.policies.registry import register_policy
@@ -88,6 +93,9 @@ class CasakvParams(BaseModel):
     sparse_min_len: int = Field(2048, ge=1, description="sequence length from which prefill chunks are sparse")
     vote_share: float = Field(1.0, ge=0.0, le=1.0, description="share of a head's budget its most-voted tokens "
                               "take before its pattern's tokens (a needle a window head's queries vote for stays)")
+    across_layers: bool = Field(True, description="budgets move between layers by need too, the request's total "
+                                "fixed (patterns estimated at the prompt's end; a head still keeps at most "
+                                "(1 + spread) x the per-head budget)")
 
 
 def pattern_columns(patterns, prompt_len: int, device) -> torch.Tensor:
@@ -170,25 +178,60 @@ class CasakvPolicy(KeepPolicy):
         keep.program, keep.summary = program, summary
         return keep
 
+    def observes_prompt_end(self) -> bool:
+        # with prefill compression the prompt's last event estimates from what the cache holds instead
+        return self.params.across_layers and not self.config.prefill_compression
+
+    def on_prompt_observed(self, layer: int, obs: LayerObservation, keys: torch.Tensor, scale: float) -> None:
+        """The prompt's end, at every layer: its patterns (and what they cover), so that the first decode step
+        knows every layer's need before layer 0 selects (``across_layers``)."""
+        est = self._estimate(obs, keys, scale)
+        if est is not None:
+            covered = pattern_columns(est.patterns, keys.shape[1], keys.device).sum(1)
+            obs.notes[(self.name, self.estimator, layer)] = (est, covered)
+
+    def _estimate(self, obs: LayerObservation | None, keys: torch.Tensor, scale: float):
+        """The estimator over the prompt's observed last queries (None: their rows are not all recorded)."""
+        rows = obs.seen_rows(len(obs.window_seen)) if obs is not None else []
+        if not rows or len(rows) != rows[-1] - rows[0] + 1:
+            return None
+        first = keys.shape[1] - len(obs.window_seen) + rows[0]
+        return estimate_patterns(obs.window_q[:, rows[0]:rows[-1] + 1], keys, first, scale, self.estimator)
+
+    def layer_total(self, obs: LayerObservation | None, layer: int, budget: int, pinned: int,
+                    prompt_len: int) -> torch.Tensor | None:
+        """``layer``'s share of the request's tokens when every layer's need was noted at the prompt's end
+        (``budgets.across_layers``, computed once per prompt); None: ``Hkv x budget``, as without it."""
+        if not self.params.across_layers or obs is None:
+            return None
+        key = (self.name, self.estimator, "totals", budget, pinned, self.allocator.floor, self.allocator.spread)
+        if key not in obs.notes:
+            noted = [obs.notes.get((self.name, self.estimator, i)) for i in range(self.num_layers)]
+            if any(n is None for n in noted):
+                return None
+            needs = torch.stack([torch.where(est.program == FULL, budget, covered + pinned) for est, covered in noted])
+            obs.notes[key] = across_layers(self.allocator, needs, budget, pinned, prompt_len)
+        return obs.notes[key][layer]
+
     def start_keep(self, layer, prompt_len, keys, obs, scale):
         """``(keep [Hkv, L], scores, program [Hkv] | None, evicted summary | None)``."""
         num_kv, device = keys.shape[0], keys.device
         budget = self.prompt_budget(layer, prompt_len)
         if budget >= prompt_len:
             return torch.ones(num_kv, prompt_len, dtype=torch.bool, device=device), None, None, None
-        rows = obs.seen_rows(len(obs.window_seen)) if obs is not None else []
-        if not rows or len(rows) != rows[-1] - rows[0] + 1:
+        noted = obs.notes.get((self.name, self.estimator, layer)) if obs is not None else None
+        est = noted[0] if noted is not None else self._estimate(obs, keys, scale)
+        if est is None:
             warn_once(self.name, "no observations of the prompt's last queries; keeping sinks + recent tokens")
             return recency_keep(num_kv, prompt_len, budget, device=device), None, None, None
-        first = prompt_len - len(obs.window_seen) + rows[0]
-        q = obs.window_q[:, rows[0]:rows[-1] + 1]
-        est = estimate_patterns(q, keys, first, scale, self.estimator)
+        rows = obs.seen_rows(len(obs.window_seen))
         TALLY.add_programs(est.program)
         covered = pattern_columns(est.patterns, prompt_len, device)
         pinned = self.pinned(prompt_len)
         full = est.program == FULL
         need = torch.where(full, budget, covered.sum(1) + pinned)
-        budgets = self.allocator.by_need(need, budget, pinned, prompt_len)
+        total = self.layer_total(obs, layer, budget, pinned, prompt_len)
+        budgets = self.allocator.by_need(need, budget, pinned, prompt_len, total)
         votes = window_scores(ScoreInput(layer, keys, obs, scale, budget, self.name),
                               min(len(rows), self.params.vote_window))
         votes = pooled(votes, self.params.kernel)

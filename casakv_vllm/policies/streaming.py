@@ -17,7 +17,8 @@ from casakv_vllm.policies.registry import register_policy
 class StreamingParams(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
     sink: int = Field(4, ge=0, description="leading tokens always kept")
-    window: int | None = Field(None, ge=1, description="recent tokens kept; default: kv_budget/kv_ratio (at least kv_min) minus sink")
+    window: int | None = Field(None, ge=1, description="recent tokens kept; default: kv_budget/kv_ratio "
+                               "(at least kv_min) minus sink")
     scope: Literal["all", "decode"] = Field(
         "all", description="'all': the A-shape mask from the first prefill token on (StreamingLLM); "
                            "'decode': full prefill, then the cache keeps only sinks + window (eviction)")

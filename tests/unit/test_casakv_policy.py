@@ -10,7 +10,7 @@ from casakv_vllm.observe.tally import TALLY
 from casakv_vllm.observe.estimate import FULL, PROGRAMS
 from casakv_vllm.observe.store import LayerObservation
 from casakv_vllm.policies import build_policy
-from casakv_vllm.policies.budgets import ByNeed
+from casakv_vllm.policies.budgets import ByNeed, across_layers
 from casakv_vllm.policies.casakv import SUMMARY_BLOCK, estimated_recall, evicted_summary, pattern_columns
 
 
@@ -174,3 +174,70 @@ def test_a_window_heads_voted_needle_stays_when_votes_come_first(share, kept):
     keep, _, program, _ = policy.start_keep(0, length, keys, _obs(q), dim ** -0.5)
     assert PROGRAMS[int(program[0])] == "a-shape"
     assert bool(keep[0, needle]) is kept
+
+
+def test_layers_share_the_requests_total_by_need():
+    """``across_layers``: a layer's share follows its heads' summed needs, within ``Hkv`` floors and caps, and
+    the shares add up to the request's ``layers x Hkv x budget`` (no more)."""
+    alloc = ByNeed(floor=0.2, spread=0.25)
+    budget, pinned, length = 100, 10, 1000
+    needs = torch.tensor([[400, 400], [30, 20], [120, 90], [100, 100], [15, 15]])
+    shares = across_layers(alloc, needs, budget, pinned, length)
+    floor, cap = pinned + int(0.2 * (budget - pinned)), 125
+    total = int(shares.sum())  # what is shared out evenly past a layer's cap stays unspent
+    assert total <= 5 * 2 * budget and (total >= 5 * 2 * budget - 5 or bool((shares == 2 * 125).any()))
+    assert bool((shares >= 2 * floor).all()) and bool((shares <= 2 * cap).all())
+    assert int(shares[0]) == 2 * cap  # the layer that needs most gets its heads' caps
+    assert int(shares[1]) < 2 * budget and int(shares[4]) < 2 * budget  # cheap layers give budget away
+    assert int(shares[2]) > int(shares[1])
+
+
+def _two_layer_prompt(length=1024, dim=32):
+    """Layer 0: both heads attend the recent keys only (cheap windows); layer 1: every key alike (full)."""
+    gen = torch.Generator().manual_seed(3)
+    keys = [torch.randn(2, length, dim, generator=gen) * 0.05 for _ in range(2)]
+    q = [torch.randn(2, 64, dim, generator=gen) * 0.05 for _ in range(2)]
+    for i in range(64):
+        pos = length - 64 + i
+        keys[0][:, pos] = torch.randn(2, dim, generator=gen)
+        q[0][:, i] = keys[0][:, pos - 2:pos + 1].sum(1) * 4
+    return keys, [_obs(x) for x in q]
+
+
+def test_every_layers_need_noted_at_the_prompts_end_moves_budget_between_layers():
+    keys, obs = _two_layer_prompt()
+    length, scale = keys[0].shape[1], keys[0].shape[2] ** -0.5
+    shared = {}
+    for o in obs:
+        o.notes = shared  # one prompt: its layers share their notes
+    on = build_policy(CasakvConfig(policy="casakv", kv_ratio=0.25), num_layers=2)
+    off = build_policy(CasakvConfig(policy="casakv", kv_ratio=0.25, policy_params={"across_layers": False}), 2)
+    assert on.observes_prompt_end() and not off.observes_prompt_end()
+    budget = on.prompt_budget(0, length)
+    # before the prompt's end was observed (or with it off): each layer keeps Hkv x budget
+    alone = [on.start_keep(i, length, keys[i], obs[i], scale)[0].sum() for i in range(2)]
+    assert [int(x) for x in alone] == [2 * budget, 2 * budget]
+    for i in range(2):
+        on.on_prompt_observed(i, obs[i], keys[i], scale)
+    kept = [on.start_keep(i, length, keys[i], obs[i], scale) for i in range(2)]
+    counts = [int(k[0].sum()) for k in kept]
+    assert counts[0] < 2 * budget < counts[1] <= 2 * on.allocator.max_head_budget(budget, 32, 2, length)
+    assert sum(counts) <= 4 * budget and bool((kept[1][0].sum(1) <= on.slot_budget(length, 2)).all())
+    assert [int(x) for x in (off.start_keep(i, length, keys[i], obs[i], scale)[0].sum() for i in range(2))] == \
+        [2 * budget, 2 * budget]
+
+
+def test_the_chunk_that_ends_the_prompt_runs_the_policys_prompt_end_hook():
+    from casakv_vllm.observe.record import plan_record, record_layer
+    from casakv_vllm.observe.store import PromptObservations
+
+    seen = []
+    hook = lambda layer, o, k, s: seen.append((layer, o.window_complete, k.shape[1]))  # noqa: E731
+    obs = PromptObservations(200)
+    q, k = torch.randn(150, 4, 8), torch.randn(2, 260, 8)
+    first = plan_record(obs, 0, 0, 0, 150, False, hook)  # rows 0..149: not the end
+    assert first.at_end is None
+    record_layer(first, 0, q, 1.0, lambda: k[:, :150])
+    last = plan_record(obs, 0, 0, 150, 110, False, hook)  # rows 150..199 (and 60 question rows after it)
+    record_layer(last, 0, q[:110], 1.0, lambda: k)
+    assert seen == [(0, True, 200)]

@@ -98,3 +98,28 @@ def test_prefill_compression_attends_exactly_what_it_keeps(harness, block_size):
     from casakv_vllm.tools.harness import check_prefill_compression
 
     assert check_prefill_compression(harness, "cpu", harness.forward, block_size=block_size) >= 7
+
+
+def test_casakv_notes_each_layers_patterns_at_the_prompts_end(harness):
+    """The builder plans casakv's prompt-end hook on the chunk that ends the prompt only; at the first decode
+    step the layer selects with the patterns and share noted there (``across_layers``)."""
+    from casakv_vllm.integration.context import worker_context
+
+    vc = harness.config({"policy": "dense"}, num_heads=6, num_kv_heads=2, head_size=64, num_layers=1,
+                        compaction=True)
+    builder, impl = harness.backend(vc, 16, "cpu")
+    params = harness.requests([(300, {"casakv_policy": "casakv", "casakv_kv_ratio": 0.25, "casakv_kv_min": 0})])
+    full = harness.batch(impl, [1], [300], 16, torch.float32, "cpu", seed=2)
+    state = worker_context().requests.rows[0]
+    notes = []
+    for q_len, ctx in ((200, 0), (100, 200), (1, 300)):
+        harness.forward(builder, impl, harness.at(full, [q_len], [ctx], seed=ctx))
+        notes.append(sorted(str(k[-1]) for k in worker_context().observations.peek(state.obs_key, 300).notes))
+    assert notes[0] == [] and notes[1] == ["0"]  # layer 0's patterns, once the prompt's last chunk ran
+    assert len(notes[2]) == 2  # and the layers' shares, computed once when decoding started
+    obs = worker_context().observations.peek(state.obs_key, 300)
+    share = next(v for k, v in obs.notes.items() if k[2] == "totals")
+    from casakv_vllm.tools.harness import kept_positions
+
+    assert int(kept_positions(state.keep[0], 300).sum()) == int(share[0])  # prompt tokens: the layer's share
+    assert params
