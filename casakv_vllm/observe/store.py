@@ -110,7 +110,16 @@ class PromptObservations:
 
     @property
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for d in (self.window_q, self.col_sums) for t in d.values())
+        return sum(_nbytes(t) for d in (self.window_q, self.col_sums, self.notes) for t in d.values())
+
+
+def _nbytes(value) -> int:
+    """Bytes of the tensors in ``value`` (a tensor, or tuples and objects holding them, as notes are)."""
+    if isinstance(value, torch.Tensor):
+        return value.numel() * value.element_size()
+    if isinstance(value, (tuple, list)):
+        return sum(_nbytes(v) for v in value)
+    return sum(_nbytes(v) for v in vars(value).values()) if hasattr(value, "__dict__") else 0
 
 
 class ObservationStore:

@@ -42,3 +42,10 @@ def test_store_is_bounded_by_bytes_and_keeps_the_newest():
     assert len(store) == 3 and store.peek("p0", 100) is None and store.peek("p4", 100) is not None
     assert store.get("p4", 100) is store.get("p4", 100)
     assert store.get("p4", 101).prompt_len == 101  # same key, other length: a new record
+
+
+def test_a_policys_notes_count_towards_the_stores_bound():
+    obs = PromptObservations(100)
+    before = obs.nbytes
+    obs.notes[("casakv", 0)] = (torch.zeros(3, 10), torch.zeros(5, dtype=torch.int64))
+    assert obs.nbytes == before + 3 * 10 * 4 + 5 * 8
