@@ -263,6 +263,9 @@ EVICTING = {  # kv_min 0: the ratio alone, as on the short CPU prompts
     # the CPU and CUDA runs may keep different tokens where window votes nearly tie, so on CUDA this one
     # is also checked against exactly what it kept (test_prefill_compression_on_the_gpu_path)
     "snapkv-prefill": {"policy": "snapkv", "kv_min": 0, "kv_ratio": 0.25, "prefill_compression": True},
+    # per-head patterns and budgets by need, estimated at the prompt's end (its prompt-end hook runs in the
+    # prefill step's layer loop); its later events re-rank window heads by recency
+    "casakv": {"policy": "casakv", "kv_min": 0, "kv_ratio": 0.25, "policy_params": {"reprofile_interval": 16}},
 }
 CHUNK = 16
 
