@@ -184,7 +184,9 @@ class CasakvPolicy(KeepPolicy):
 
     def on_prompt_observed(self, layer: int, obs: LayerObservation, keys: torch.Tensor, scale: float) -> None:
         """The prompt's end, at every layer: its patterns (and what they cover), so that the first decode step
-        knows every layer's need before layer 0 selects (``across_layers``)."""
+        knows every layer's need before layer 0 selects (``across_layers``).  Not for a prompt kept whole."""
+        if self.prompt_budget(layer, keys.shape[1]) >= keys.shape[1]:
+            return
         est = self._estimate(obs, keys, scale)
         if est is not None:
             covered = pattern_columns(est.patterns, keys.shape[1], keys.device).sum(1)

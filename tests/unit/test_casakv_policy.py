@@ -241,3 +241,10 @@ def test_the_chunk_that_ends_the_prompt_runs_the_policys_prompt_end_hook():
     last = plan_record(obs, 0, 0, 150, 110, False, hook)  # rows 150..199 (and 60 question rows after it)
     record_layer(last, 0, q[:110], 1.0, lambda: k)
     assert seen == [(0, True, 200)]
+
+
+def test_a_prompt_kept_whole_notes_nothing():
+    keys, obs = _two_layer_prompt(length=100)
+    policy = build_policy(CasakvConfig(policy="casakv", kv_ratio=0.25), num_layers=2)  # kv_min 128 > 100
+    policy.on_prompt_observed(0, obs[0], keys[0], keys[0].shape[2] ** -0.5)
+    assert obs[0].notes == {}
