@@ -14,6 +14,7 @@ import torch
 
 import casakv_vllm.ops.custom as ops
 from casakv_vllm.attention.masked import RowKV, attend_row, compact_row, prefill_rank
+from casakv_vllm.attention.sparse import estimated_layer
 from casakv_vllm.observe.record import record_layer
 from casakv_vllm.plan.metadata import CasakvMetadata
 
@@ -38,7 +39,8 @@ def run_layer_gpu(query: torch.Tensor, kv_cache: torch.Tensor, md: CasakvMetadat
         torch.ops.casakv.paged_attention(query, kv_cache, gp.block_table, md.query_start_loc, gp.seq_lens, scale,
                                          out, md.max_query_len, md.max_seq_len)
     else:
-        patterns, index = gp.layer_patterns(layer)
+        patterns, index = gp.layer_patterns(layer) if not gp.estimated else \
+            estimated_layer(md, layer, query, lambda row: kv_of(row)[0], kv_cache.shape[1], scale)
         ops.sparse_attention(query, kv_cache, gp.block_table, md.query_start_loc, gp.seq_lens, scale, out,
                              patterns, index, md.max_query_len, md.max_seq_len)
     for i in gp.torch_rows:

@@ -67,8 +67,7 @@ class CasakvMetadataBuilder(AttentionMetadataBuilder[CasakvMetadata]):
         else:
             raise RuntimeError("casakv needs host sequence lengths (seq_lens_cpu_upper_bound) from vLLM")
         ctx = self.context
-        plan = plan_batch(ctx.requests, self.resolver, ctx.observations, qsl_cpu, seq_lens_cpu, self.compaction,
-                          sparse_prefill=self.device.type == "cpu")
+        plan = plan_batch(ctx.requests, self.resolver, ctx.observations, qsl_cpu, seq_lens_cpu, self.compaction)
         plan.stats = self.stats
         if self.stats is not None and ctx.requests is not None and ctx.requests.on_change is None:
             stats = self.stats

@@ -38,8 +38,8 @@ class RowPlan:
         live_dense: a compacted row whose every live column is kept (prefill compression: each event
             fills every head's region, the tail is never evicted), so its attention is dense causal over
             its live blocks, read as a sequence of ``read.width(seq_len)`` tokens (``dense`` is set too).
-        sparse: a prefill row computed under its request's own estimated patterns (CPU sparse prefill,
-            ``attention.sparse``): only the (query, key) pairs they allow.
+        sparse: a prefill row computed under its request's own estimated patterns (``attention.sparse``:
+            torch on the CPU, the sparse paged kernel on CUDA): only the (query, key) pairs they allow.
     """
 
     index: int
@@ -224,9 +224,8 @@ def _plan_records(store: ObservationStore, state: RequestState, row: RowPlan, po
 
 def plan_batch(requests: RequestTable | None, resolver: PolicyResolver, store: ObservationStore,
                query_start_loc: list[int], seq_lens: list[int],
-               compaction: CompactionSetup | None = None, sparse_prefill: bool = False) -> BatchPlan:
-    """Plan one batch from host lengths (``query_start_loc``: ``num_reqs + 1`` ints); ``sparse_prefill``:
-    the device computes sparse prefill rows (the CPU build)."""
+               compaction: CompactionSetup | None = None) -> BatchPlan:
+    """Plan one batch from host lengths (``query_start_loc``: ``num_reqs + 1`` ints)."""
     num_reqs = len(seq_lens)
     states = requests.slots(num_reqs) if requests is not None else [None] * num_reqs
     rows, records = [], []
@@ -243,7 +242,7 @@ def plan_batch(requests: RequestTable | None, resolver: PolicyResolver, store: O
         if row.read is not None and state.compaction.prefill:  # every live column kept: dense over them,
             row.live_dense = True  # but for a decode event, whose own attention ranks what stays (in torch)
             row.dense = not (row.compact and row.context_len >= state.prompt_len)
-        if sparse_prefill and _row_is_sparse(policy, state, row):
+        if _row_is_sparse(policy, state, row):
             row.dense, row.sparse = False, True
         if state is not None and state.prompt_key is not None and q_len > 0:
             if row.context_len < state.prompt_len:  # every prefill row records its prompt's observations

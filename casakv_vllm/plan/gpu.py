@@ -13,7 +13,13 @@ Built once per batch by the metadata builder; the layers only launch:
 - any row with a pattern: the sparse paged kernel over one ``PatternBatch``
   of the whole batch (dense rows as full heads) and its tile index
   (``index``), built once, or once per layer when a policy's patterns differ
-  between layers.
+  between layers;
+- sparse prefill rows (``RowPlan.sparse``: casakv's chunks under their own
+  estimated patterns): the same kernel, but their patterns come from the
+  layer's own queries and keys, so each layer estimates them and builds the
+  tile index on the device (``attention.sparse.estimated_layer``, no host
+  sync); the builder plans everything else: the other rows' parts of the
+  batch's patterns (``parts``) and the kernel's tile shape (``tiles``).
 
 Evicting rows the kernels cannot express (``torch_rows``: a compaction
 event, eviction or observation while generating (H2O, decode-scope
@@ -37,7 +43,7 @@ from casakv_kernels.sparse_decode import (SparseDecodeWorkspace, _block_counts, 
 from casakv_kernels.sparse_index import SparseIndex, build_prefill_index
 from casakv_kernels.sparse_prefill import plan_blocks
 from casakv_vllm.plan.batch import BatchPlan
-from casakv_vllm.plan.patterns import batch_patterns, pattern_layers
+from casakv_vllm.plan.patterns import batch_patterns, pattern_layers, pattern_parts
 
 
 @dataclass
@@ -48,6 +54,9 @@ class GpuPlan:
     patterns: dict[int | None, PatternBatch] = field(default_factory=dict)  # layer (None: every layer) -> patterns
     index: dict[int | None, SparseIndex] = field(default_factory=dict)
     holes: torch.Tensor | None = None  # [layers, rows, Hkv, 3] int32 (decode with compacted rows)
+    estimated: list[int] = field(default_factory=list)  # sparse prefill rows: patterns estimated per layer
+    parts: dict[int | None, list] = field(default_factory=dict)  # layer -> the other rows' assemble parts
+    tiles: tuple[int, int] | None = None  # (block_q, block_n) of the sparse kernel, estimated batches
     torch_rows: list[int] = field(default_factory=list)
     # the dense / sparse kernels' view (``BatchPlan.kernel_view``; None: the metadata's own)
     seq_lens: torch.Tensor | None = None
@@ -74,6 +83,7 @@ def plan_gpu(plan: BatchPlan, query_start_loc: torch.Tensor, seq_lens: torch.Ten
     num_reqs = len(plan.rows)
     pure_decode = max_query_len == 1 and num_tokens == num_reqs
     has_patterns = any(not r.dense and not r.evicting and not r.sparse for r in plan.rows)
+    estimated = [r.index for r in plan.rows if r.sparse]
     hole_rows = [r for r in plan.rows if pure_decode and _kernel_reads_compacted(r)]
     served = {r.index for r in hole_rows}
     torch_rows = [r.index for r in plan.rows if r.evicting and r.index not in served]
@@ -86,11 +96,18 @@ def plan_gpu(plan: BatchPlan, query_start_loc: torch.Tensor, seq_lens: torch.Ten
         return GpuPlan("decode", workspace, decode_sel=sel, torch_rows=torch_rows,
                        holes=_batch_holes(plan, hole_rows, num_kv_heads, seq_lens.device) if hole_rows else None)
     seq_lens, block_table = plan.kernel_view(seq_lens, block_table)  # live_dense rows: over their live blocks
-    if not has_patterns:
+    if not has_patterns and not estimated:
         return GpuPlan("dense", workspace, torch_rows=torch_rows, seq_lens=seq_lens, block_table=block_table)
     device = seq_lens.device
     out = GpuPlan("sparse", workspace, torch_rows=torch_rows, seq_lens=seq_lens, block_table=block_table)
     group = num_heads // num_kv_heads
+    if estimated:  # estimated patterns may have full heads: no sparse-only promise
+        out.estimated = estimated
+        out.tiles = plan_blocks(group, head_size, max_query_len, max_seq_len, dtype, False)
+        for layer in pattern_layers(plan) or [None]:
+            out.parts[layer] = pattern_parts(plan, 0 if layer is None else layer, num_kv_heads, device,
+                                             estimated=True)
+        return out
     for layer in pattern_layers(plan):
         patterns = batch_patterns(plan, 0 if layer is None else layer, num_kv_heads, device)
         block_q, block_n = plan_blocks(group, head_size, max_query_len, max_seq_len, dtype, patterns.sparse_only)

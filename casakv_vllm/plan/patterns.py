@@ -13,11 +13,22 @@ def batch_patterns(plan: BatchPlan, layer: int, num_kv_heads: int, device: torch
 
     Rows of one policy get their patterns in one call (``Policy.patterns``).
     Evicting rows have no static pattern here: they are dense in this batch
-    (their keep-sets apply on top, on the paths that serve them).
+    (their keep-sets apply on top, on the paths that serve them), and so are
+    sparse prefill rows (their patterns are estimated in the layer).
     """
+    return PatternBatch.assemble(pattern_parts(plan, layer, num_kv_heads, device), len(plan.rows), num_kv_heads,
+                                 device)
+
+
+def pattern_parts(plan: BatchPlan, layer: int, num_kv_heads: int, device: torch.device,
+                  estimated: bool = False) -> list[tuple[list[int], PatternBatch | None]]:
+    """``PatternBatch.assemble``'s parts for ``plan`` at ``layer``; ``estimated``: leave the sparse prefill
+    rows out (the layer adds their estimated patterns) instead of making them dense."""
     groups: dict[int, tuple[object, list[int]]] = {}
     dense: list[int] = []
     for r in plan.rows:
+        if r.sparse and estimated:
+            continue
         if r.dense or r.evicting or r.sparse:
             dense.append(r.index)
         else:
@@ -27,7 +38,7 @@ def batch_patterns(plan: BatchPlan, layer: int, num_kv_heads: int, device: torch
              for policy, rows in groups.values()]
     if dense:
         parts.append((dense, None))
-    return PatternBatch.assemble(parts, len(plan.rows), num_kv_heads, device)
+    return parts
 
 
 def pattern_layers(plan: BatchPlan) -> list[int | None]:

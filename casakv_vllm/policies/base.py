@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, ClassVar, Mapping
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Mapping
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
@@ -120,11 +120,12 @@ class Policy:
         computed under their own estimated patterns (``prefill_patterns``; inf: never)."""
         return float("inf")
 
-    def prefill_patterns(self, store: dict, layer: int, q: "torch.Tensor", k: "torch.Tensor", context_len: int,
-                         scale: float, final: bool = False) -> "PatternBatch":
-        """The patterns a sparse prefill chunk (queries ``context_len ..``, ``q`` ``[H, n, D]``, keys ``k``
-        ``[Hkv, seq_len, D]`` so far; ``final``: the prompt's last chunk) is computed under; ``store``: the
-        request's, per layer.  Only called for rows ``sparse_prefill_from`` admits, which is never here."""
+    def prefill_patterns(self, store: dict, layer: int, q: "torch.Tensor", keys: Callable[[], "torch.Tensor"],
+                         context_len: int, seq_len: int, scale: float, final: bool = False) -> "PatternBatch":
+        """The patterns a sparse prefill chunk (queries ``context_len .. seq_len - 1``, ``q`` ``[H, n, D]``;
+        ``keys()`` gathers the ``[Hkv, seq_len, D]`` keys so far, only when the policy reads them;
+        ``final``: the prompt's last chunk) is computed under; ``store``: the request's, per layer.  Only
+        called for rows ``sparse_prefill_from`` admits, which is never here."""
         raise RuntimeError(f"casakv: a sparse prefill row was planned for policy {self.name}, which has none")
 
     def observes_prompt_end(self) -> bool:

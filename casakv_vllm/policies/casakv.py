@@ -41,12 +41,16 @@ With chunk-wise prefill compression (``prefill_compression``) each chunk's compa
 the chunk's votes, and at the prompt's last chunk the estimator picks the patterns from what the
 cache still holds, and they decide what that compaction keeps (``on_prompt_event``).
 
-Sparse prefill (CPU build, ``sparse_prefill``): from ``sparse_min_len`` tokens on, each prefill chunk
-of a request that compacts is computed under patterns the estimator picks from the chunk's own last
-queries (re-estimated as the sequence grows by ``REESTIMATE_GROWTH``), only the (query, key) pairs they
-allow (``ops.sparse_prefill``).  Off by default: on the CPU build it is slower than vLLM's kernel and
-loses retrieval (``docs/decisions.md``, "casakv: CPU sparse prefill").  Not yet: sparse prefill in CUDA
-serving.
+Sparse prefill (``sparse_prefill``): from ``sparse_min_len`` tokens on, each prefill chunk of a request
+that compacts is computed under patterns the estimator picks from the chunk's own last queries
+(re-estimated as the sequence grows by ``REESTIMATE_GROWTH``), only the (query, key) pairs they allow
+(``attention.sparse``: torch on the CPU build, the sparse paged kernel on CUDA).  Off by default: on the
+CPU build it is slower than vLLM's kernel, and it loses retrieval (``docs/decisions.md``, "casakv: CPU
+sparse prefill").
+
+Pattern tokens rank ahead of voted ones by exact ranks (:func:`tiered`), never by adding a large
+constant to the votes: that rounded votes of about 1e-3 into ties, so the order within a tier was the
+sort's tie-breaking, which differs between the CPU and CUDA.
 """
 
 from __future__ import annotations
@@ -69,8 +73,6 @@ from casakv_vllm.policies.selection import recency_keep, select_top, warn_once
 SUMMARY_BLOCK = 128
 #: sparse prefill re-estimates a layer's patterns once the sequence grew this much since its last estimate
 REESTIMATE_GROWTH = 1.5
-#: weight that puts a head's pattern tokens ahead of every voted token
-PATTERN_FIRST = 1.0e4
 #: what puts a window head's most-attended tokens ahead of its recent ones at a decode event (above any position)
 RECENT_FIRST = 2.0 ** 21
 
@@ -89,7 +91,7 @@ class CasakvParams(BaseModel):
     spread: float = Field(0.25, ge=0.0, le=3.0, description="a head keeps at most (1 + spread) x the per-head "
                           "budget (the compacted region is that wide)")
     sparse_prefill: bool = Field(False, description="prefill computes only what each chunk's estimated patterns "
-                                 "allow (CPU build; a request that compacts)")
+                                 "allow (a request that compacts; torch on the CPU build, the sparse kernel on CUDA)")
     sparse_min_len: int = Field(2048, ge=1, description="sequence length from which prefill chunks are sparse")
     vote_share: float = Field(1.0, ge=0.0, le=1.0, description="share of a head's budget its most-voted tokens "
                               "take before its pattern's tokens (a needle a window head's queries vote for stays)")
@@ -113,13 +115,28 @@ def pattern_columns(patterns, prompt_len: int, device) -> torch.Tensor:
     return mask | (hits > 0)
 
 
+def _places(order: torch.Tensor) -> torch.Tensor:
+    """``[Hkv, L]``: each token's place in ``order`` (0: first)."""
+    num_kv, length = order.shape
+    return torch.empty_like(order).scatter_(1, order, torch.arange(length, device=order.device).expand(num_kv, -1))
+
+
 def top_share(votes: torch.Tensor, budgets: torch.Tensor | int, share: float) -> torch.Tensor:
-    """``[Hkv, L]`` bool: each head's ``share x budget`` highest-voted tokens (``budgets``: int or ``[Hkv]``)."""
-    num_kv, length = votes.shape
+    """``[Hkv, L]`` bool: each head's ``share x budget`` highest-voted tokens (``budgets``: int or ``[Hkv]``;
+    equal votes: the earlier token first, on every device)."""
+    num_kv = votes.shape[0]
     count = (torch.as_tensor(budgets, device=votes.device) * share).long().expand(num_kv)
-    order = votes.argsort(dim=1, descending=True)
-    place = torch.empty_like(order).scatter_(1, order, torch.arange(length, device=votes.device).expand(num_kv, -1))
-    return place < count.unsqueeze(1)
+    return _places(votes.argsort(dim=1, descending=True, stable=True)) < count.unsqueeze(1)
+
+
+def tiered(votes: torch.Tensor, tier: torch.Tensor) -> torch.Tensor:
+    """``[Hkv, L]`` fp32 scores that rank by ``tier`` (higher first), then by ``votes`` within a tier, then
+    the earlier token: each token's rank from the end, an exact integer.  (Adding a large constant per tier
+    to the votes would round votes of about 1e-3 away and leave the order within a tier to the sort's
+    tie-breaking, which differs between devices.)"""
+    order = votes.argsort(dim=1, descending=True, stable=True)
+    order = order.gather(1, tier.gather(1, order).argsort(dim=1, descending=True, stable=True))
+    return (votes.shape[1] - _places(order)).float()
 
 
 def evicted_summary(keys: torch.Tensor, keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -238,7 +255,7 @@ class CasakvPolicy(KeepPolicy):
                               min(len(rows), self.params.vote_window))
         votes = pooled(votes, self.params.kernel)
         first = top_share(votes, budgets, self.params.vote_share)
-        scores = votes + PATTERN_FIRST * torch.where(first, 2.0, (covered & ~full.unsqueeze(1)).float())
+        scores = tiered(votes, torch.where(first, 2, (covered & ~full.unsqueeze(1)).long()))
         scores[:, prompt_len - pinned:] = float("inf")  # kept first, the latest first (``select_top``)
         bound = self.allocator.max_head_budget(budget, pinned, num_kv, prompt_len)
         keep = select_top(scores, budgets, max_budget=bound)
@@ -247,17 +264,17 @@ class CasakvPolicy(KeepPolicy):
     def sparse_prefill_from(self, prompt_len: int) -> float:
         return self.params.sparse_min_len if self.params.sparse_prefill else float("inf")
 
-    def prefill_patterns(self, store: dict, layer: int, q: torch.Tensor, k: torch.Tensor, context_len: int,
+    def prefill_patterns(self, store: dict, layer: int, q: torch.Tensor, keys, context_len: int, seq_len: int,
                          scale: float, final: bool = False):
         """The estimator reads the chunk's last queries at the first sparse chunk, whenever the sequence has
         grown by ``REESTIMATE_GROWTH`` since the layer's last estimate, and at the prompt's last chunk
         (``final``: its queries, a question's, may look where the text before them did not); chunks between
         reuse the last estimate (windows, stripe columns and slash offsets carry over to later queries)."""
-        seq_len = k.shape[1]
         last = store.get(layer)
         if last is None or final or seq_len >= REESTIMATE_GROWTH * last[0]:
             n = min(q.shape[1], self.estimator.last_q)
-            store[layer] = (seq_len, estimate_patterns(q[:, -n:], k, context_len, scale, self.estimator).patterns)
+            store[layer] = (seq_len, estimate_patterns(q[:, -n:], keys(), context_len, scale,
+                                                       self.estimator).patterns)
         return store[layer][1]
 
     def on_prompt_event(self, keep: LayerKeep, layer: int, q: torch.Tensor, k: torch.Tensor, pos: torch.Tensor,
@@ -280,7 +297,7 @@ class CasakvPolicy(KeepPolicy):
         votes = keep.rank[:, :width]  # the rank spans the keep's capacity
         first = top_share(votes.masked_fill(~valid, float("-inf")), self.prompt_budget(layer, seq_len),
                           self.params.vote_share) & valid
-        rank = votes + PATTERN_FIRST * torch.where(first, 2.0, mine.float())
+        rank = tiered(votes, torch.where(first, 2, mine.long())).masked_fill(~valid, float("-inf"))
         keep.rank[:, :width] = rank.masked_fill(valid & (pos >= seq_len - self.pinned(seq_len)), float("inf"))
         keep.program = est.program
 

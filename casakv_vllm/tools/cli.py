@@ -110,7 +110,9 @@ def build_parser() -> argparse.ArgumentParser:
                          "(default: the installed vLLM, if any)")
     pk.add_argument("--sections", default="decode,prefill,compacted,layer",
                     help="comma-separated: decode, prefill, compacted (decode over 4x-compacted caches), layer "
-                         "(casakv's builder and impl with compaction; needs vLLM's Python layer)")
+                         "(casakv's builder and impl with compaction; needs vLLM's Python layer), estimated "
+                         "(prefill under estimated patterns, estimator included), served (casakv's sparse "
+                         "prefill through its builder and impl; needs vLLM's Python layer)")
     pk.set_defaults(func=_cmd_bench_kernels)
     pc = bench_sub.add_parser("cpu", help="casakv's CPU path vs vLLM's CPU backend through two real servers, side by side")
     pc.add_argument("--json", help="where to write the results JSON")

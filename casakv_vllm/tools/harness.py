@@ -93,9 +93,10 @@ class Harness:
                                                          in enumerate(zip(params, rows))], []))
         return params
 
-    def batch(self, impl, q_lens, ctx_lens, block_size, dtype, device, seed=0, writer=None) -> Batch:
+    def batch(self, impl, q_lens, ctx_lens, block_size, dtype, device, seed=0, writer=None, keys=None) -> Batch:
         """Random batch; K/V written by ``writer(key, value, kv_cache, slots)`` (default: the impl's
-        cache update, i.e. the device's layout)."""
+        cache update, i.e. the device's layout); ``keys``: each row's ``[Hkv, seq_len, D]`` keys instead of
+        random ones."""
         g = torch.Generator().manual_seed(seed)
         h, hkv, d = impl.num_heads, impl.num_kv_heads, impl.head_size
         seq_lens = [q + c for q, c in zip(q_lens, ctx_lens)]
@@ -106,7 +107,8 @@ class Harness:
         for i, n in enumerate(nblocks):
             table[i, :n] = torch.tensor([perm.pop() for _ in range(n)])
         kv_cache = torch.zeros(total, hkv, block_size, 2 * d, dtype=dtype, device=device)
-        keys = [torch.randn(hkv, s, d, generator=g).to(dtype).float() for s in seq_lens]
+        keys = [(torch.randn(hkv, s, d, generator=g) if keys is None else keys[i].cpu()).to(dtype).float()
+                for i, s in enumerate(seq_lens)]
         values = [torch.randn(hkv, s, d, generator=g).to(dtype).float() for s in seq_lens]
         write = writer or (lambda k, v, c, s: impl.do_kv_cache_update(None, k, v, c, s))
         for i, s in enumerate(seq_lens):  # every position's K/V

@@ -50,27 +50,30 @@ class EstimatedResult:
     rel_err: float  # sparse output vs dense, over the query rows (the patterns drop some mass)
 
 
-def structured_qk(n: int, gen: torch.Generator, device="cuda") -> tuple[torch.Tensor, torch.Tensor]:
-    """``q`` ``[n, HQ, D]`` and ``k`` ``[HKV, n, D]`` (fp32) whose attention has sinks, local decay and heavy
-    columns per ``HEAD_KINDS``."""
-    group = HQ // HKV
-    q = torch.randn(n, HQ, D, device=device, generator=gen)
-    k = torch.randn(HKV, n, D, device=device, generator=gen)
+def structured_qk(n: int, gen: torch.Generator, device="cuda", shape: tuple[int, int, int] = (HQ, HKV, D),
+                  kinds: tuple = HEAD_KINDS) -> tuple[torch.Tensor, torch.Tensor]:
+    """``q`` ``[n, Hq, D]`` and ``k`` ``[Hkv, n, D]`` (fp32, ``shape`` = (Hq, Hkv, D)) whose attention has sinks,
+    local decay and heavy columns per ``kinds`` (KV head ``h`` is ``kinds[h]``)."""
+    hq, hkv, d = shape
+    group = hq // hkv
+    q = torch.randn(n, hq, d, device=device, generator=gen)
+    k = torch.randn(hkv, n, d, device=device, generator=gen)
     pos = torch.arange(n, device=device, dtype=torch.float32)
-    omega = math.pi / torch.logspace(math.log10(8), math.log10(1024), FREQS, device=device)
-    phase = pos.view(n, 1) * omega.view(1, FREQS)  # [n, F]
-    rot = torch.cat([phase.cos(), phase.sin()], 1) / math.sqrt(FREQS)  # [n, 2F]: <rot_i, rot_j> = mean cos
-    for h, (local, heavy) in enumerate(HEAD_KINDS):
-        basis = torch.linalg.qr(torch.randn(D, 2 * FREQS + 1, device=device, generator=gen)).Q  # orthonormal
-        comp, u = basis[:, :2 * FREQS], basis[:, 2 * FREQS]
+    freqs = min(FREQS, (d - 1) // 2)  # small heads: fewer components
+    omega = math.pi / torch.logspace(math.log10(8), math.log10(1024), freqs, device=device)
+    phase = pos.view(n, 1) * omega.view(1, freqs)  # [n, F]
+    rot = torch.cat([phase.cos(), phase.sin()], 1) / math.sqrt(freqs)  # [n, 2F]: <rot_i, rot_j> = mean cos
+    for h, (local, heavy) in enumerate(kinds[:hkv]):
+        basis = torch.linalg.qr(torch.randn(d, 2 * freqs + 1, device=device, generator=gen)).Q  # orthonormal
+        comp, u = basis[:, :2 * freqs], basis[:, 2 * freqs]
         # local: <q_i, k_j> gains 16 * local * mean_f cos(w_f (i - j)) (x scale ~ logits of +16 at distance 0)
-        loc = (rot @ comp.T) * math.sqrt(16.0 * local * math.sqrt(D))  # [n, D]
+        loc = (rot @ comp.T) * math.sqrt(16.0 * local * math.sqrt(d))  # [n, D]
         k[h] += loc
         q[:, h * group:(h + 1) * group] += loc.unsqueeze(1)
         sinks = torch.arange(SINKS, device=device)
         heavy_cols = torch.randint(SINKS, n, (max(1, n // HEAVY_EVERY),), device=device, generator=gen)
         cols = torch.cat([sinks, heavy_cols]) if heavy > 0 else sinks  # a local head: sinks only
-        boost = math.sqrt(12.0 * math.sqrt(D))  # q.u * k.u * scale = 12 for a heavy column at weight 1
+        boost = math.sqrt(12.0 * math.sqrt(d))  # q.u * k.u * scale = 12 for a heavy column at weight 1
         k[h, cols] += boost * u
         q[:, h * group:(h + 1) * group] += (boost * (heavy if heavy > 0 else 0.5 * local)) * u
     return q, k

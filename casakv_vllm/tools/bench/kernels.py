@@ -351,7 +351,7 @@ def bench_decode(n: int, batch: int, flex, gen, copy_bps: float, rep_ms: int, vl
     return results
 
 
-SECTIONS = ("decode", "prefill", "compacted", "layer", "estimated")
+SECTIONS = ("decode", "prefill", "compacted", "layer", "estimated", "served")
 
 
 def run(json_path: Path, md_path: Path | None, quick: bool = False, progress=print,
@@ -385,12 +385,15 @@ def run(json_path: Path, md_path: Path | None, quick: bool = False, progress=pri
         (32768, 1, "snapkv"), (32768, 16, "snapkv"), (131072, 1, "snapkv"), (32768, 1, "casakv"), (32768, 16, "casakv"))
     layers: list = []
     estimated: list = []
+    served: list = []
+    served_cases = ((8192, 8192),) if quick else ((32768, 32768), (32768, 8192), (131072, 131072), (131072, 8192))
     # decode first (cheap), then prefill; results are written after every step
     steps = ([("decode", n, b) for n, b in decode_cases if "decode" in sections]
              + [("compacted", n, b) for n, b in compacted_cases if "compacted" in sections]
              + [("layer", n, (b, policy)) for n, b, policy in layer_cases if "layer" in sections]
              + [("prefill", n, 1) for n in prefill_lens if "prefill" in sections]
-             + [("estimated", n, 1) for n in prefill_lens[1:] or prefill_lens if "estimated" in sections])
+             + [("estimated", n, 1) for n in prefill_lens[1:] or prefill_lens if "estimated" in sections]
+             + [("served", n, c) for n, c in served_cases if "served" in sections])
     for kind, n, b in steps:
         if kind == "decode":
             results += bench_decode(n, b, flex, gen, copy_bps, rep, vllm_attn)
@@ -405,16 +408,20 @@ def run(json_path: Path, md_path: Path | None, quick: bool = False, progress=pri
             from casakv_vllm.tools.bench.estimated import bench_estimated
 
             estimated.append(bench_estimated(n, gen, rep, vllm_attn))
+        elif kind == "served":
+            from casakv_vllm.tools.bench.served_prefill import bench_served
+
+            served.append(bench_served(n, b, gen, rep))
         else:
             results += bench_prefill(n, ("causal", "a-shape", "vertical-slash"), flex, gen, rep, vllm_attn)
         progress(f"{kind} N={n} B={b} done ({time.time() - t0:.0f}s)")
-        _write(json_path, md_path, results, copy_bps, t0, command, compacted, layers, estimated)
-    return _write(json_path, md_path, results, copy_bps, t0, command, compacted, layers, estimated)
+        _write(json_path, md_path, results, copy_bps, t0, command, compacted, layers, estimated, served)
+    return _write(json_path, md_path, results, copy_bps, t0, command, compacted, layers, estimated, served)
 
 
 def _write(json_path: Path, md_path: Path | None, results: list[Result], copy_bps: float, t0: float,
            command: str = "casakv bench kernels", compacted: list | None = None, layers: list | None = None,
-           estimated: list | None = None) -> dict:
+           estimated: list | None = None, served: list | None = None) -> dict:
     import triton
 
     doc = {
@@ -427,6 +434,7 @@ def _write(json_path: Path, md_path: Path | None, results: list[Result], copy_bp
         "compacted": [asdict(r) for r in compacted or []],
         "layer": [asdict(r) for r in layers or []],
         "estimated": [asdict(r) for r in estimated or []],
+        "served": [asdict(r) for r in served or []],
         "wall_s": time.time() - t0,
     }
     json_path.parent.mkdir(parents=True, exist_ok=True)
@@ -474,6 +482,10 @@ def markdown(doc: dict) -> str:
         from casakv_vllm.tools.bench.estimated import markdown as estimated_markdown
 
         lines += estimated_markdown(doc["estimated"])
+    if doc.get("served"):
+        from casakv_vllm.tools.bench.served_prefill import markdown as served_markdown
+
+        lines += served_markdown(doc["served"])
     return "\n".join(lines) + "\n"
 
 
