@@ -25,8 +25,9 @@ Series (all prefixed ``casakv_``):
   (one observation per layer and request).
 - ``casakv_heads{pattern}``: pattern assignments of (request, layer, KV head)
   the ``casakv`` policy made since start, by pattern (a-shape, vertical,
-  slash, vertical-slash, block, full); ``casakv_reprofile_total``: heads it
-  re-profiled while decoding.
+  slash, vertical-slash, block, full); ``casakv_reprofile_checks_total``:
+  heads whose pattern a decode check measured (every ``reprofile_interval``
+  tokens); ``casakv_reprofile_total``: heads it re-profiled while decoding.
 """
 
 from __future__ import annotations
@@ -143,7 +144,10 @@ def _compression_families(snaps: list[dict]):
     reprofiles = CounterMetricFamily("casakv_reprofile", "Heads re-profiled while decoding (their pattern's "
                                      "estimated attention recall fell under recall_threshold)")
     reprofiles.add_metric([], _total(snaps, "reprofiles"))
-    yield from (freed, ratio, seconds, heads, reprofiles)
+    checks = CounterMetricFamily("casakv_reprofile_checks", "Heads whose pattern a decode check measured against "
+                                 "the query's attention (every reprofile_interval tokens)")
+    checks.add_metric([], _total(snaps, "reprofile_checks"))
+    yield from (freed, ratio, seconds, heads, reprofiles, checks)
 
 
 def install_collector() -> None:

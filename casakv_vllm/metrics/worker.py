@@ -44,6 +44,7 @@ class WorkerStats:
     compaction_seconds: float = 0.0  # time spent compacting (worker processes)
     compactions: int = 0  # (layer, request) compactions
     heads: dict = field(default_factory=dict)  # pattern program -> (request, layer, KV head) assignments
+    reprofile_checks: int = 0  # heads whose pattern a decode check measured
     reprofiles: int = 0  # heads re-profiled while decoding
     _last_flush: float = field(default=0.0, repr=False)
     _dirty: bool = field(default=False, repr=False)
@@ -98,7 +99,7 @@ class WorkerStats:
     def snapshot(self) -> dict:
         from casakv_vllm.observe.tally import TALLY
 
-        self.heads, self.reprofiles = TALLY.read()
+        self.heads, self.reprofile_checks, self.reprofiles = TALLY.read()
         return {k: v for k, v in asdict(self).items() if not k.startswith("_")}
 
     def flush(self, now: float | None = None) -> None:

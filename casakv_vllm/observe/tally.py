@@ -14,12 +14,13 @@ import torch
 
 from casakv_vllm.observe.estimate import PROGRAMS
 
-#: slots of the tally: heads per pattern program, then re-profiled heads
-SLOTS = (*PROGRAMS, "reprofiled")
+#: slots of the tally: heads per pattern program, then heads checked for re-profiling, then re-profiled heads
+SLOTS = (*PROGRAMS, "checked", "reprofiled")
 
 
 class PatternTally:
-    """Per process: (request, layer, KV head) pattern assignments by program, and re-profiled heads."""
+    """Per process: (request, layer, KV head) pattern assignments by program, heads whose pattern a decode
+    check measured, and re-profiled heads."""
 
     def __init__(self) -> None:
         self._device: torch.Tensor | None = None
@@ -39,9 +40,10 @@ class PatternTally:
         counts[: len(PROGRAMS)] += torch.bincount(program.flatten(), minlength=len(PROGRAMS))[: len(PROGRAMS)]
         self._mirror()
 
-    def add_reprofiled(self, count: torch.Tensor) -> None:
-        """``count``: a 0-d device tensor of heads re-profiled."""
+    def add_reprofiled(self, checked: torch.Tensor, count: torch.Tensor) -> None:
+        """``checked``, ``count``: 0-d device tensors, heads whose recall was measured and heads re-profiled."""
         counts = self._ensure(count.device)
+        counts[-2] += checked.to(torch.int64)
         counts[-1] += count.to(torch.int64)
         self._mirror()
 
@@ -49,13 +51,13 @@ class PatternTally:
         with self._lock:
             self._host.copy_(self._device, non_blocking=self._device.is_cuda)
 
-    def read(self) -> tuple[dict[str, int], int]:
-        """``({program: assignments}, re-profiled heads)`` as last mirrored."""
+    def read(self) -> tuple[dict[str, int], int, int]:
+        """``({program: assignments}, heads checked, re-profiled heads)`` as last mirrored."""
         with self._lock:
             if self._host is None:
-                return {}, 0
+                return {}, 0, 0
             values = self._host.tolist()
-        return {name: int(v) for name, v in zip(PROGRAMS, values) if v}, int(values[-1])
+        return {name: int(v) for name, v in zip(PROGRAMS, values) if v}, int(values[-2]), int(values[-1])
 
 
 TALLY = PatternTally()

@@ -308,9 +308,10 @@ class CasakvPolicy(KeepPolicy):
         every = self.params.reprofile_interval
         if every is not None and keep.summary is not None and generated % every < (self.config.chunk_size or 1):
             recall = estimated_recall(q, k, allowed, keep.summary, scale)
-            low = (recall < self.params.recall_threshold) & (keep.program != FULL)
+            checked = keep.program != FULL
+            low = (recall < self.params.recall_threshold) & checked
             keep.program = torch.where(low, FULL, keep.program)
-            TALLY.add_reprofiled(low.sum())
+            TALLY.add_reprofiled(checked.sum(), low.sum())
         window = (keep.program == ASHAPE).unsqueeze(1)  # window heads keep sinks, their most-attended, the latest
         width = keep.rank.shape[1]
         pos = keep.positions(width).float()

@@ -110,7 +110,7 @@ def test_casakv_policy_frees_blocks_and_reports_its_patterns(casakv_server, prom
     heads, and ``/metrics`` shows the heads per pattern (one per layer and KV head: 30 x 3) and re-profiles."""
     _, long_doc = prompts
     prompt, tokens, chunk = "Profile me. " + long_doc[:3000], 100, 32
-    series = SERIES + ["casakv_heads", "casakv_reprofile_total"]
+    series = SERIES + ["casakv_heads", "casakv_reprofile_total", "casakv_reprofile_checks_total"]
     before = casakv_server.metric_values(series)
     xargs = {"casakv_policy": "casakv", "casakv_kv_budget": 64, "casakv_chunk_size": chunk,
              "casakv_policy_params": '{"reprofile_interval": 32}'}
@@ -122,7 +122,9 @@ def test_casakv_policy_frees_blocks_and_reports_its_patterns(casakv_server, prom
     assert want > len(terms.freed_blocks) and freed == want, (freed, want)
     assert after["casakv_heads"] - before["casakv_heads"] == 30 * 3
     reprofiled = after["casakv_reprofile_total"] - before["casakv_reprofile_total"]
-    assert 0 <= reprofiled <= 30 * 3
+    checks = after["casakv_reprofile_checks_total"] - before["casakv_reprofile_checks_total"]
+    # three events (generated tokens 32, 64, 96) check every head not yet full: 30 x 3 at most each
+    assert 0 < checks <= 3 * 30 * 3 and 0 <= reprofiled <= min(checks, 30 * 3), (checks, reprofiled)
     assert len(steps) == tokens and "".join(t for t, _ in steps).strip()
 
 

@@ -64,9 +64,9 @@ def test_keep_sets_follow_each_heads_estimated_pattern():
     q[1] = keys[1, stripes].sum(0) * 3
     cfg = CasakvConfig(policy="casakv", kv_ratio=0.25)
     policy = build_policy(cfg, num_layers=1)
-    before, _ = TALLY.read()
+    before, _, _ = TALLY.read()
     keep, _, program, summary = policy.start_keep(0, length, keys, _obs(q), dim ** -0.5)
-    after, _ = TALLY.read()
+    after, _, _ = TALLY.read()
     # head 0: a local program (its window, or the slash lines of its few recent offsets); head 1: stripes
     assert PROGRAMS[int(program[0])] in ("a-shape", "slash")
     assert PROGRAMS[int(program[1])] in ("vertical", "vertical-slash")
@@ -132,9 +132,9 @@ def test_prompt_event_estimates_patterns_over_a_compressed_cache_and_ranks_their
                           num_layers=1)
     keep = LayerKeep.new(torch.ones(2, width, dtype=torch.bool), width)  # capacity past the live width
     keep.set_rank(torch.rand(2, width))
-    before, _ = TALLY.read()
+    before, _, _ = TALLY.read()
     policy.on_prompt_event(keep, 0, q, k, pos, dim ** -0.5, seq_len, chunk)
-    after, _ = TALLY.read()
+    after, _, _ = TALLY.read()
     assert sum(after.values()) - sum(before.values()) == 2 and keep.program is not None
     assert PROGRAMS[int(keep.program[1])] in ("vertical", "vertical-slash")
     cols = torch.nonzero(pos[1].unsqueeze(1) == stripes.unsqueeze(0))[:, 0]

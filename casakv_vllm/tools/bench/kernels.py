@@ -411,7 +411,7 @@ def run(json_path: Path, md_path: Path | None, quick: bool = False, progress=pri
         elif kind == "served":
             from casakv_vllm.tools.bench.served_prefill import bench_served
 
-            served.append(bench_served(n, b, gen, rep))
+            served.append(bench_served(n, b, gen, rep, vllm_attn=vllm_attn))
         else:
             results += bench_prefill(n, ("causal", "a-shape", "vertical-slash"), flex, gen, rep, vllm_attn)
         progress(f"{kind} N={n} B={b} done ({time.time() - t0:.0f}s)")
