@@ -28,8 +28,9 @@ def row_patterns(row: RowPlan, query: torch.Tensor, keys: Callable[[], torch.Ten
                  scale: float) -> PatternBatch:
     """The row's patterns at ``layer`` (one request); ``keys()``: its ``[Hkv, seq_len, D]`` keys."""
     q = query[row.q_start:row.q_start + row.q_len].transpose(0, 1)  # [H, q_len, D]
+    obs = row.obs.layer(layer) if row.obs is not None else None
     return row.policy.prefill_patterns(row.state.prefill_patterns, layer, q, keys, row.context_len, row.seq_len,
-                                       scale, final=row.seq_len >= row.prompt_len)
+                                       scale, final=row.seq_len >= row.prompt_len, obs=obs)
 
 
 def sparse_prefill_row(row: RowPlan, query: torch.Tensor, kv: tuple[torch.Tensor, torch.Tensor], layer: int,

@@ -30,7 +30,8 @@ class RowPlan:
         q_start, q_len, seq_len: the row's queries ``q_start .. q_start + q_len``
             attend to KV positions ``0 .. seq_len - 1``.
         dense: attention this step is dense causal.
-        obs: the prompt's observations (evicting rows that decode).
+        obs: the prompt's observations (evicting rows that decode; a sparse prefill row that ends the
+            observed prompt).
         read: the live layout the row's attention reads this step (None: its slots are its
             positions; ``compress.rule.LiveLayout``).
         compact_tail: this step is a compaction event with this tail (``T_j``), after attention;
@@ -247,7 +248,9 @@ def plan_batch(requests: RequestTable | None, resolver: PolicyResolver, store: O
         if state is not None and state.prompt_key is not None and q_len > 0:
             if row.context_len < state.prompt_len:  # every prefill row records its prompt's observations
                 records += _plan_records(store, state, row, policy)
-            if row.evicting:  # (a question's prefill rows too: recorded above, before attention)
+            if row.evicting or (row.sparse and row.seq_len == state.select_len):
+                # (a question's prefill rows too: recorded above, before attention; a sparse chunk that ends
+                # what the policy selects from may reuse what the policy noted there)
                 row.obs = store.peek(state.obs_key, state.select_len)
         rows.append(row)
     store.trim()

@@ -121,11 +121,13 @@ class Policy:
         return float("inf")
 
     def prefill_patterns(self, store: dict, layer: int, q: "torch.Tensor", keys: Callable[[], "torch.Tensor"],
-                         context_len: int, seq_len: int, scale: float, final: bool = False) -> "PatternBatch":
+                         context_len: int, seq_len: int, scale: float, final: bool = False,
+                         obs: "LayerObservation | None" = None) -> "PatternBatch":
         """The patterns a sparse prefill chunk (queries ``context_len .. seq_len - 1``, ``q`` ``[H, n, D]``;
         ``keys()`` gathers the ``[Hkv, seq_len, D]`` keys so far, only when the policy reads them;
-        ``final``: the prompt's last chunk) is computed under; ``store``: the request's, per layer.  Only
-        called for rows ``sparse_prefill_from`` admits, which is never here."""
+        ``final``: the prompt's last chunk) is computed under; ``store``: the request's, per layer; ``obs``:
+        the observed prompt's, when this chunk ends it (what ``on_prompt_observed`` noted there, earlier in
+        the same layer call).  Only called for rows ``sparse_prefill_from`` admits, which is never here."""
         raise RuntimeError(f"casakv: a sparse prefill row was planned for policy {self.name}, which has none")
 
     def observes_prompt_end(self) -> bool:

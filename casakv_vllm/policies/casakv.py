@@ -265,11 +265,17 @@ class CasakvPolicy(KeepPolicy):
         return self.params.sparse_min_len if self.params.sparse_prefill else float("inf")
 
     def prefill_patterns(self, store: dict, layer: int, q: torch.Tensor, keys, context_len: int, seq_len: int,
-                         scale: float, final: bool = False):
+                         scale: float, final: bool = False, obs: LayerObservation | None = None):
         """The estimator reads the chunk's last queries at the first sparse chunk, whenever the sequence has
         grown by ``REESTIMATE_GROWTH`` since the layer's last estimate, and at the prompt's last chunk
         (``final``: its queries, a question's, may look where the text before them did not); chunks between
-        reuse the last estimate (windows, stripe columns and slash offsets carry over to later queries)."""
+        reuse the last estimate (windows, stripe columns and slash offsets carry over to later queries).  The
+        chunk that ends the observed prompt reuses the patterns ``on_prompt_observed`` noted from the same
+        last queries and keys in this layer call, instead of estimating them twice."""
+        noted = obs.notes.get((self.name, self.estimator, layer)) if obs is not None else None
+        if noted is not None and final:
+            store[layer] = (seq_len, noted[0].patterns)
+            return noted[0].patterns
         last = store.get(layer)
         if last is None or final or seq_len >= REESTIMATE_GROWTH * last[0]:
             n = min(q.shape[1], self.estimator.last_q)

@@ -390,16 +390,22 @@ def test_a_question_on_the_gpu_path(harness):
 
 
 @pytest.mark.parametrize("alone", [True, False])
-def test_sparse_prefill_on_the_gpu_path(harness, alone):
+def test_sparse_prefill_on_the_gpu_path(harness, alone, monkeypatch):
     """casakv's sparse prefill on the CUDA path: each layer estimates the chunk's patterns from its own
     queries and keys (structured attention: a local head and a stripe head), builds the tile index on the
     device, and the sparse kernel computes the chunk under them, beside a dense decode row or alone; the
-    output is masked fp32 attention under exactly the patterns it estimated."""
+    output is masked fp32 attention under exactly the patterns it estimated.  The chunk ends the prompt, so
+    the estimate ``across_layers`` notes there serves the chunk too: one estimate per layer call."""
     from dataclasses import replace
 
     import casakv_vllm.ops.custom  # noqa: F401
+    import casakv_vllm.policies.casakv as casakv_policy
     from casakv_vllm.integration.context import worker_context
     from casakv_vllm.tools.bench.estimated import structured_qk
+
+    calls = []
+    estimate = casakv_policy.estimate_patterns
+    monkeypatch.setattr(casakv_policy, "estimate_patterns", lambda *a, **k: calls.append(1) or estimate(*a, **k))
 
     h, hkv, d = SHAPE
     prompt = 4096 if CUDA else 384
@@ -424,7 +430,10 @@ def test_sparse_prefill_on_the_gpu_path(harness, alone):
     assert gp.kind == "sparse" and gp.estimated == [0] and md.plan.rows[0].sparse
     state = worker_context().requests.rows[0]
     seq_len, patterns = state.prefill_patterns[0]
-    assert seq_len == prompt
+    assert seq_len == prompt and len(calls) == 1
+    noted = [n for o in worker_context().observations._prompts.values() for k, n in o.notes.items()
+             if k[0] == "casakv" and k[2] == 0]
+    assert len(noted) == 1 and noted[0][0].patterns is patterns
     assert not patterns.full.all(), "the structured heads were estimated full: nothing sparse was run"
 
     def allowed(i, pos, s):
