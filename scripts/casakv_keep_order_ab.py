@@ -29,13 +29,16 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--extra", default="{}", help="JSON policy_params every casakv variant adds, e.g. '{\"floor\": 1}'")
     ap.add_argument("--skip-snapkv", action="store_true")
+    ap.add_argument("--protocols", default=",".join(PROTOCOLS), help="comma-separated subset of aware,agnostic")
     ap.add_argument("--variants", default=None, help="JSON list of policy_params, one casakv variant each (instead "
                     "of --shares), e.g. '[{\"across_layers\": true}]'")
     args = ap.parse_args()
     extra = json.loads(args.extra)
     model = _model(None)
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-    flags = (f" --extra '{args.extra}'" if extra else "") + (" --skip-snapkv" if args.skip_snapkv else "")
+    protocols = tuple(p for p in PROTOCOLS if p in args.protocols.split(","))
+    flags = (f" --extra '{args.extra}'" if extra else "") + (" --skip-snapkv" if args.skip_snapkv else "") + (
+        f" --protocols {','.join(protocols)}" if protocols != PROTOCOLS else "")
     chosen = f"--variants '{args.variants}'" if args.variants else f"--shares {args.shares}"
     print(f"$ python scripts/casakv_keep_order_ab.py {chosen} --samples {args.samples}{flags} "
           f"({time.strftime('%Y-%m-%d')}, {platform.processor() or platform.machine()}, commit {commit})", flush=True)
@@ -50,9 +53,9 @@ def main() -> None:
     try:
         for label, cfg in variants:
             t0 = time.monotonic()
-            records, _ = run_quality(server, samples, [EvalConfig("full", "full"), cfg], 8, None, None, PROTOCOLS,
+            records, _ = run_quality(server, samples, [EvalConfig("full", "full"), cfg], 8, None, None, protocols,
                                      tokenizer(model))
-            for protocol in PROTOCOLS:
+            for protocol in protocols:
                 mine = [r for r in records if r["policy"] == cfg.policy and r["protocol"] == protocol
                         and not r["task"].endswith("_kl")]
                 tasks = " ".join(f"{r['task']}={r['score']:.2f}" for r in mine)

@@ -71,7 +71,7 @@ def attend_row(row: RowPlan, query: torch.Tensor, kv: tuple[torch.Tensor, torch.
     if row.evicting:
         keep = row.state.keep.get(layer)
         if keep is None:
-            obs = row.obs.layer(layer) if row.obs is not None else None
+            obs = row.obs.layer(layer, row.select_len < row.prompt_len) if row.obs is not None else None
             keep = row.state.keep[layer] = row.policy.start(layer, row.select_len, k, obs, scale, seq_len)
         layout = row.read
         width = seq_len if layout is None else layout.width(seq_len)

@@ -51,6 +51,8 @@ class LayerObservation:
         col_rows: prompt rows whose attention is in ``col_sums``.
         notes: what a policy derived from the prompt at its end (``Policy.on_prompt_observed``), shared by
             every layer of the prompt: a policy that allots budgets across layers reads every layer's here.
+        question_later: the reader selects from a context whose question comes after it
+            (``casakv_question_at``): the window's queries are the context's own, not a question's.
     """
 
     window_q: torch.Tensor
@@ -58,6 +60,7 @@ class LayerObservation:
     col_sums: torch.Tensor | None = None
     col_rows: int = 0
     notes: dict = field(default_factory=dict)
+    question_later: bool = False
 
     @property
     def window_complete(self) -> bool:
@@ -88,11 +91,12 @@ class PromptObservations:
     def window(self) -> int:
         return len(self.window_seen)
 
-    def layer(self, layer: int) -> LayerObservation | None:
+    def layer(self, layer: int, question_later: bool = False) -> LayerObservation | None:
         q = self.window_q.get(layer)
         if q is None:
             return None
-        return LayerObservation(q, self.window_seen, self.col_sums.get(layer), self.col_rows, self.notes)
+        return LayerObservation(q, self.window_seen, self.col_sums.get(layer), self.col_rows, self.notes,
+                                question_later)
 
     def window_buffer(self, layer: int, like: torch.Tensor) -> torch.Tensor:
         """``[H, W, D]`` buffer of ``layer``, allocated on first use like ``like`` (``[T, H, D]``)."""

@@ -55,6 +55,8 @@ sort's tie-breaking, which differs between the CPU and CUDA.
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -62,6 +64,7 @@ from casakv_vllm.observe.tally import TALLY
 from casakv_vllm.observe.estimate import ASHAPE, FULL, EstimatorConfig, estimate_patterns
 from casakv_vllm.observe.store import LayerObservation
 from casakv_vllm.ops.probs import grouped_logits
+from casakv_vllm.policies.base import Capabilities
 from casakv_vllm.policies.budgets import ByNeed, across_layers
 from casakv_vllm.policies.keep import KeepPolicy
 from casakv_vllm.policies.keepset import LayerKeep
@@ -93,6 +96,10 @@ class CasakvParams(BaseModel):
     sparse_prefill: bool = Field(False, description="prefill computes only what each chunk's estimated patterns "
                                  "allow (a request that compacts; torch on the CPU build, the sparse kernel on CUDA)")
     sparse_min_len: int = Field(2048, ge=1, description="sequence length from which prefill chunks are sparse")
+    context_votes: float = Field(0.0, ge=0.0, le=1.0, description="weight of the context's accumulated "
+                                 "attention (every context query's, H2O's statistic) in the votes when a context "
+                                 "is compressed before its question arrives (casakv_question_at); above 0 every "
+                                 "prefill also records column sums (an extra attention pass)")
     vote_share: float = Field(1.0, ge=0.0, le=1.0, description="share of a head's budget its most-voted tokens "
                               "take before its pattern's tokens (a needle a window head's queries vote for stays)")
     across_layers: bool = Field(True, description="budgets move between layers by need too, the request's total "
@@ -232,6 +239,20 @@ class CasakvPolicy(KeepPolicy):
             obs.notes[key] = across_layers(self.allocator, needs, budget, pinned, prompt_len)
         return obs.notes[key][layer]
 
+    def capabilities(self) -> Capabilities:
+        return replace(super().capabilities(), needs_col_sums=self.params.context_votes > 0)
+
+    def _context_votes(self, votes: torch.Tensor, obs: LayerObservation, prompt_len: int) -> torch.Tensor:
+        """A context compressed before its question: its last queries' votes speak for the text near them,
+        not for what a question will ask; mix in what every context query attended to (``context_votes``,
+        each normalised to one per head), when those column sums were recorded."""
+        w = self.params.context_votes
+        if w <= 0 or not obs.question_later or obs.col_sums is None or obs.col_rows < prompt_len:
+            return votes
+        acc = obs.col_sums[:, :prompt_len]
+        return ((1 - w) * votes / votes.sum(1, keepdim=True).clamp_min(1e-12)
+                + w * acc / acc.sum(1, keepdim=True).clamp_min(1e-12))
+
     def start_keep(self, layer, prompt_len, keys, obs, scale):
         """``(keep [Hkv, L], scores, program [Hkv] | None, evicted summary | None)``."""
         num_kv, device = keys.shape[0], keys.device
@@ -253,7 +274,7 @@ class CasakvPolicy(KeepPolicy):
         budgets = self.allocator.by_need(need, budget, pinned, prompt_len, total)
         votes = window_scores(ScoreInput(layer, keys, obs, scale, budget, self.name),
                               min(len(rows), self.params.vote_window))
-        votes = pooled(votes, self.params.kernel)
+        votes = pooled(self._context_votes(votes, obs, prompt_len), self.params.kernel)
         first = top_share(votes, budgets, self.params.vote_share)
         scores = tiered(votes, torch.where(first, 2, (covered & ~full.unsqueeze(1)).long()))
         scores[:, prompt_len - pinned:] = float("inf")  # kept first, the latest first (``select_top``)

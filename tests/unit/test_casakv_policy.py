@@ -265,3 +265,35 @@ def test_tiered_ranks_by_tier_then_votes_exactly():
     assert order == [5, 1, 2, 3, 0, 4]
     assert sorted(scores[0].tolist()) == [1.0, 2.0, 3.0, 4.0, 5.0, 6.0]
     assert top_share(votes, 6, 0.5)[0].tolist() == [False, True, True, False, False, True]  # ties: earlier first
+
+
+def test_a_context_compressed_before_its_question_mixes_in_every_context_querys_attention():
+    """``context_votes``: with the question still to come, the window's votes (the context's own last
+    queries, attending near themselves) are mixed with the column sums of every context query, each
+    normalised per head; the policy then records column sums, and without a later question (or without the
+    sums) the votes are the window's alone."""
+    torch.manual_seed(0)
+    length, dim, w = 512, 32, 64
+    keys = torch.randn(2, length, dim)
+    q = torch.randn(2, w, dim)
+    early = torch.tensor([10, 11, 12])  # attended by the whole context, not by its last queries
+    col_sums = torch.full((2, length), 1.0)
+    col_sums[:, early] = 400.0
+    mixed = build_policy(CasakvConfig(policy="casakv", kv_budget=48, policy_params={"context_votes": 0.5}),
+                         num_layers=1)
+    plain = build_policy(CasakvConfig(policy="casakv", kv_budget=48), num_layers=1)
+    assert mixed.caps.needs_col_sums and not plain.caps.needs_col_sums
+    later = LayerObservation(window_q=q, window_seen=[True] * w, col_sums=col_sums, col_rows=length,
+                             question_later=True)
+    votes = torch.rand(2, length)
+    out = mixed._context_votes(votes, later, length)
+    torch.testing.assert_close(out.sum(1), torch.ones(2))
+    assert bool((out[:, early] > out.max(1, keepdim=True).values * 0.5).all())
+    now = LayerObservation(window_q=q, window_seen=[True] * w, col_sums=col_sums, col_rows=length)
+    assert mixed._context_votes(votes, now, length) is votes
+    assert plain._context_votes(votes, later, length) is votes
+    partial = LayerObservation(window_q=q, window_seen=[True] * w, col_sums=col_sums, col_rows=length - 1,
+                               question_later=True)
+    assert mixed._context_votes(votes, partial, length) is votes
+    keep = mixed.start_keep(0, length, keys, later, dim ** -0.5)[0]
+    assert bool(keep[:, early].all())

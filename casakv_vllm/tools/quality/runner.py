@@ -39,6 +39,7 @@ counters (read after each protocol's requests of a sample).
 
 from __future__ import annotations
 
+import functools
 import json
 import time
 import uuid
@@ -171,13 +172,15 @@ def run_protocol(server, sample: Sample, configs: list[EvalConfig], concurrency:
                  question_at: int | None = None, cached: bool = False) -> dict[EvalConfig, dict]:
     """One protocol's requests of one sample, concurrently after one that fills the caches.
 
-    Aware (``question_at`` None): the first config (H2O if evaluated, else full attention) alone.  Agnostic:
-    the context alone first (one token; H2O's settings if evaluated, so it adds every context query's
-    attention mass), which records the context's observations; when the prompt is ``cached`` already (the
-    aware requests ran) it runs in a cache namespace of its own, so it computes the context from scratch.
+    Aware (``question_at`` None): the first config (H2O if evaluated, else another that records every prompt
+    query's attention mass, else full attention) alone.  Agnostic: the context alone first (one token; the
+    settings of such a config if evaluated, so it adds every context query's attention mass), which records
+    the context's observations; when the prompt is ``cached`` already (the aware requests ran) it runs in a
+    cache namespace of its own, so it computes the context from scratch.
     """
     logprobs = LOGPROBS if sample.answer is None else None
-    h2o = next((c for c in configs if c.policy == "h2o"), None)
+    h2o = next((c for c in configs if c.policy == "h2o"), None) or next(
+        (c for c in configs if needs_col_sums(c)), None)
 
     def one(cfg: EvalConfig) -> dict:
         t0 = time.monotonic()
@@ -238,6 +241,22 @@ def run_sample(server, sample: Sample, configs: list[EvalConfig], concurrency: i
         if on_phase:
             on_phase(protocol, same_as)
     return score_sample(sample, {p: {c: by[c] for c in configs if c in by} for p, by in outs.items()})
+
+
+@functools.lru_cache(maxsize=None)
+def needs_col_sums(cfg: EvalConfig) -> bool:
+    """Whether ``cfg``'s policy records every prompt query's attention mass (H2O; casakv with
+    ``context_votes``)."""
+    if cfg.is_full or cfg.prefill:
+        return False
+    from casakv_vllm.config import CasakvConfig
+    from casakv_vllm.policies import build_policy
+
+    try:
+        config = CasakvConfig(policy=cfg.base_policy, policy_params=dict(cfg.params), **budget_fields(cfg.budget))
+        return build_policy(config).caps.needs_col_sums
+    except (ValueError, TypeError):  # a policy that needs more than the cell names (static heads' file)
+        return False
 
 
 def _extra(cfg: EvalConfig, ids: list[int] | None = None, question_at: int | None = None) -> dict:
