@@ -28,5 +28,5 @@ for name, extra in (("dense", []),
               f"{answer['choices'][0]['message']['content']!r}")
         metrics = server.get_text("/metrics")
         for line in metrics.splitlines():
-            if re.match(r"casakv_(heads|reprofile_total|kv_blocks_freed_total|compression_ratio_sum)", line):
+            if re.match(r"casakv_(heads|reprofile_total|reprofile_checks_total|kv_blocks_freed_total|compression_ratio_sum)", line):
                 print("  ", line)
