@@ -117,6 +117,8 @@ def cmd_quality(args: argparse.Namespace) -> int:
         if f"full{PREFILL}" in policies:
             raise ValueError(f"full{PREFILL}: full attention does not compress")
         tasks = _parse_list(args.tasks, TASKS, "task")
+        if "longdoc" in tasks and "full" not in policies:  # longdoc is scored against full attention's output
+            policies = ["full", *policies]
         budgets = _parse_list(args.budgets, None, "budget")
         for b in budgets:
             budget_fields(b)

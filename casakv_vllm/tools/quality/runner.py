@@ -161,7 +161,9 @@ class SampleResult:
 def _score(sample: Sample, out: dict, ref: dict | None) -> tuple[float, dict]:
     if sample.answer is not None:
         return scoring.score_retrieval(sample.task, out["text"], sample.answer), {}
-    if ref is None or out["tokens"] is None:
+    if ref is None:
+        raise RuntimeError(f"casakv eval: {sample.task} is scored against full attention's output; evaluate full too")
+    if out["tokens"] is None:
         return 1.0, {"kl": 0.0}
     agree = scoring.greedy_prefix_agreement(out["tokens"], ref["tokens"], sample.max_tokens)
     kl = scoring.mean_topk_kl(ref["top"], out["top"], ref["tokens"], out["tokens"])
